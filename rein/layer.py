@@ -1,0 +1,201 @@
+"""ReinLayer: the Rein module users put into their backbones.
+
+A drop-in for the reference ``Reins`` / ``LoRAReins``: same constructor arguments,
+same parameter names and state_dict keys, same initialisation (in the same order, so
+the same seed gives the same weights), same call. ``fused=True`` runs the Triton
+kernels where they can run and otherwise falls back, once saying so, to the
+reference path.
+"""
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+import torch.nn as nn
+from torch import Tensor
+
+import rein_kernels
+from rein_kernels import check_inputs, rein_layer_reference, rein_queries_reference
+
+_warned_fallback: set[str] = set()
+
+
+def _warn_fallback_once(device: torch.device) -> None:
+    key = str(device.type)
+    if key not in _warned_fallback:
+        _warned_fallback.add(key)
+        warnings.warn(
+            f"rein.ReinLayer(fused=True): no Triton kernel path on {device.type} "
+            "(kernels need a CUDA GPU, or TRITON_INTERPRET=1 on CPU); "
+            "using the pure-PyTorch reference instead",
+            RuntimeWarning,
+            stacklevel=3,
+        )
+
+
+class ReinLayer(nn.Module):
+    """One Rein module shared by all ``num_layers`` blocks of a backbone.
+
+    Parameters (state_dict keys): ``learnable_tokens`` [L, m, C] (or
+    ``learnable_tokens_a`` [L, m, r] and ``learnable_tokens_b`` [L, r, C] with
+    ``lora_dim=r``), ``scale`` (absent with ``zero_mlp_delta_f``, where it is 1.0),
+    ``mlp_token2feat``, ``mlp_delta_f``, ``transform``, ``merge``.
+
+    Call as ``layer(x, layer_index, batch_first=False, has_cls_token=True)``;
+    ``num_prefix_tokens`` overrides ``has_cls_token`` for backbones with register
+    tokens. ``return_auto(feats)`` returns ``(feats, queries)`` when
+    ``link_token_to_query``, else ``feats``.
+    """
+
+    def __init__(
+        self,
+        num_layers: int,
+        embed_dims: int,
+        patch_size: int,
+        query_dims: int = 256,
+        token_length: int = 100,
+        use_softmax: bool = True,
+        link_token_to_query: bool = True,
+        scale_init: float = 0.001,
+        zero_mlp_delta_f: bool = False,
+        lora_dim: int | None = None,
+        fused: bool = True,
+    ) -> None:
+        super().__init__()
+        for name, v in [
+            ("num_layers", num_layers), ("embed_dims", embed_dims), ("patch_size", patch_size),
+            ("query_dims", query_dims), ("token_length", token_length),
+        ]:
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"{name} must be a positive int, got {v!r}")
+        if lora_dim is not None and (not isinstance(lora_dim, int) or lora_dim < 1):
+            raise ValueError(f"lora_dim must be None or a positive int, got {lora_dim!r}")
+        self.num_layers = num_layers
+        self.embed_dims = embed_dims
+        self.patch_size = patch_size
+        self.query_dims = query_dims
+        self.token_length = token_length
+        self.link_token_to_query = link_token_to_query
+        self.scale_init = scale_init
+        self.use_softmax = use_softmax
+        self.zero_mlp_delta_f = zero_mlp_delta_f
+        self.lora_dim = lora_dim
+        self.fused = fused
+
+        # The reference's creation and initialisation order, so a seed gives its weights.
+        C, p = embed_dims, patch_size
+        self.learnable_tokens = nn.Parameter(torch.empty(num_layers, token_length, C))
+        self.scale = nn.Parameter(torch.tensor(float(scale_init)))
+        self.mlp_token2feat = nn.Linear(C, C)
+        self.mlp_delta_f = nn.Linear(C, C)
+        v = math.sqrt(6.0 / float(3 * p * p + C))
+        nn.init.uniform_(self.learnable_tokens.data, -v, v)
+        nn.init.kaiming_uniform_(self.mlp_delta_f.weight, a=math.sqrt(5))
+        nn.init.kaiming_uniform_(self.mlp_token2feat.weight, a=math.sqrt(5))
+        self.transform = nn.Linear(C, query_dims)
+        self.merge = nn.Linear(query_dims * 3, query_dims)
+        # A constant 1 as a tensor for the kernels; not part of the state_dict.
+        self.register_buffer("_scale_one", torch.tensor(1.0), persistent=False)
+        if zero_mlp_delta_f:
+            del self.scale
+            self.scale = 1.0
+            nn.init.zeros_(self.mlp_delta_f.weight)
+            nn.init.zeros_(self.mlp_delta_f.bias)
+        if lora_dim is not None:
+            del self.learnable_tokens
+            self.learnable_tokens_a = nn.Parameter(torch.empty(num_layers, token_length, lora_dim))
+            self.learnable_tokens_b = nn.Parameter(torch.empty(num_layers, lora_dim, C))
+            v = math.sqrt(6.0 / float(3 * p * p + (C * lora_dim) ** 0.5))
+            nn.init.uniform_(self.learnable_tokens_a.data, -v, v)
+            nn.init.uniform_(self.learnable_tokens_b.data, -v, v)
+
+    def extra_repr(self) -> str:
+        return (
+            f"num_layers={self.num_layers}, embed_dims={self.embed_dims}, "
+            f"token_length={self.token_length}, lora_dim={self.lora_dim}, "
+            f"use_softmax={self.use_softmax}, fused={self.fused}"
+        )
+
+    def get_tokens(self, layer: int) -> Tensor:
+        """Tokens of one layer [m, C], or of all layers [L, m, C] for ``layer=-1``."""
+        if layer != -1 and not (isinstance(layer, int) and 0 <= layer < self.num_layers):
+            raise IndexError(f"layer index {layer!r} out of range [0, {self.num_layers}) (or -1 for all)")
+        if self.lora_dim is None:
+            return self.learnable_tokens if layer == -1 else self.learnable_tokens[layer]
+        if layer == -1:
+            return self.learnable_tokens_a @ self.learnable_tokens_b
+        return self.learnable_tokens_a[layer] @ self.learnable_tokens_b[layer]
+
+    def _scale_tensor(self) -> Tensor:
+        return self._scale_one if self.zero_mlp_delta_f else self.scale
+
+    def forward(
+        self,
+        x: Tensor,
+        layer: int,
+        batch_first: bool = False,
+        has_cls_token: bool = True,
+        num_prefix_tokens: int | None = None,
+    ) -> Tensor:
+        if num_prefix_tokens is None:
+            num_prefix_tokens = 1 if has_cls_token else 0
+        T = self.get_tokens(layer)
+        check_inputs(x, T, num_prefix_tokens, batch_first)
+        args = (
+            x, T, self.mlp_token2feat.weight, self.mlp_token2feat.bias,
+            self.mlp_delta_f.weight, self.mlp_delta_f.bias,
+        )
+        kw = dict(batch_first=batch_first, num_prefix_tokens=num_prefix_tokens,
+                  use_softmax=self.use_softmax)
+        if self.fused:
+            if rein_kernels.is_available(x):
+                return rein_kernels.rein_layer_fused(*args, self._scale_tensor(), **kw)
+            _warn_fallback_once(x.device)
+        elif not torch.is_autocast_enabled(x.device.type) and x.dtype != T.dtype:
+            raise TypeError(
+                f"x is {x.dtype} but the Rein parameters are {T.dtype}; "
+                "convert the module (e.g. layer.to(x.dtype)) or run under torch.autocast"
+            )
+        return rein_layer_reference(*args, self.scale, **kw)
+
+    def queries(self) -> Tensor:
+        """Queries [m, Q] for a query-based head, from the tokens of all layers."""
+        return rein_queries_reference(
+            self.get_tokens(-1), self.transform.weight, self.transform.bias,
+            self.merge.weight, self.merge.bias,
+        )
+
+    def return_auto(self, feats):
+        if self.link_token_to_query:
+            return feats, self.queries()
+        return feats
+
+
+class Reins(ReinLayer):
+    """The reference ``Reins`` signature (full-rank tokens)."""
+
+    def __init__(
+        self,
+        num_layers: int,
+        embed_dims: int,
+        patch_size: int,
+        query_dims: int = 256,
+        token_length: int = 100,
+        use_softmax: bool = True,
+        link_token_to_query: bool = True,
+        scale_init: float = 0.001,
+        zero_mlp_delta_f: bool = False,
+        fused: bool = True,
+    ) -> None:
+        super().__init__(
+            num_layers, embed_dims, patch_size, query_dims, token_length, use_softmax,
+            link_token_to_query, scale_init, zero_mlp_delta_f, lora_dim=None, fused=fused,
+        )
+
+
+class LoRAReins(ReinLayer):
+    """The reference ``LoRAReins`` signature: tokens T_l = A_l B_l of rank ``lora_dim``."""
+
+    def __init__(self, lora_dim: int = 16, **kwargs) -> None:
+        super().__init__(lora_dim=lora_dim, **kwargs)

@@ -1,0 +1,107 @@
+"""rein_kernels: fused Triton kernels for the Rein layer, and its pure-PyTorch reference.
+
+    rein_layer_fused(x, T, W_t, b_t, W_d, b_d, scale, batch_first=..., num_prefix_tokens=..., use_softmax=...)
+        the fused layer (custom op ``rein::layer_fwd`` with autograd); same signature and
+        result as ``rein_layer_reference``.
+    is_available(x)       whether the kernels can run on x's device.
+    check_inputs(...)     the argument checks both paths share.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from .reference import rein_layer_reference, rein_queries_reference
+
+__all__ = [
+    "rein_layer_fused",
+    "rein_layer_reference",
+    "rein_queries_reference",
+    "is_available",
+    "check_inputs",
+]
+
+
+def _interpreting() -> bool:
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+def is_available(x: Tensor) -> bool:
+    """True when the Triton kernels can run on ``x``: a CUDA tensor, or a CPU tensor
+    with ``TRITON_INTERPRET=1`` set before triton was imported."""
+    if x.device.type == "cuda":
+        return True
+    return x.device.type == "cpu" and _interpreting()
+
+
+def check_inputs(x: Tensor, T: Tensor, num_prefix_tokens: int, batch_first: bool) -> None:
+    """Raise a clear error for input the layer cannot take."""
+    if not isinstance(x, Tensor):
+        raise TypeError(f"x must be a torch.Tensor, got {type(x).__name__}")
+    layout = "[B, N, C]" if batch_first else "[N, B, C]"
+    if x.dim() != 3:
+        raise ValueError(
+            f"x must have rank 3 ({layout} with batch_first={batch_first}), got shape {tuple(x.shape)}"
+        )
+    C = T.shape[-1]
+    if x.shape[-1] != C:
+        raise ValueError(f"x has {x.shape[-1]} channels in its last dim, expected embed_dims={C}")
+    if not x.is_floating_point():
+        raise TypeError(f"x must be a floating-point tensor, got {x.dtype}")
+    if x.device != T.device:
+        raise RuntimeError(
+            f"x is on {x.device} but the Rein parameters are on {T.device}; move one of them"
+        )
+    N = x.shape[1] if batch_first else x.shape[0]
+    if not 0 <= num_prefix_tokens <= N:
+        raise ValueError(
+            f"num_prefix_tokens={num_prefix_tokens} must be in [0, {N}] (sequence length {N})"
+        )
+
+
+def _compute_dtype(x: Tensor, params: list[Tensor]) -> torch.dtype:
+    dev = x.device.type
+    if torch.is_autocast_enabled(dev):
+        return torch.get_autocast_dtype(dev)
+    dtypes = {p.dtype for p in params}
+    if len(dtypes) != 1 or x.dtype not in dtypes:
+        raise TypeError(
+            f"x is {x.dtype} but the Rein parameters are {sorted(map(str, dtypes))}; "
+            "convert the module (e.g. layer.to(x.dtype)) or run under torch.autocast"
+        )
+    return x.dtype
+
+
+def rein_layer_fused(
+    x: Tensor,
+    T: Tensor,
+    W_t: Tensor,
+    b_t: Tensor,
+    W_d: Tensor,
+    b_d: Tensor,
+    scale: Tensor,
+    *,
+    batch_first: bool = False,
+    num_prefix_tokens: int = 1,
+    use_softmax: bool = True,
+) -> Tensor:
+    """The fused Rein layer; the same function as :func:`rein_layer_reference`.
+
+    ``scale`` is a 0-dim tensor (a parameter, or a constant buffer). Under
+    ``torch.autocast`` the GEMMs run in the autocast dtype with fp32 accumulation
+    and the result keeps x's dtype, as the reference's type promotion gives.
+    """
+    from .rein_layer import rein_layer_fwd
+
+    check_inputs(x, T, num_prefix_tokens, batch_first)
+    cdtype = _compute_dtype(x, [T, W_t, b_t, W_d, b_d])
+    T, W_t, b_t, W_d, b_d = (t.to(cdtype).contiguous() for t in (T, W_t, b_t, W_d, b_d))
+    # U = mlp_token2feat(T[1:]) W_d^T: the value path folded through mlp_delta_f.
+    U = F.linear(F.linear(T[1:], W_t, b_t), W_d).contiguous()
+    out, _ = rein_layer_fwd(
+        x, T, U, W_d, b_d, scale, num_prefix_tokens, 1 if batch_first else 0, use_softmax
+    )
+    return out
