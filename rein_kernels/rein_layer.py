@@ -54,6 +54,13 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
+# Tests set this: every buffer a kernel must fill starts as NaN, so unwritten elements show.
+POISON = False
+
+
+def _new(t: Tensor) -> Tensor:
+    return t.fill_(float("nan")) if POISON else t
+
 
 def _configs(gpu_configs, interp_config):
     # Several configs fail in the interpreter, and autotuning there only costs time.
@@ -207,13 +214,16 @@ def _rein_gemm_kernel(
 # ----------------------------------------------------------------------------- launchers
 
 
-def _row_view(t: Tensor, seq_dim: int) -> tuple[Tensor, int]:
-    """View t [S0, S1, C] with the outer-strided dimension first; rows follow memory order."""
+def _row_view(t: Tensor, seq_dim: int, swap: bool | None = None) -> tuple[Tensor, int, bool]:
+    """View t [S0, S1, C] with the outer-strided dimension first, so rows follow memory
+    order; returns (view, its seq_dim, swapped). ``swap`` forces the choice made for x."""
     if t.stride(-1) != 1:
         t = t.contiguous()
-    if t.stride(0) < t.stride(1):
-        return t.transpose(0, 1), 1 - seq_dim
-    return t, seq_dim
+    if swap is None:
+        swap = t.stride(0) < t.stride(1)
+    if swap:
+        return t.transpose(0, 1), 1 - seq_dim, True
+    return t, seq_dim, False
 
 
 def _rows_2d(t: Tensor) -> Tensor:
@@ -253,13 +263,16 @@ def _launch_gemm(A, seq_dim, A2, B1, B2, bias, scale, out, num_prefix):
 
 
 def _forward(x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax):
-    xv, sd = _row_view(x, seq_dim)
+    xv, sd, swapped = _row_view(x, seq_dim)
     S0, S1, C = xv.shape
     R, M = S0 * S1, T.shape[0]
-    out = torch.empty_like(xv)
+    out = _new(torch.empty_like(xv))
     # Without softmax lse is never read; zeros keep the op deterministic.
-    lse = (torch.empty if use_softmax else torch.zeros)(R, device=x.device, dtype=torch.float32)
-    P1 = torch.empty(R, M - 1, device=x.device, dtype=T.dtype)
+    if use_softmax:
+        lse = _new(torch.empty(R, device=x.device, dtype=torch.float32))
+    else:
+        lse = torch.zeros(R, device=x.device, dtype=torch.float32)
+    P1 = _new(torch.empty(R, M - 1, device=x.device, dtype=T.dtype))
     if R:
         c_scale = C ** -0.5 if use_softmax else 1.0
 
@@ -275,21 +288,19 @@ def _forward(x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax):
             PRECISION=_precision(T.dtype), BLOCK_M=_block_m(M),
         )
         _launch_gemm(xv, sd, P1, W_d.t(), U, b_d, scale, out, num_prefix)
-    if xv is not x:
+    if swapped:
         out = out.transpose(0, 1)
     return out, lse
 
 
 def _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax):
-    xv, sd = _row_view(x, seq_dim)
-    gv = g.transpose(0, 1) if xv is not x else g
-    if gv.stride(-1) != 1:
-        gv = gv.contiguous()
+    xv, sd, swapped = _row_view(x, seq_dim)
+    gv, _, _ = _row_view(g, seq_dim, swap=swapped)
     S0, S1, C = xv.shape
     R, M = S0 * S1, T.shape[0]
-    dx = torch.empty_like(xv)
-    P1 = torch.empty(R, M - 1, device=x.device, dtype=T.dtype)
-    GZ = torch.empty(R, M, device=x.device, dtype=T.dtype)
+    dx = _new(torch.empty_like(xv))
+    P1 = _new(torch.empty(R, M - 1, device=x.device, dtype=T.dtype))
+    GZ = _new(torch.empty(R, M, device=x.device, dtype=T.dtype))
     if R:
         c_scale = C ** -0.5 if use_softmax else 1.0
 
@@ -305,7 +316,7 @@ def _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax
             PRECISION=_precision(T.dtype), BLOCK_M=_block_m(M),
         )
         _launch_gemm(gv, sd, GZ, W_d, T, None, scale, dx, num_prefix)
-    if xv is not x:
+    if swapped:
         dx = dx.transpose(0, 1)
 
     # Weight gradients: plain GEMMs over all rows, in the dtype of x and g.

@@ -1,0 +1,115 @@
+"""Shared machinery of the parity suite: fused vs the float64 reference, forward and grads."""
+from __future__ import annotations
+
+import copy
+from dataclasses import dataclass
+
+import torch
+
+import rein
+import rein_kernels.rein_layer as op
+
+DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
+
+# Relative tolerance (of max |reference|) per dtype, on top of 2x torch's own error in
+# that dtype (the flash-attn bound: |fused - ref| <= 2 |torch - ref| + tol * max|ref|).
+TOL = {
+    # CPU interpreter: fp32 dots are exact products with fp32 sums; GPU fp32 with
+    # tf32 off is the same arithmetic in another order.
+    "fp32": 2e-5,
+    # tf32 keeps 10 mantissa bits of each operand: ~5e-4 relative per product.
+    "tf32": 5e-3,
+    # fp16 operands (11 bits) with fp32 accumulation; P1/gz' stored in fp16.
+    "fp16": 5e-3,
+    # bf16 operands (8 bits) with fp32 accumulation; P1/gz' stored in bf16.
+    "bf16": 3e-2,
+}
+DTYPE = {"fp32": torch.float32, "tf32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+
+
+@dataclass
+class Case:
+    B: int = 2
+    N: int = 13
+    C: int = 37
+    m: int = 11
+    L: int = 3
+    layer: int = 1
+    lora: int | None = None
+    batch_first: bool = True
+    prefix: int = 1
+    softmax: bool = True
+    zero_mlp: bool = False
+    scale: float = 0.37
+    dtype: str = "fp32"
+
+
+def make_layer(case: Case, seed: int) -> rein.ReinLayer:
+    torch.manual_seed(seed)
+    layer = rein.ReinLayer(
+        case.L, case.C, 4, token_length=case.m, lora_dim=case.lora,
+        use_softmax=case.softmax, zero_mlp_delta_f=case.zero_mlp, scale_init=case.scale,
+    )
+    with torch.no_grad():  # trained-looking biases instead of the init's small ones
+        layer.mlp_token2feat.bias.uniform_(-0.5, 0.5)
+        if not case.zero_mlp:
+            layer.mlp_delta_f.bias.uniform_(-0.5, 0.5)
+    return layer
+
+
+def make_x(case: Case, seed: int, device=DEVICE) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed + 1)
+    shape = (case.B, case.N, case.C) if case.batch_first else (case.N, case.B, case.C)
+    return torch.randn(shape, generator=g).to(device)
+
+
+def run(layer, x, g, fused: bool, batch_first: bool, prefix: int, layer_idx: int):
+    """Forward and every gradient: (out, {name: grad}) with 'x' among the names."""
+    layer.fused = fused
+    x = x.detach().requires_grad_(True)
+    out = layer(x, layer_idx, batch_first=batch_first, num_prefix_tokens=prefix)
+    names = ["x"] + [n for n, p in layer.named_parameters() if p.requires_grad]
+    params = [x] + [p for _, p in layer.named_parameters() if p.requires_grad]
+    grads = torch.autograd.grad(out, params, g.to(out.dtype), allow_unused=True)
+    return out.detach(), {
+        n: (gr if gr is not None else torch.zeros_like(p)) for n, p, gr in zip(names, params, grads)
+    }
+
+
+def _err(a, ref):
+    return (a.double() - ref).abs().max().item()
+
+
+def check_case(case: Case, seed: int = 0) -> None:
+    """Fused in case.dtype vs the float64 reference, bounded by torch's error in case.dtype."""
+    base = make_layer(case, seed)
+    x = make_x(case, seed)
+    torch.manual_seed(seed + 2)
+    g = torch.randn(x.shape)
+    args = (case.batch_first, case.prefix, case.layer)
+
+    ref_layer = copy.deepcopy(base).double().to(DEVICE)
+    ref_out, ref_grads = run(ref_layer, x.double(), g.double().to(DEVICE), False, *args)
+
+    dt = DTYPE[case.dtype]
+    low = copy.deepcopy(base).to(DEVICE, dt)
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = case.dtype == "tf32"
+    op.POISON = True
+    try:
+        out, grads = run(low, x.to(dt), g.to(DEVICE), True, *args)
+        torch_out, torch_grads = run(low, x.to(dt), g.to(DEVICE), False, *args)
+    finally:
+        op.POISON = False
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+
+    assert out.dtype == dt and out.shape == ref_out.shape
+    tol = TOL[case.dtype]
+    checks = [("out", out, torch_out, ref_out)] + [
+        (n, grads[n], torch_grads[n], ref_grads[n]) for n in ref_grads
+    ]
+    for name, got, theirs, ref in checks:
+        assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten or overflow) in {case}"
+        bound = 2 * _err(theirs, ref) + tol * max(ref.abs().max().item(), 1e-6)
+        err = _err(got, ref)
+        assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} in {case}"

@@ -1,0 +1,53 @@
+"""The fused layer as a torch.library custom op: opcheck, torch.compile without graph breaks."""
+import pytest
+import torch
+
+import rein
+from _parity import DEVICE
+from rein_kernels.rein_layer import rein_layer_bwd, rein_layer_fwd
+
+
+def _op_args(seq_dim, prefix, softmax, requires_grad=True):
+    g = torch.Generator().manual_seed(seq_dim * 10 + prefix)
+    C, m = 21, 7
+
+    def r(*s):
+        return (torch.randn(*s, generator=g) * 0.5).to(DEVICE).requires_grad_(requires_grad)
+
+    return (r(3, 5, C), r(m, C), r(m - 1, C), r(C, C), r(C), r(()), prefix, seq_dim, softmax)
+
+
+@pytest.mark.parametrize("seq_dim,prefix,softmax", [(0, 1, True), (1, 0, True), (1, 2, False)])
+def test_opcheck_forward(seq_dim, prefix, softmax):
+    torch.library.opcheck(rein_layer_fwd, _op_args(seq_dim, prefix, softmax))
+
+
+def test_opcheck_backward():
+    x, T, U, W_d, b_d, s, *rest = _op_args(1, 1, True, requires_grad=False)
+    _, lse = rein_layer_fwd(x, T, U, W_d, b_d, s, *rest)
+    g = torch.randn_like(x)
+    torch.library.opcheck(rein_layer_bwd, (g, x, T, U, W_d, b_d, s, lse, *rest))
+
+
+@pytest.mark.slow
+def test_compile_fullgraph_matches_eager():
+    torch._dynamo.reset()
+    layer = rein.ReinLayer(3, 21, 4, token_length=7, lora_dim=4, scale_init=0.4).to(DEVICE)
+
+    def step(x):
+        out = layer(x, 1, batch_first=True)
+        return out, layer.return_auto(out)[1]
+
+    compiled = torch.compile(step, fullgraph=True)
+    x = torch.randn(2, 9, 21, device=DEVICE)
+    results = []
+    for fn in (compiled, step):
+        xg = x.clone().requires_grad_(True)
+        out, q = fn(xg)
+        params = [xg] + list(layer.parameters())
+        results.append((out, q, torch.autograd.grad((out * out).sum() + q.sum(), params)))
+    (o1, q1, g1), (o2, q2, g2) = results
+    torch.testing.assert_close(o1, o2, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(q1, q2, rtol=1e-5, atol=1e-5)
+    for a, b in zip(g1, g2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)

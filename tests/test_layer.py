@@ -1,0 +1,148 @@
+"""ReinLayer as a drop-in: names, counts, initialisation, checkpoints, queries, fallback."""
+import math
+import warnings
+
+import pytest
+import torch
+
+import rein
+import rein.layer
+import rein_kernels
+from _parity import DEVICE
+
+PUBLISHED = dict(num_layers=24, embed_dims=1024, patch_size=16)
+
+
+def test_published_parameter_counts():
+    def count(m):
+        return sum(p.numel() for p in m.parameters())
+
+    assert count(rein.LoRAReins(lora_dim=16, **PUBLISHED)) == 2_990_081
+    assert count(rein.Reins(**PUBLISHED)) == 5_016_065
+    assert count(rein.ReinLayer(**PUBLISHED, lora_dim=16)) == 2_990_081
+
+
+def _reference_shapes(L, m, C, Q, lora=None, zero_mlp=False):
+    """The reference implementation's state_dict (REIN_SPEC table), as name -> shape."""
+    shapes = {
+        "mlp_token2feat.weight": (C, C), "mlp_token2feat.bias": (C,),
+        "mlp_delta_f.weight": (C, C), "mlp_delta_f.bias": (C,),
+        "transform.weight": (Q, C), "transform.bias": (Q,),
+        "merge.weight": (Q, 3 * Q), "merge.bias": (Q,),
+    }
+    if not zero_mlp:
+        shapes["scale"] = ()
+    if lora:
+        shapes["learnable_tokens_a"] = (L, m, lora)
+        shapes["learnable_tokens_b"] = (L, lora, C)
+    else:
+        shapes["learnable_tokens"] = (L, m, C)
+    return shapes
+
+
+@pytest.mark.parametrize("lora", [None, 4])
+@pytest.mark.parametrize("zero_mlp", [False, True])
+def test_reference_checkpoint_loads_strict_and_matches(lora, zero_mlp):
+    """A checkpoint in the reference's layout loads with strict=True; fused == reference."""
+    L, m, C, Q = 3, 7, 19, 8
+    gen = torch.Generator().manual_seed(3)
+    ckpt = {k: torch.randn(s, generator=gen) * 0.3 for k, s in
+            _reference_shapes(L, m, C, Q, lora, zero_mlp).items()}
+    layer = rein.ReinLayer(L, C, 4, query_dims=Q, token_length=m, lora_dim=lora,
+                           zero_mlp_delta_f=zero_mlp)
+    assert {k: tuple(v.shape) for k, v in layer.state_dict().items()} == {
+        k: tuple(v.shape) for k, v in ckpt.items()}
+    layer.load_state_dict(ckpt, strict=True)
+    layer.to(DEVICE)
+    x = torch.randn(2, 9, C, generator=gen).to(DEVICE)
+    out_fused = layer(x, 2, batch_first=True)
+    layer.fused = False
+    out_ref = layer(x, 2, batch_first=True)
+    torch.testing.assert_close(out_fused, out_ref, rtol=1e-4, atol=1e-4)
+
+
+def test_init_follows_reference():
+    C, p, r = 40, 16, 4
+    torch.manual_seed(0)
+    full = rein.Reins(2, C, p, token_length=5)
+    v = math.sqrt(6 / (3 * p * p + C))
+    assert full.learnable_tokens.abs().max() <= v
+    assert full.learnable_tokens.abs().max() > 0.8 * v
+    assert full.scale.item() == pytest.approx(1e-3)
+    lora = rein.LoRAReins(lora_dim=r, num_layers=2, embed_dims=C, patch_size=p, token_length=5)
+    v = math.sqrt(6 / (3 * p * p + math.sqrt(C * r)))
+    for t in (lora.learnable_tokens_a, lora.learnable_tokens_b):
+        assert 0.8 * v < t.abs().max() <= v
+    zero = rein.Reins(2, C, p, token_length=5, zero_mlp_delta_f=True)
+    assert zero.scale == 1.0 and "scale" not in zero.state_dict()
+    assert zero.mlp_delta_f.weight.abs().sum() == 0 and zero.mlp_delta_f.bias.abs().sum() == 0
+    # the same seed gives the same weights whichever path is chosen
+    torch.manual_seed(0)
+    again = rein.Reins(2, C, p, token_length=5, fused=False)
+    for (k, a), (_, b) in zip(full.state_dict().items(), again.state_dict().items()):
+        assert torch.equal(a, b), k
+
+
+def test_lora_tokens_are_products():
+    layer = rein.LoRAReins(lora_dim=3, num_layers=2, embed_dims=10, patch_size=4, token_length=5)
+    torch.testing.assert_close(layer.get_tokens(1), layer.learnable_tokens_a[1] @ layer.learnable_tokens_b[1])
+    assert layer.get_tokens(-1).shape == (2, 5, 10)
+
+
+def test_return_auto_queries():
+    L, m, C, Q = 3, 5, 12, 8
+    layer = rein.ReinLayer(L, C, 4, query_dims=Q, token_length=m)
+    feats = [torch.randn(1, C, 2, 2)]
+    out, q = layer.return_auto(feats)
+    assert out is feats and q.shape == (m, Q)
+    t = layer.transform(layer.learnable_tokens)  # [L, m, Q]
+    cat = torch.stack([t.max(0).values, t.mean(0), t[-1]], dim=-1)  # [m, Q, 3]
+    torch.testing.assert_close(q, layer.merge(cat.flatten(-2)))
+    layer.link_token_to_query = False
+    assert layer.return_auto(feats) is feats
+
+
+def test_prefix_tokens_pass_through_bitwise():
+    layer = rein.ReinLayer(2, 21, 4, token_length=6, scale_init=0.5).to(DEVICE)
+    x = torch.randn(3, 10, 21, device=DEVICE)
+    for fused in (True, False):
+        layer.fused = fused
+        out = layer(x, 0, batch_first=True, num_prefix_tokens=4)
+        assert torch.equal(out[:, :4], x[:, :4])
+        assert not torch.allclose(out[:, 4:], x[:, 4:])
+
+
+def test_fallback_warns_once(monkeypatch):
+    monkeypatch.setattr(rein_kernels, "is_available", lambda x: False)
+    monkeypatch.setattr(rein.layer, "_warned_fallback", set())
+    layer = rein.ReinLayer(2, 16, 4, token_length=5)
+    x = torch.randn(2, 7, 16)
+    with pytest.warns(RuntimeWarning, match="using the pure-PyTorch reference"):
+        out = layer(x, 0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        layer(x, 1)
+    layer.fused = False
+    torch.testing.assert_close(out, layer(x, 0))
+
+
+def test_noncontiguous_inputs_match_reference():
+    C = 19
+    layer = rein.ReinLayer(2, C, 4, token_length=6, scale_init=0.4).to(DEVICE)
+    big = torch.randn(4, 11, 2 * C, device=DEVICE)
+    views = {
+        "row_stride": big[:, :, :C],            # rows strided, channels dense
+        "batch_slice": big[::2, :, C:],         # gaps between sequences
+        "channel_stride": big[:, :, ::2][..., :C],  # channels strided: one explicit copy
+        "transposed": big[:, :, :C].transpose(0, 1),
+    }
+    for name, x in views.items():
+        x = x.detach().requires_grad_(True)
+        layer.fused = True
+        out = layer(x, 1, batch_first=True)
+        (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
+        layer.fused = False
+        ref = layer(x, 1, batch_first=True)
+        (rx,) = torch.autograd.grad(ref, x, torch.ones_like(ref))
+        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=name)
+        torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-4, msg=name)
