@@ -27,7 +27,7 @@ def _warn_fallback_once(device: torch.device) -> None:
         _warned_fallback.add(key)
         warnings.warn(
             f"rein.ReinLayer(fused=True): no Triton kernel path on {device.type} "
-            "(kernels need a CUDA GPU, or TRITON_INTERPRET=1 on CPU); "
+            "(kernels need a CUDA GPU, or TRITON_INTERPRET=1 on CPU without bf16); "
             "using the pure-PyTorch reference instead",
             RuntimeWarning,
             stacklevel=3,
@@ -148,15 +148,11 @@ class ReinLayer(nn.Module):
         )
         kw = dict(batch_first=batch_first, num_prefix_tokens=num_prefix_tokens,
                   use_softmax=self.use_softmax)
+        cdtype = rein_kernels.compute_dtype(x, list(args[1:]))
         if self.fused:
-            if rein_kernels.is_available(x):
+            if rein_kernels.is_available(x, cdtype):
                 return rein_kernels.rein_layer_fused(*args, self._scale_tensor(), **kw)
             _warn_fallback_once(x.device)
-        elif not torch.is_autocast_enabled(x.device.type) and x.dtype != T.dtype:
-            raise TypeError(
-                f"x is {x.dtype} but the Rein parameters are {T.dtype}; "
-                "convert the module (e.g. layer.to(x.dtype)) or run under torch.autocast"
-            )
         return rein_layer_reference(*args, self.scale, **kw)
 
     def queries(self) -> Tensor:

@@ -22,6 +22,7 @@ __all__ = [
     "rein_queries_reference",
     "is_available",
     "check_inputs",
+    "compute_dtype",
 ]
 
 
@@ -29,12 +30,13 @@ def _interpreting() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-def is_available(x: Tensor) -> bool:
+def is_available(x: Tensor, compute_dtype: torch.dtype | None = None) -> bool:
     """True when the Triton kernels can run on ``x``: a CUDA tensor, or a CPU tensor
-    with ``TRITON_INTERPRET=1`` set before triton was imported."""
+    with ``TRITON_INTERPRET=1`` set before triton was imported (not in bf16, which the
+    interpreter computes wrongly)."""
     if x.device.type == "cuda":
         return True
-    return x.device.type == "cpu" and _interpreting()
+    return x.device.type == "cpu" and _interpreting() and compute_dtype != torch.bfloat16
 
 
 def check_inputs(x: Tensor, T: Tensor, num_prefix_tokens: int, batch_first: bool) -> None:
@@ -62,7 +64,8 @@ def check_inputs(x: Tensor, T: Tensor, num_prefix_tokens: int, batch_first: bool
         )
 
 
-def _compute_dtype(x: Tensor, params: list[Tensor]) -> torch.dtype:
+def compute_dtype(x: Tensor, params: list[Tensor]) -> torch.dtype:
+    """The dtype the layer's GEMMs run in: autocast's, else the one x and params share."""
     dev = x.device.type
     if torch.is_autocast_enabled(dev):
         return torch.get_autocast_dtype(dev)
@@ -97,7 +100,7 @@ def rein_layer_fused(
     from .rein_layer import rein_layer_fwd
 
     check_inputs(x, T, num_prefix_tokens, batch_first)
-    cdtype = _compute_dtype(x, [T, W_t, b_t, W_d, b_d])
+    cdtype = compute_dtype(x, [T, W_t, b_t, W_d, b_d])
     T, W_t, b_t, W_d, b_d = (t.to(cdtype).contiguous() for t in (T, W_t, b_t, W_d, b_d))
     # U = mlp_token2feat(T[1:]) W_d^T: the value path folded through mlp_delta_f.
     U = F.linear(F.linear(T[1:], W_t, b_t), W_d).contiguous()

@@ -113,7 +113,7 @@ def test_prefix_tokens_pass_through_bitwise():
 
 
 def test_fallback_warns_once(monkeypatch):
-    monkeypatch.setattr(rein_kernels, "is_available", lambda x: False)
+    monkeypatch.setattr(rein_kernels, "is_available", lambda x, dtype=None: False)
     monkeypatch.setattr(rein.layer, "_warned_fallback", set())
     layer = rein.ReinLayer(2, 16, 4, token_length=5)
     x = torch.randn(2, 7, 16)

@@ -1,0 +1,48 @@
+"""Checks that only mean something natively on a GPU (skipped on CPU with the reason)."""
+import pytest
+import torch
+
+import rein
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+
+def test_int64_offsets_rows_times_C_over_2_pow_31():
+    """2^21 + 3 rows of C = 1024 in fp16: element offsets pass 2^31."""
+    C = 1024
+    layer = rein.ReinLayer(1, C, 16, token_length=100, lora_dim=16, scale_init=0.5).cuda().half()
+    rows = 2**21 + 3
+    x = torch.randn(1, rows + 1, C, device="cuda", dtype=torch.float16)
+    with torch.no_grad():
+        out = layer(x, 0, batch_first=True)
+        tail = x[:, -300:]  # the last rows, past the 2^31 mark, against the reference
+        layer.fused = False
+        ref = layer(torch.cat([x[:, :1], tail], 1), 0, batch_first=True)[:, 1:]
+    torch.testing.assert_close(out[:, -300:], ref, rtol=2e-2, atol=2e-2)
+
+
+def test_cuda_graph_capture_and_replay_training_step():
+    torch.manual_seed(0)
+    layer = rein.ReinLayer(2, 256, 16, token_length=100, lora_dim=16, scale_init=0.2).cuda()
+    x = torch.randn(2, 257, 256, device="cuda")
+    params = list(layer.parameters())
+
+    def step():
+        out = layer(x, 1, batch_first=True)
+        return torch.autograd.grad(out.square().sum(), params, allow_unused=True)
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):  # autotune and warm up outside the capture
+            eager = step()
+    torch.cuda.current_stream().wait_stream(s)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        captured = step()
+    x.copy_(torch.randn_like(x))
+    graph.replay()
+    expected = step()
+    for a, b in zip(captured, expected):
+        if b is not None:
+            torch.testing.assert_close(a, b)
