@@ -3,3 +3,12 @@ from .layer import LoRAReins, ReinLayer, Reins
 
 __all__ = ["ReinLayer", "Reins", "LoRAReins"]
 __version__ = "0.1.0"
+
+
+def __getattr__(name):
+    # timm is an optional extra: import the backbones only when asked for.
+    if name == "ReinBackbone":
+        from .backbones import ReinBackbone
+
+        return ReinBackbone
+    raise AttributeError(f"module 'rein' has no attribute {name!r}")

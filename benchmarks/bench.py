@@ -1,0 +1,189 @@
+"""Workloads, providers, the floor and the measurements shared by the pytest-benchmark
+suite and the one-shot GPU script (PERFORMANCE.md is the contract).
+
+Providers: ``eager`` (the reference, fused=False), ``compile`` (torch.compile of that
+reference) and ``fused`` (this library's kernels). Passes: ``fwd`` and ``fwd+bwd``
+(gradients for x and every Rein parameter, as in training). Dtypes: ``fp32`` (matmuls
+follow ``torch.backends.cuda.matmul.allow_tf32``; the GPU script allows tf32, as the
+published recipe's torch does by default for cuDNN and users commonly do for matmul)
+and ``bf16`` (torch.autocast).
+"""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+from dataclasses import asdict, dataclass
+
+import torch
+
+import rein
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    backbone: str
+    C: int
+    L: int
+    batch: int
+    image: int
+    m: int = 100
+    r: int = 16
+    patch: int = 16
+
+    @property
+    def tokens_per_image(self) -> int:
+        return (self.image // self.patch) ** 2
+
+    @property
+    def rows(self) -> int:
+        """Refined rows per layer (the cls token passes through)."""
+        return self.batch * self.tokens_per_image
+
+
+WORKLOADS = {
+    w.name: w
+    for w in [
+        Workload("vits-512", "vit_small_patch14_dinov2", 384, 12, 4, 512),
+        Workload("vitb-512", "vit_base_patch14_dinov2", 768, 12, 4, 512),
+        Workload("vitl-512", "vit_large_patch14_dinov2", 1024, 24, 4, 512),
+        Workload("vitl-1024", "vit_large_patch14_dinov2", 1024, 24, 2, 1024),
+        Workload("vitg-512", "vit_giant_patch14_dinov2", 1536, 40, 4, 512),
+        Workload("vitl-512-b16", "vit_large_patch14_dinov2", 1024, 24, 16, 512),
+    ]
+}
+# Small enough for a CPU: eager vs compile only (the fused kernels need a GPU to be timed).
+CPU_WORKLOAD = Workload("cpu-tiny", "vit_small_patch14_dinov2", 64, 2, 2, 128)
+
+PROVIDERS = ("eager", "compile", "fused")
+DTYPES = ("fp32", "bf16")
+PASSES = ("fwd", "fwd+bwd")
+
+
+def flops(w: Workload, pass_: str) -> float:
+    """PERFORMANCE.md: per layer and row, fwd ~ 2C(C + 2m), fwd+bwd ~ 2C(3C + 7m)."""
+    per_row = 2 * w.C * (w.C + 2 * w.m) if pass_ == "fwd" else 2 * w.C * (3 * w.C + 7 * w.m)
+    return float(w.rows * per_row)
+
+
+def min_bytes(w: Workload, pass_: str, elt: int) -> float:
+    """Each input read once, each output written once: x, out (+ g, x again, dx) and the
+    two [C, C] weights (+ their gradients in fp32)."""
+    act = (2 if pass_ == "fwd" else 5) * w.rows * w.C * elt
+    weights = 2 * w.C * w.C * elt + (0 if pass_ == "fwd" else 2 * w.C * w.C * 4)
+    return float(act + weights)
+
+
+def floor_ms(w: Workload, pass_: str, dtype: str, ceilings: dict) -> float:
+    peak = ceilings["bf16_tflops"] if dtype == "bf16" else ceilings["tf32_tflops"]
+    elt = 2 if dtype == "bf16" else 4
+    return 1e3 * max(flops(w, pass_) / (peak * 1e12), min_bytes(w, pass_, elt) / (ceilings["copy_gbps"] * 1e9))
+
+
+class Case:
+    """One (workload, provider, dtype, pass) on one device, ready to call repeatedly."""
+
+    def __init__(self, w: Workload, provider: str, dtype: str, pass_: str, device: str, n_inputs: int = 4):
+        self.w, self.provider, self.dtype, self.pass_, self.device = w, provider, dtype, pass_, device
+        torch.manual_seed(0)
+        self.layer = rein.ReinLayer(w.L, w.C, w.patch, token_length=w.m, lora_dim=w.r,
+                                    scale_init=0.1, fused=provider == "fused").to(device)
+        self.params = [p for p in self.layer.parameters()]
+        n = w.tokens_per_image + 1
+        # several input sets, rotated, so inputs that fit in L2 are not timed from cache
+        self.xs = [torch.randn(w.batch, n, w.C, device=device, requires_grad=pass_ != "fwd")
+                   for _ in range(n_inputs)]
+        self.g = torch.randn(w.batch, n, w.C, device=device)
+        self.i = 0
+        fn = self._forward
+        if provider == "compile":
+            torch._dynamo.reset()
+            fn = torch.compile(fn)
+        self.fn = fn
+
+    def _forward(self, x):
+        return self.layer(x, 0, batch_first=True, has_cls_token=True)
+
+    def autocast(self):
+        if self.dtype == "bf16":
+            return torch.autocast(self.device, dtype=torch.bfloat16)
+        return contextlib.nullcontext()
+
+    def __call__(self):
+        """One forward (without autograd) or one forward + backward (dx and every grad)."""
+        x = self.xs[self.i % len(self.xs)]
+        self.i += 1
+        if self.pass_ == "fwd":
+            with torch.no_grad(), self.autocast():
+                return self.fn(x)
+        with self.autocast():
+            out = self.fn(x)
+        return out, torch.autograd.grad(out, [x] + self.params, self.g.to(out.dtype), allow_unused=True)
+
+    def sync(self):
+        if self.device == "cuda":
+            torch.cuda.synchronize()
+
+    def run_synced(self):
+        self()
+        self.sync()
+
+    def median_ms(self, warmup_ms: float = 50, rep_ms: float = 300) -> float:
+        """CUDA events via triton's do_bench (median) on a GPU; a synchronised host clock
+        on a CPU, where there is nothing asynchronous to hide."""
+        if self.device == "cuda":
+            import triton.testing
+
+            return triton.testing.do_bench(self, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+        for _ in range(3):
+            self()
+        times = []
+        for _ in range(20):
+            t0 = time.perf_counter()
+            self()
+            times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def peak_mem_mb(self) -> float | None:
+        if self.device != "cuda":
+            return None
+        self.sync()
+        torch.cuda.reset_peak_memory_stats()
+        base = torch.cuda.memory_allocated()
+        self.run_synced()
+        return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+    def saved_bytes(self) -> tuple[int, int]:
+        """Bytes the autograd graph keeps for backward of one forward (unique storages):
+        (all, all but the parameters' own storages)."""
+        seen: dict[int, int] = {}
+
+        def pack(t):
+            st = t.untyped_storage()
+            seen[st.data_ptr()] = st.nbytes()
+            return t
+
+        x = self.xs[0].detach().requires_grad_(True)
+        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.autocast():
+            self.fn(x)
+        params = {p.untyped_storage().data_ptr() for p in self.params}
+        total = sum(seen.values())
+        return total, total - sum(n for ptr, n in seen.items() if ptr in params)
+
+
+def measure(w: Workload, provider: str, dtype: str, pass_: str, device: str, ceilings: dict | None) -> dict:
+    case = Case(w, provider, dtype, pass_, device)
+    case.run_synced()  # compile / autotune outside the timing
+    row = dict(workload=w.name, dtype=dtype, provider=provider, **{"pass": pass_})
+    row["median_ms"] = case.median_ms()
+    row["median_ms_repeat"] = case.median_ms()  # time twice: the spread is the noise
+    row["floor_ms"] = floor_ms(w, pass_, dtype, ceilings) if ceilings else None
+    row["peak_mem_mb"] = case.peak_mem_mb()
+    row["saved_bytes"], row["saved_bytes_no_params"] = (
+        case.saved_bytes() if pass_ == "fwd+bwd" else (None, None))
+    return row
+
+
+def workload_dict(w: Workload) -> dict:
+    return asdict(w) | {"rows": w.rows}

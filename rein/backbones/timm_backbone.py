@@ -1,0 +1,223 @@
+"""Rein on timm backbones: a frozen timm model with one shared ReinLayer after every block.
+
+timm builds and runs the backbone (``forward_intermediates``); Rein is a forward hook on
+each block (or each stage, for ConvNeXt) that refines the block's output in place of it.
+Because the hook is part of the block's call, timm's own activation checkpointing
+(``set_grad_checkpointing``) recomputes block + Rein together.
+
+Layouts handled by the hooks:
+  * ViT-like (DINOv2 with or without registers, CLIP, EVA02): [B, N, C] tokens, the
+    model's prefix tokens (cls, registers) pass through;
+  * SAM (``VisionTransformerSAM``): NHWC maps, no prefix tokens;
+  * ConvNeXt: NCHW stage outputs, one ReinLayer per stage (num_layers=1), their
+    queries summed.
+"""
+from __future__ import annotations
+
+import sys
+from collections.abc import Mapping, Sequence
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from ..layer import ReinLayer
+
+TARGET_STRIDES = (4, 8, 16, 32)
+
+
+def _family(model: nn.Module) -> str:
+    name = type(model).__name__
+    if name == "VisionTransformerSAM":
+        return "sam"
+    if name in ("ConvNeXt",):
+        return "convnext"
+    if hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens"):
+        return "vit"
+    raise TypeError(
+        f"unsupported timm model class {name}: ReinBackbone handles VisionTransformer "
+        "(DINOv2, CLIP), Eva (EVA02), VisionTransformerSAM and ConvNeXt"
+    )
+
+
+def default_out_indices(num_blocks: int) -> list[int]:
+    """Evenly spread levels with the last block last: (7, 11, 15, 23) for 24 blocks."""
+    if num_blocks >= 6:
+        return [num_blocks // 3 - 1, num_blocks // 2 - 1, 2 * num_blocks // 3 - 1, num_blocks - 1]
+    return [max(0, num_blocks - 4 + i) for i in range(4)]
+
+
+def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Tensor]) -> None:
+    """Load a checkpoint in timm's format or in the original release format (DINOv2's
+    ``dinov2_vit*14_pretrain.pth``, with ``mask_token`` / ``register_tokens``) into a timm
+    model, converting and resampling the patch embedding and position grid with timm's
+    own ``checkpoint_filter_fn`` for that model family. Raises ValueError naming every
+    missing, unexpected or mis-shaped key."""
+    if isinstance(path_or_state, Mapping):
+        state = dict(path_or_state)
+    else:
+        state = torch.load(path_or_state, map_location="cpu", weights_only=True)
+    for wrapper in ("model", "state_dict", "module"):
+        if wrapper in state and isinstance(state[wrapper], Mapping):
+            state = dict(state[wrapper])
+    state = {k.removeprefix("module."): v for k, v in state.items()}
+    filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
+    if filter_fn is not None:
+        try:
+            state = filter_fn(state, model)
+        except Exception as e:  # a foreign file can break the converter itself
+            raise ValueError(f"checkpoint does not fit {type(model).__name__}: conversion failed ({e})") from e
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    wrong = sorted(
+        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
+        for k in set(state) & set(expected) if state[k].shape != expected[k].shape
+    )
+    if missing or unexpected or wrong:
+        parts = []
+        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):
+            if keys:
+                more = f" (+{len(keys) - 10} more)" if len(keys) > 10 else ""
+                parts.append(f"{label}: {', '.join(keys[:10])}{more}")
+        raise ValueError(f"checkpoint does not fit {type(model).__name__}; " + "; ".join(parts))
+    model.load_state_dict(state, strict=True)
+
+
+class ReinBackbone(nn.Module):
+    """A frozen timm backbone refined by Rein after every block.
+
+    ``forward(images)`` returns ``(features, queries)``: four NCHW maps at strides 4, 8,
+    16 and 32 made from the ``out_indices`` blocks (bilinear resampling, as the recipe
+    does), and the Rein queries [m, Q] (``features`` alone without
+    ``link_token_to_query``).
+    """
+
+    def __init__(self, backbone: nn.Module, rein: nn.Module, out_indices: Sequence[int]):
+        super().__init__()
+        self.backbone = backbone
+        self.rein = rein
+        self.family = _family(backbone)
+        blocks = self._blocks()
+        n = len(blocks)
+        out_indices = [i + n if i < 0 else i for i in out_indices]
+        if len(out_indices) != 4 or any(not 0 <= i < n for i in out_indices):
+            raise ValueError(f"out_indices must be 4 block indices in [0, {n}), got {list(out_indices)}")
+        self.out_indices = list(out_indices)
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+        self._hooks = [blk.register_forward_hook(self._make_hook(i)) for i, blk in enumerate(blocks)]
+
+    # ------------------------------------------------------------------ construction
+
+    @classmethod
+    def from_timm(
+        cls,
+        name: str,
+        checkpoint: str | None = None,
+        img_size: int = 512,
+        patch_size: int = 16,
+        out_indices: Sequence[int] | None = None,
+        token_length: int = 100,
+        lora_dim: int | None = 16,
+        query_dims: int = 256,
+        fused: bool = True,
+        **timm_kwargs,
+    ) -> "ReinBackbone":
+        """Build timm's ``name`` (``pretrained=False``: nothing downloads), optionally load a
+        local checkpoint, freeze it and insert Rein. ``img_size``/``patch_size`` apply to
+        ViT-like models (DINOv2's 14-pixel patches are resampled to 16); ConvNeXt ignores them."""
+        import timm
+
+        kwargs = dict(timm_kwargs)
+        if not name.startswith("convnext"):
+            kwargs.setdefault("img_size", img_size)
+            kwargs.setdefault("patch_size", patch_size)
+            if not name.startswith("samvit"):
+                kwargs.setdefault("dynamic_img_size", True)
+        model = timm.create_model(name, pretrained=False, **kwargs)
+        if checkpoint is not None:
+            load_timm_checkpoint(model, checkpoint)
+        family = _family(model)
+        rein_kw = dict(token_length=token_length, lora_dim=lora_dim, query_dims=query_dims, fused=fused)
+        if family == "convnext":
+            dims = [info["num_chs"] for info in model.feature_info]
+            rein = nn.ModuleList(ReinLayer(1, c, 4, **rein_kw) for c in dims)
+            out_indices = list(range(len(dims))) if out_indices is None else out_indices
+        else:
+            C = model.embed_dim
+            rein = ReinLayer(len(model.blocks), C, patch_size, **rein_kw)
+            out_indices = default_out_indices(len(model.blocks)) if out_indices is None else out_indices
+        return cls(model, rein, out_indices)
+
+    def _blocks(self) -> nn.ModuleList:
+        return self.backbone.stages if self.family == "convnext" else self.backbone.blocks
+
+    # ------------------------------------------------------------------ forward
+
+    def _make_hook(self, i: int):
+        def hook(module, args, out):
+            return self._refine(out, i)
+
+        return hook
+
+    def _refine(self, x: Tensor, i: int) -> Tensor:
+        if self.family == "vit":
+            return self.rein(x, i, batch_first=True, num_prefix_tokens=self.backbone.num_prefix_tokens)
+        if self.family == "sam":  # NHWC
+            B, H, W, C = x.shape
+            return self.rein(x.reshape(B, H * W, C), i, batch_first=True, has_cls_token=False).reshape(B, H, W, C)
+        B, C, H, W = x.shape  # convnext stage: NCHW, its own ReinLayer
+        y = self.rein[i](x.flatten(2).transpose(1, 2), 0, batch_first=True, has_cls_token=False)
+        return y.transpose(1, 2).reshape(B, C, H, W)
+
+    def queries(self) -> Tensor | None:
+        if self.family == "convnext":
+            qs = [r.queries() for r in self.rein if r.link_token_to_query]
+            return torch.stack(qs).sum(0) if qs else None
+        return self.rein.queries() if self.rein.link_token_to_query else None
+
+    def forward(self, images: Tensor):
+        if images.dim() != 4:
+            raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
+        H, W = images.shape[-2:]
+        unique = sorted(set(self.out_indices))
+        maps = self.backbone.forward_intermediates(
+            images, indices=unique, norm=False, stop_early=True,
+            output_fmt="NCHW", intermediates_only=True,
+        )
+        by_index = dict(zip(unique, maps))
+        features = []
+        for level, idx in enumerate(self.out_indices):
+            f = by_index[idx]
+            scale = (H / f.shape[-2]) / TARGET_STRIDES[level]
+            if scale != 1:
+                f = F.interpolate(f, scale_factor=scale, mode="bilinear", align_corners=False)
+            features.append(f)
+        q = self.queries()
+        return (features, q) if q is not None else features
+
+    # ------------------------------------------------------------------ training state
+
+    def train(self, mode: bool = True) -> "ReinBackbone":
+        """Only Rein trains: the backbone stays frozen and in eval mode (no dropout, no drop-path)."""
+        super().train(mode)
+        self.backbone.eval()
+        return self
+
+    def set_grad_checkpointing(self, enable: bool = True) -> None:
+        """Checkpoint each (block + Rein) pair: timm's checkpointing wraps the block call,
+        and Rein runs inside it as the block's forward hook."""
+        self.backbone.set_grad_checkpointing(enable)
+
+    def rein_state_dict(self) -> dict[str, Tensor]:
+        """Rein's parameters only (no backbone weights), keys prefixed ``rein.``."""
+        return {f"rein.{k}": v for k, v in self.rein.state_dict().items()}
+
+    def load_rein_state_dict(self, state: Mapping[str, Tensor], strict: bool = True):
+        inner = {k.removeprefix("rein."): v for k, v in state.items() if k.startswith("rein.")}
+        if strict and len(inner) != len(state):
+            extra = sorted(k for k in state if not k.startswith("rein."))
+            raise ValueError(f"not Rein parameters: {extra[:10]}")
+        return self.rein.load_state_dict(inner, strict=strict)

@@ -1,0 +1,194 @@
+"""ReinBackbone over timm models: pyramid, frozen backbone, Rein-only checkpoints,
+and loading checkpoints in timm's and in DINOv2's release format."""
+import pytest
+import torch
+import torch.nn.functional as F
+
+timm = pytest.importorskip("timm")
+from timm.layers import resample_abs_pos_embed, resample_patch_embed  # noqa: E402
+
+import rein  # noqa: E402
+from rein.backbones import ReinBackbone, default_out_indices  # noqa: E402
+
+IMG = 64
+# ViT-S sized members of each family, kept shallow so the interpreter stays quick.
+FAMILIES = {
+    "dinov2": ("vit_small_patch14_dinov2", dict(depth=4)),
+    "dinov2_reg": ("vit_small_patch14_reg4_dinov2", dict(depth=4)),
+    "eva02": ("eva02_small_patch14_224", dict(depth=4)),
+    "clip": ("vit_base_patch16_clip_224", dict(depth=4, embed_dim=384, num_heads=6)),
+    "sam": ("samvit_base_patch16", dict(depth=4, embed_dim=384, num_heads=6, window_size=2,
+                                        global_attn_indexes=(1, 3))),
+    "convnext": ("convnext_atto", {}),
+}
+
+
+def build(family, fused=True, **kw):
+    name, timm_kw = FAMILIES[family]
+    torch.manual_seed(0)
+    return ReinBackbone.from_timm(name, img_size=IMG, token_length=7, lora_dim=4, fused=fused,
+                                  **{**timm_kw, **kw})
+
+
+def plain_timm(bb, family):
+    """The same backbone without Rein: a fresh timm model with the same weights."""
+    name, timm_kw = FAMILIES[family]
+    kw = dict(timm_kw)
+    if family != "convnext":
+        kw.update(img_size=IMG, patch_size=16)
+        if family != "sam":
+            kw["dynamic_img_size"] = True
+    model = timm.create_model(name, pretrained=False, **kw).eval()
+    model.load_state_dict(bb.backbone.state_dict())
+    return model
+
+
+def rein_layers(bb):
+    return list(bb.rein) if bb.family == "convnext" else [bb.rein]
+
+
+def test_default_out_indices():
+    assert default_out_indices(24) == [7, 11, 15, 23]
+    assert default_out_indices(12) == [3, 5, 7, 11]
+    assert default_out_indices(4) == [0, 1, 2, 3]
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_zero_scale_gives_timm_features(family):
+    bb = build(family)
+    for r in rein_layers(bb):
+        r.scale.data.zero_()
+    ref_model = plain_timm(bb, family)
+    images = torch.randn(2, 3, IMG, IMG + 16 if family != "sam" else IMG)
+    with torch.no_grad():
+        feats, queries = bb(images)
+        ref = ref_model.forward_intermediates(images, indices=sorted(set(bb.out_indices)), norm=False,
+                                              output_fmt="NCHW", intermediates_only=True)
+    ref = dict(zip(sorted(set(bb.out_indices)), ref))
+    H, W = images.shape[-2:]
+    assert [f.shape[-2:] for f in feats] == [(H // s, W // s) for s in (4, 8, 16, 32)]
+    assert torch.equal(feats[2], ref[bb.out_indices[2]])  # stride 16: timm's own map
+    for level, stride in enumerate((4, 8, 16, 32)):
+        m = ref[bb.out_indices[level]]
+        factor = (H / m.shape[-2]) / stride
+        expected = m if factor == 1 else F.interpolate(m, scale_factor=factor, mode="bilinear", align_corners=False)
+        torch.testing.assert_close(feats[level], expected)
+    assert queries.shape == (7, 256)
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_only_rein_trains(family):
+    bb = build(family)
+    bb.train()
+    assert bb.training and not bb.backbone.training
+    assert all(not m.training for m in bb.backbone.modules())
+    before = {k: v.clone() for k, v in bb.backbone.state_dict().items()}
+    trainable = [p for p in bb.parameters() if p.requires_grad]
+    assert {id(p) for p in trainable} == {id(p) for r in rein_layers(bb) for p in r.parameters()}
+    opt = torch.optim.AdamW(trainable, lr=1e-2)
+    feats, queries = bb(torch.randn(2, 3, IMG, IMG))
+    (sum(f.square().mean() for f in feats) + queries.square().mean()).backward()
+    assert all(p.grad is None for p in bb.backbone.parameters())
+    for r in rein_layers(bb):
+        tok_grad = r.learnable_tokens_a.grad
+        last = max(bb.out_indices) if family != "convnext" else 0
+        # every block up to the deepest output level gets a gradient on its own tokens
+        assert all(tok_grad[l].abs().sum() > 0 for l in range(last + 1))
+        assert r.mlp_delta_f.weight.grad.abs().sum() > 0
+    opt.step()
+    after = bb.backbone.state_dict()
+    assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+@pytest.mark.parametrize("family", ["dinov2_reg", "sam", "convnext"])
+def test_fused_and_reference_paths_agree(family):
+    fused, ref = build(family, fused=True), build(family, fused=False)
+    ref.load_state_dict(fused.state_dict())
+    images = torch.randn(1, 3, IMG, IMG)
+    with torch.no_grad():
+        (f1, q1), (f2, q2) = fused(images), ref(images)
+    for a, b in zip(f1, f2):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4)
+    torch.testing.assert_close(q1, q2)
+
+
+def test_rein_only_checkpoint_roundtrip(tmp_path):
+    bb = build("dinov2")
+    sd = bb.rein_state_dict()
+    assert sd.keys() == {f"rein.{k}" for k in bb.rein.state_dict()}
+    torch.save(sd, tmp_path / "rein.pth")
+    other = build("dinov2")
+    with torch.no_grad():
+        other.rein.scale.fill_(5.0)
+    other.load_rein_state_dict(torch.load(tmp_path / "rein.pth"))
+    for k, v in bb.rein.state_dict().items():
+        assert torch.equal(v, other.rein.state_dict()[k])
+    with pytest.raises(ValueError, match="not Rein parameters"):
+        other.load_rein_state_dict({**sd, "backbone.cls_token": torch.zeros(1)})
+
+
+def _dinov2_release_state(registers: bool):
+    """A checkpoint in the DINOv2 release layout, written from a timm model (patch 14)."""
+    name = "vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch14_dinov2"
+    torch.manual_seed(1)
+    src = timm.create_model(name, pretrained=False, img_size=70, depth=4)  # 5 x 5 patches
+    sd = {k: v.clone() for k, v in src.state_dict().items()}
+    C = sd["cls_token"].shape[-1]
+    if registers:  # release: cls and registers apart, pos_embed includes the cls position
+        pos0 = torch.randn(1, 1, C)
+        sd["register_tokens"] = sd.pop("reg_token")
+        sd["cls_token"] = sd["cls_token"] - pos0
+        sd["pos_embed"] = torch.cat([pos0, sd["pos_embed"]], dim=1)
+    sd["mask_token"] = torch.randn(1, C)
+    return sd
+
+
+@pytest.mark.parametrize("registers", [False, True])
+def test_dinov2_release_checkpoint_loads(tmp_path, registers):
+    release = _dinov2_release_state(registers)
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(release, path)
+    fam = "dinov2_reg" if registers else "dinov2"
+    bb = build(fam, checkpoint=str(path))
+    got = bb.backbone.state_dict()
+    for k, v in release.items():
+        if k.startswith("blocks.") or k.startswith("norm."):
+            assert torch.equal(got[k], v), k  # block weights bit-identical
+    w16 = resample_patch_embed(release["patch_embed.proj.weight"], [16, 16], interpolation="bicubic", antialias=True)
+    torch.testing.assert_close(got["patch_embed.proj.weight"], w16)
+    if registers:
+        torch.testing.assert_close(got["cls_token"], release["cls_token"] + release["pos_embed"][:, :1])
+        torch.testing.assert_close(got["reg_token"], release["register_tokens"])
+        pos = resample_abs_pos_embed(release["pos_embed"][:, 1:], (4, 4), (5, 5), num_prefix_tokens=0,
+                                     interpolation="bicubic", antialias=True)
+    else:
+        pos = resample_abs_pos_embed(release["pos_embed"], (4, 4), (5, 5), num_prefix_tokens=1,
+                                     interpolation="bicubic", antialias=True)
+    torch.testing.assert_close(got["pos_embed"], pos)
+    feats, _ = bb(torch.randn(1, 3, IMG, IMG))
+    assert all(torch.isfinite(f).all() for f in feats)
+
+
+def test_wrong_checkpoints_name_the_keys(tmp_path):
+    release = _dinov2_release_state(False)
+    missing = dict(release)
+    del missing["blocks.1.attn.qkv.weight"]
+    with pytest.raises(ValueError, match=r"missing keys: blocks\.1\.attn\.qkv\.weight"):
+        build("dinov2", checkpoint=missing)
+    extra = {**release, "blocks.9.attn.qkv.weight": torch.zeros(3)}
+    with pytest.raises(ValueError, match=r"unexpected keys: blocks\.9\.attn\.qkv\.weight"):
+        build("dinov2", checkpoint=extra)
+    other = timm.create_model("vit_base_patch16_clip_224", pretrained=False, depth=4, img_size=64)
+    with pytest.raises(ValueError, match=r"shape mismatches: .*blocks\.0\.attn\.qkv\.weight: file \(2304, 768\)"):
+        build("dinov2", checkpoint=other.state_dict())
+    torch.save(release, tmp_path / "ok.pth")
+    with pytest.raises(ValueError, match=r"missing keys: blocks\.4"):
+        build("dinov2", checkpoint=str(tmp_path / "ok.pth"), depth=6)
+
+
+def test_bad_out_indices_and_images():
+    with pytest.raises(ValueError, match=r"out_indices must be 4 block indices in \[0, 4\)"):
+        build("dinov2", out_indices=[0, 1, 2, 4])
+    bb = build("dinov2")
+    with pytest.raises(ValueError, match=r"images must be \[B, 3, H, W\]"):
+        bb(torch.randn(3, IMG, IMG))
