@@ -62,9 +62,16 @@ def _new(t: Tensor) -> Tensor:
     return t.fill_(float("nan")) if POISON else t
 
 
+# REIN_AUTOTUNE=0 pins each kernel to its first GPU config: the parity suite runs many
+# shapes, and autotuning each would cost more than the checks themselves.
+AUTOTUNE = os.environ.get("REIN_AUTOTUNE", "1") != "0"
+
+
 def _configs(gpu_configs, interp_config):
     # Several configs fail in the interpreter, and autotuning there only costs time.
-    return [interp_config] if INTERPRET else gpu_configs
+    if INTERPRET:
+        return [interp_config]
+    return gpu_configs if AUTOTUNE else gpu_configs[:1]
 
 
 _LOGITS_CONFIGS = _configs(
@@ -236,9 +243,11 @@ def _prefix_rows(t: Tensor, seq_dim: int, num_prefix: int) -> Tensor:
 
 
 def _precision(dtype: torch.dtype) -> str:
-    if dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32 and not INTERPRET:
-        return "tf32"
-    return "ieee"
+    """fp32 dots follow torch's tf32 switch; other dtypes take Triton's default ("tf32",
+    which only affects fp32 operands)."""
+    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
+        return "ieee"
+    return "tf32"
 
 
 def _block_m(M: int) -> int:

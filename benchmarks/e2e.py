@@ -1,0 +1,79 @@
+"""End-to-end training step: timm DINOv2 ViT-L/16 at 512x512, batch 4 (random weights),
+frozen backbone, Rein after every block, a light head, cross-entropy, AdamW step."""
+from __future__ import annotations
+
+import contextlib
+import statistics
+import time
+
+import torch
+
+import rein
+from rein.heads import build_head, segmentation_loss
+
+
+class TrainStep:
+    def __init__(self, fused: bool, dtype: str, device: str, backbone: str = "vit_large_patch14_dinov2",
+                 img: int = 512, batch: int = 4, num_classes: int = 19, **timm_kwargs):
+        torch.manual_seed(0)
+        self.device, self.dtype = device, dtype
+        self.model = rein.ReinBackbone.from_timm(backbone, img_size=img, patch_size=16, fused=fused,
+                                                 **timm_kwargs).to(device)
+        chans = [f.shape[1] for f in self.model(torch.zeros(1, 3, 32, 32, device=device))[0]]
+        self.head = build_head("light", chans, num_classes).to(device)
+        self.model.train()
+        self.head.train()
+        params = [p for p in self.model.parameters() if p.requires_grad] + list(self.head.parameters())
+        self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+        self.images = torch.randn(batch, 3, img, img, device=device)
+        self.labels = torch.randint(0, num_classes, (batch, img, img), device=device)
+
+    def __call__(self):
+        ctx = torch.autocast(self.device, dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
+        with ctx:
+            feats, _ = self.model(self.images)
+            loss = segmentation_loss(self.head(feats).float(), self.labels, "logits")
+        self.opt.zero_grad(set_to_none=True)
+        loss.backward()
+        self.opt.step()
+        return loss
+
+    def median_ms(self, steps: int = 10) -> float:
+        sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
+        for _ in range(3):
+            self()
+        sync()
+        times = []
+        for _ in range(steps):
+            if self.device == "cuda":
+                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                start.record()
+                self()
+                end.record()
+                end.synchronize()
+                times.append(start.elapsed_time(end))
+            else:
+                t0 = time.perf_counter()
+                self()
+                times.append((time.perf_counter() - t0) * 1e3)
+        return statistics.median(times)
+
+    def peak_mem_mb(self) -> float | None:
+        if self.device != "cuda":
+            return None
+        torch.cuda.synchronize()
+        torch.cuda.reset_peak_memory_stats()
+        self()
+        torch.cuda.synchronize()
+        return torch.cuda.max_memory_allocated() / 2**20
+
+
+def measure(fused: bool, dtype: str, device: str, **kw) -> dict:
+    step = TrainStep(fused, dtype, device, **kw)
+    row = dict(provider="fused" if fused else "eager", dtype=dtype, median_ms=step.median_ms(),
+               peak_mem_mb=step.peak_mem_mb())
+    row["median_ms_repeat"] = step.median_ms()
+    del step
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row

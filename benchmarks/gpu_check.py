@@ -1,0 +1,156 @@
+"""The one-shot GPU check: versions, ceilings, the parity suite natively, the benchmarks.
+
+    OUT=/some/dir python benchmarks/gpu_check.py [--budget-s 420] [--skip-parity]
+
+Writes ``$OUT/<date>-<gpu>.json`` (schema: see make_results.py),
+``$OUT/parity.log``, and prints a short table last. Everything it imports is already on
+the device image (torch, triton, timm, pytest); it installs nothing. Workloads run in
+priority order (vitl-512 first); once the time budget is spent the remaining
+``compile`` cases (each a fresh torch.compile) are recorded as skipped, not guessed.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import re
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parent
+sys.path[:0] = [str(HERE), str(ROOT)]
+
+import torch  # noqa: E402
+import triton  # noqa: E402
+
+from bench import DTYPES, PASSES, PROVIDERS, WORKLOADS, measure, workload_dict  # noqa: E402
+from ceilings import measure_ceilings  # noqa: E402
+
+PRIORITY = ["vitl-512", "vits-512", "vitb-512", "vitl-1024", "vitg-512", "vitl-512-b16"]
+
+
+def device_info() -> dict:
+    try:
+        driver = subprocess.run(["nvidia-smi", "--query-gpu=driver_version", "--format=csv,noheader"],
+                                capture_output=True, text=True, timeout=30).stdout.strip()
+    except (OSError, subprocess.TimeoutExpired):
+        driver = None
+    return {
+        "device": torch.cuda.get_device_name(),
+        "driver": driver,
+        "torch": torch.__version__,
+        "triton": triton.__version__,
+        "cuda": torch.version.cuda,
+        "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+        "fp32_matmul": "tf32 allowed (torch.backends.cuda.matmul.allow_tf32=True)",
+    }
+
+
+def run_parity(out: Path) -> dict:
+    env = dict(os.environ, REIN_AUTOTUNE="0", PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
+    t0 = time.time()
+    proc = subprocess.run([sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"],
+                          cwd=ROOT, env=env, capture_output=True, text=True)
+    log = proc.stdout + proc.stderr
+    (out / "parity.log").write_text(log)
+    summary = log.strip().splitlines()[-1] if log.strip() else ""
+    counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", summary)}
+    return {"returncode": proc.returncode, "summary": summary, "counts": counts, "seconds": round(time.time() - t0, 1)}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--budget-s", type=float, default=420.0, help="stop starting compile cases after this")
+    ap.add_argument("--skip-parity", action="store_true")
+    ap.add_argument("--skip-e2e", action="store_true")
+    args = ap.parse_args()
+    if not torch.cuda.is_available():
+        print("gpu_check: no CUDA GPU here; nothing to measure", file=sys.stderr)
+        return 2
+    out = Path(os.environ.get("OUT", ROOT / "benchmarks" / "results"))
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.time()
+    info = device_info()
+    print(json.dumps(info, indent=1), flush=True)
+
+    ceilings = measure_ceilings()
+    print("ceilings:", json.dumps({k: round(v, 1) for k, v in ceilings.items()}), flush=True)
+
+    parity = None if args.skip_parity else run_parity(out)
+    if parity:
+        print("parity:", parity["summary"], f"({parity['seconds']} s)", flush=True)
+
+    torch.backends.cuda.matmul.allow_tf32 = True
+    results, skipped = [], []
+    for name in PRIORITY:
+        w = WORKLOADS[name]
+        for dtype in DTYPES:
+            for pass_ in PASSES:
+                for provider in PROVIDERS:
+                    if provider == "compile" and time.time() - start > args.budget_s:
+                        skipped.append(dict(workload=name, dtype=dtype, provider=provider,
+                                            **{"pass": pass_}, reason="time budget spent"))
+                        continue
+                    try:
+                        row = measure(w, provider, dtype, pass_, "cuda", ceilings)
+                    except Exception as e:  # record and go on: one failure must not cost the run
+                        skipped.append(dict(workload=name, dtype=dtype, provider=provider, **{"pass": pass_},
+                                            reason=f"{type(e).__name__}: {e}"[:500]))
+                        continue
+                    results.append(row)
+                    print(f"{name:13s} {dtype} {pass_:7s} {provider:8s} {row['median_ms']:8.3f} ms "
+                          f"(floor {row['floor_ms']:.3f})", flush=True)
+
+    e2e = []
+    if not args.skip_e2e:
+        from e2e import measure as measure_e2e
+
+        for dtype in DTYPES:
+            for fused in (False, True):
+                try:
+                    e2e.append(dict(workload="vitl-512", **measure_e2e(fused, dtype, "cuda")))
+                except Exception as e:
+                    e2e.append(dict(workload="vitl-512", provider="fused" if fused else "eager", dtype=dtype,
+                                    error=f"{type(e).__name__}: {e}"[:500]))
+                print("e2e", e2e[-1], flush=True)
+
+    report = dict(info, ceilings=ceilings, parity=parity, workloads=[workload_dict(WORKLOADS[n]) for n in PRIORITY],
+                  results=results, skipped=skipped, e2e=e2e, seconds=round(time.time() - start, 1))
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-").lower()
+    path = out / f"{dt.date.today().isoformat()}-{gpu}.json"
+    path.write_text(json.dumps(report, indent=1))
+    print_table(report)
+    print(f"wrote {path}")
+    return 0 if (parity is None or parity["returncode"] == 0) else 1
+
+
+def print_table(report: dict) -> None:
+    by = {(r["workload"], r["dtype"], r["pass"], r["provider"]): r for r in report["results"]}
+    print(f"\n{'workload':13s} {'dtype':5s} {'pass':7s} {'eager':>8s} {'compile':>8s} {'fused':>8s} "
+          f"{'floor':>7s} {'x eager':>7s} {'x comp':>7s} {'/floor':>6s}")
+    for name in PRIORITY:
+        for dtype in DTYPES:
+            for pass_ in PASSES:
+                t = {p: by.get((name, dtype, pass_, p), {}).get("median_ms") for p in PROVIDERS}
+                fl = by.get((name, dtype, pass_, "fused"), {}).get("floor_ms")
+                f = t["fused"]
+
+                def ratio(a, b):
+                    return f"{a / b:7.2f}" if a and b else f"{'-':>7s}"
+
+                print(f"{name:13s} {dtype:5s} {pass_:7s} " + " ".join(
+                    f"{v:8.3f}" if v else f"{'-':>8s}" for v in t.values())
+                    + f" {fl or 0:7.3f} {ratio(t['eager'], f)} {ratio(t['compile'], f)} {ratio(f, fl)}")
+    for row in report["e2e"]:
+        print("e2e vitl-512", row.get("dtype"), row.get("provider"), row.get("median_ms"), "ms,",
+              row.get("peak_mem_mb"), "MB", row.get("error", ""))
+    if report["parity"]:
+        print("parity:", report["parity"]["summary"])
+
+
+if __name__ == "__main__":
+    sys.exit(main())

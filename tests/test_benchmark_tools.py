@@ -1,0 +1,54 @@
+"""The benchmark machinery the GPU script relies on, exercised on the CPU: measure(),
+the floor, and RESULTS.md generation from a result file (synthetic here, in a temp dir)."""
+import json
+import sys
+from pathlib import Path
+
+import pytest
+
+BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+sys.path.insert(0, str(BENCH))
+
+import bench  # noqa: E402
+import make_results  # noqa: E402
+
+
+def test_floor_counts_flops_and_bytes():
+    w = bench.WORKLOADS["vitl-512"]
+    assert w.rows == 4096
+    assert bench.flops(w, "fwd") == 4096 * 2 * 1024 * (1024 + 200)
+    # compute-bound at these ceilings: the floor is flops / peak
+    ceil = {"bf16_tflops": 800.0, "tf32_tflops": 400.0, "copy_gbps": 3000.0}
+    assert bench.floor_ms(w, "fwd", "bf16", ceil) == pytest.approx(bench.flops(w, "fwd") / 800e12 * 1e3)
+    # bandwidth-bound when the copy ceiling is tiny
+    slow = dict(ceil, copy_gbps=1.0)
+    assert bench.floor_ms(w, "fwd", "fp32", slow) == pytest.approx(bench.min_bytes(w, "fwd", 4) / 1e9 * 1e3)
+
+
+def test_measure_on_cpu_reports_saved_bytes():
+    w = bench.CPU_WORKLOAD
+    ceil = {"bf16_tflops": 1.0, "tf32_tflops": 1.0, "copy_gbps": 1.0}
+    row = bench.measure(w, "eager", "fp32", "fwd+bwd", "cpu", ceil)
+    assert row["median_ms"] > 0 and row["median_ms_repeat"] > 0 and row["floor_ms"] > 0
+    x_bytes = w.batch * (w.tokens_per_image + 1) * w.C * 4
+    # the eager reference keeps several [rows, C] tensors for backward
+    assert row["saved_bytes_no_params"] > 2 * x_bytes
+
+
+def test_results_md_and_plot_from_a_result_file(tmp_path):
+    rows = []
+    for w in ("vitl-512", "vits-512"):
+        for dtype in ("fp32", "bf16"):
+            for pass_ in ("fwd", "fwd+bwd"):
+                for p, ms in (("eager", 3.0), ("compile", 2.0), ("fused", 1.0)):
+                    rows.append(dict(workload=w, dtype=dtype, provider=p, median_ms=ms, floor_ms=0.5,
+                                     peak_mem_mb=10.0, saved_bytes=100, **{"pass": pass_}))
+    run = dict(device="Synthetic", torch="x", triton="y", date="2000-01-01T00:00:00",
+               ceilings={"bf16_tflops": 1, "tf32_tflops": 1, "copy_gbps": 1}, results=rows, e2e=[])
+    (tmp_path / "run.json").write_text(json.dumps(run))
+    runs = make_results.load_runs(tmp_path)
+    table = make_results.run_table(runs[0])
+    assert len(table) == 2 + 8
+    assert "| vitl-512 | bf16 | fwd+bwd | 3.000 | 2.000 | 1.000 | 0.500 | 2.00 | 3.00 | 2.00 |" in "\n".join(table)
+    png = tmp_path / "speedup.png"
+    assert make_results.plot(runs[0], png) and png.stat().st_size > 1000
