@@ -23,8 +23,11 @@ from torch import Tensor
 IGNORE_INDEX = 255
 
 
-def _conv_bn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
-    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
+def _conv_gn_relu(cin: int, cout: int, k: int) -> nn.Sequential:
+    # GroupNorm, not BatchNorm: per-sample statistics keep data-parallel training exact
+    # without SyncBatchNorm (which needs CUDA).
+    return nn.Sequential(nn.Conv2d(cin, cout, k, padding=k // 2, bias=False), nn.GroupNorm(8, cout),
+                         nn.ReLU(inplace=True))
 
 
 class LightHead(nn.Module):
@@ -33,7 +36,7 @@ class LightHead(nn.Module):
     def __init__(self, in_channels: list[int], num_classes: int, channels: int = 128):
         super().__init__()
         self.lateral = nn.ModuleList(nn.Conv2d(c, channels, 1) for c in in_channels)
-        self.fuse = _conv_bn_relu(channels, channels, 3)
+        self.fuse = _conv_gn_relu(channels, channels, 3)
         self.classifier = nn.Conv2d(channels, num_classes, 1)
 
     def forward(self, features: list[Tensor], queries: Tensor | None = None) -> Tensor:

@@ -95,6 +95,11 @@ class ReinLayer(nn.Module):
         nn.init.kaiming_uniform_(self.mlp_token2feat.weight, a=math.sqrt(5))
         self.transform = nn.Linear(C, query_dims)
         self.merge = nn.Linear(query_dims * 3, query_dims)
+        if not link_token_to_query:
+            # Kept for the reference's state_dict keys, but unused: frozen so that DDP
+            # needs no find_unused_parameters.
+            self.transform.requires_grad_(False)
+            self.merge.requires_grad_(False)
         # A constant 1 as a tensor for the kernels; not part of the state_dict.
         self.register_buffer("_scale_one", torch.tensor(1.0), persistent=False)
         if zero_mlp_delta_f:

@@ -123,6 +123,7 @@ class ReinBackbone(nn.Module):
         lora_dim: int | None = 16,
         query_dims: int = 256,
         fused: bool = True,
+        link_token_to_query: bool = True,
         **timm_kwargs,
     ) -> "ReinBackbone":
         """Build timm's ``name`` (``pretrained=False``: nothing downloads), optionally load a
@@ -140,7 +141,8 @@ class ReinBackbone(nn.Module):
         if checkpoint is not None:
             load_timm_checkpoint(model, checkpoint)
         family = _family(model)
-        rein_kw = dict(token_length=token_length, lora_dim=lora_dim, query_dims=query_dims, fused=fused)
+        rein_kw = dict(token_length=token_length, lora_dim=lora_dim, query_dims=query_dims, fused=fused,
+                       link_token_to_query=link_token_to_query)
         if family == "convnext":
             dims = [info["num_chs"] for info in model.feature_info]
             rein = nn.ModuleList(ReinLayer(1, c, 4, **rein_kw) for c in dims)

@@ -1,0 +1,111 @@
+"""Rein inside users' training stacks: activation checkpointing, torch.compile over a
+backbone, DDP (gloo, 2 processes) and FSDP2, each against a plain single-process run."""
+import os
+import tempfile
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+
+pytest.importorskip("timm")
+from rein.backbones import ReinBackbone  # noqa: E402
+
+IMG = 32
+
+
+def small_backbone(name="vit_small_patch14_dinov2", seed=0, **kw):
+    torch.manual_seed(seed)
+    kw.setdefault("depth", 4)
+    return ReinBackbone.from_timm(name, img_size=IMG, token_length=7, lora_dim=4, **kw)
+
+
+def loss_fn(out):
+    feats, queries = out
+    return sum(f.square().mean() for f in feats) + queries.square().mean()
+
+
+def rein_grads(bb, images):
+    bb.zero_grad()
+    loss_fn(bb(images)).backward()
+    return {n: p.grad.clone() for n, p in bb.named_parameters() if p.requires_grad}
+
+
+@pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "eva02_small_patch14_224"])
+def test_activation_checkpointing_same_gradients(name):
+    bb = small_backbone(name)
+    images = torch.randn(2, 3, IMG, IMG)
+    plain = rein_grads(bb, images)
+    bb.set_grad_checkpointing(True)
+    ckpt = rein_grads(bb, images)
+    assert plain.keys() == ckpt.keys()
+    for k in plain:
+        torch.testing.assert_close(ckpt[k], plain[k], rtol=1e-5, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_compile_backbone_fullgraph():
+    torch._dynamo.reset()
+    bb = small_backbone(depth=2)
+    images = torch.randn(1, 3, IMG, IMG)
+    eager = rein_grads(bb, images)
+    compiled = torch.compile(bb, fullgraph=True)
+    bb.zero_grad()
+    loss_fn(compiled(images)).backward()
+    for n, p in bb.named_parameters():
+        if p.requires_grad:
+            torch.testing.assert_close(p.grad, eager[n], rtol=1e-4, atol=1e-5, msg=n)
+
+
+def _ddp_worker(rank, world, init_file, images, result_file, fsdp):
+    dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
+    try:
+        bb = small_backbone()
+        local = images.chunk(world)[rank]
+        if fsdp:
+            from rein.distributed import fully_shard_rein_backbone
+
+            fully_shard_rein_backbone(bb)
+            loss_fn(bb(local)).backward()
+            grads = {n: p.grad.full_tensor() if hasattr(p.grad, "full_tensor") else p.grad
+                     for n, p in bb.rein.named_parameters() if p.requires_grad}
+        else:
+            model = torch.nn.parallel.DistributedDataParallel(bb)  # no find_unused_parameters
+            loss_fn(model(local)).backward()
+            grads = {n: p.grad for n, p in bb.rein.named_parameters() if p.requires_grad}
+        if rank == 0:
+            torch.save(grads, result_file)
+        dist.barrier()  # an orderly shutdown: no rank leaves while a peer still talks
+    finally:
+        dist.destroy_process_group()
+
+
+def _distributed_grads(images, fsdp):
+    with tempfile.TemporaryDirectory() as d:
+        init, out = os.path.join(d, "init"), os.path.join(d, "grads.pt")
+        mp.spawn(_ddp_worker, args=(2, init, images, out, fsdp), nprocs=2, join=True)
+        return torch.load(out)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one():
+    images = torch.randn(4, 3, IMG, IMG)
+    bb = small_backbone()
+    bb.zero_grad()
+    loss_fn(bb(images)).backward()  # mean losses: the full batch equals the average of halves
+    single = {n: p.grad for n, p in bb.rein.named_parameters() if p.requires_grad}
+    ddp = _distributed_grads(images, fsdp=False)
+    assert ddp.keys() == single.keys()
+    for k in single:
+        torch.testing.assert_close(ddp[k], single[k], rtol=1e-4, atol=1e-6, msg=k)
+
+
+@pytest.mark.slow
+def test_fsdp2_two_processes_match_one():
+    images = torch.randn(4, 3, IMG, IMG)
+    bb = small_backbone()
+    loss_fn(bb(images)).backward()
+    single = {n: p.grad for n, p in bb.rein.named_parameters() if p.requires_grad}
+    sharded = _distributed_grads(images, fsdp=True)
+    for k in single:
+        torch.testing.assert_close(sharded[k], single[k], rtol=1e-4, atol=1e-6, msg=k)
