@@ -12,7 +12,8 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
         "timm": ["timm>=1.0"],
+        "train": ["timm>=1.0", "matplotlib", "tqdm", "pillow"],
         "xformers": ["xformers"],
     },
-    entry_points={"console_scripts": ["rein-demo=rein.demo:main"]},
+    entry_points={"console_scripts": ["rein-train=rein.train.loop:main"]},
 )

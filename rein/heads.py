@@ -74,12 +74,12 @@ class QueryHead(nn.Module):
         return torch.einsum("bmk,bmhw->bkhw", cls, masks)
 
 
-def segmentation_loss(head_out: Tensor, labels: Tensor, kind: str) -> Tensor:
+def segmentation_loss(head_out: Tensor, labels: Tensor, kind: str, reduction: str = "mean") -> Tensor:
     """Per-pixel cross-entropy at label resolution, ignoring IGNORE_INDEX."""
     out = F.interpolate(head_out, size=labels.shape[-2:], mode="bilinear", align_corners=False)
     if kind == "probs":
-        return F.nll_loss(torch.log(out.clamp_min(1e-6)), labels, ignore_index=IGNORE_INDEX)
-    return F.cross_entropy(out, labels, ignore_index=IGNORE_INDEX)
+        return F.nll_loss(torch.log(out.clamp_min(1e-6)), labels, ignore_index=IGNORE_INDEX, reduction=reduction)
+    return F.cross_entropy(out, labels, ignore_index=IGNORE_INDEX, reduction=reduction)
 
 
 def build_head(name: str, in_channels: list[int], num_classes: int, query_dims: int = 256) -> nn.Module:

@@ -1,0 +1,158 @@
+"""The training command: default synthetic run, outputs, exact resume, heads, real-dataset
+layouts (tiny fixtures written here), bad data, and DDP with 2 processes."""
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("timm")
+from PIL import Image  # noqa: E402
+
+from rein.train.data import FolderDataset  # noqa: E402
+from rein.train.loop import main  # noqa: E402
+
+FAST = ["--device", "cpu", "--crop", "64", "--batch-size", "2", "--no-fused"]
+
+
+def test_default_synthetic_run_writes_outputs(tmp_path, capsys):
+    assert main(["--max-iters", "3", "--out", str(tmp_path), *FAST]) == 0
+    assert "SYNTHETIC data" in capsys.readouterr().out
+    metrics = json.loads((tmp_path / "metrics.json").read_text())
+    targets = [k for k in metrics if k != "synthetic-source"]
+    assert len(targets) >= 2
+    for m in metrics.values():
+        assert 0 <= m["mIoU"] <= 100 and len(m["per_class"]) == 19
+    assert (tmp_path / "loss.png").stat().st_size > 1000
+    ck = torch.load(tmp_path / "checkpoint.pth", weights_only=False)
+    assert ck["iteration"] == 3 and len(ck["losses"]) == 3
+    assert all(k.startswith("rein.") for k in ck["rein"])
+    assert not any("blocks" in k for k in list(ck["rein"]) + list(ck["head"]))
+
+
+def _final(out):
+    return torch.load(Path(out) / "checkpoint.pth", weights_only=False)
+
+
+def test_resume_continues_exactly(tmp_path):
+    a, b = tmp_path / "a", tmp_path / "b"
+    common = ["--max-iters", "6", "--ckpt-interval", "3", *FAST]
+    assert main([*common, "--out", str(a)]) == 0
+    assert main([*common, "--out", str(b), "--stop-at", "3"]) == 0  # interrupted after 3
+    assert _final(b)["iteration"] == 3
+    assert main([*common, "--out", str(b), "--resume"]) == 0
+    ca, cb = _final(a), _final(b)
+    assert ca["iteration"] == cb["iteration"] == 6 and ca["losses"] == cb["losses"]
+    for part in ("rein", "head"):
+        for k in ca[part]:
+            assert torch.equal(ca[part][k], cb[part][k]), k
+
+
+def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
+    assert main(["--max-iters", "2", "--out", str(tmp_path / "none"), "--resume", *FAST]) == 2
+    assert "no checkpoint" in capsys.readouterr().err
+
+
+def test_query_head(tmp_path):
+    assert main(["--max-iters", "2", "--head", "query", "--out", str(tmp_path), *FAST]) == 0
+    assert (tmp_path / "metrics.json").exists()
+
+
+# ------------------------------------------------------------------ real layouts, tiny fixtures
+
+
+def _write(img_path, lbl_path, lbl, ext_img="png", size=(40, 24)):
+    img_path.parent.mkdir(parents=True, exist_ok=True)
+    lbl_path.parent.mkdir(parents=True, exist_ok=True)
+    rng = np.random.default_rng(abs(hash(str(img_path))) % 2**32)
+    Image.fromarray(rng.integers(0, 255, (size[1], size[0], 3), dtype=np.uint8)).save(img_path)
+    Image.fromarray(lbl.astype(np.uint8), mode="L").save(lbl_path)
+
+
+def make_fixtures(root: Path) -> dict:
+    W, H = 40, 24
+    cs_ids = np.tile(np.array([7, 8, 11, 26, 23, 0, 33, 255], dtype=np.uint8), (H, W // 8))  # road..bicycle, void
+    for i in range(2):
+        _write(root / "gtav/images" / f"{i:05d}.png", root / "gtav/labels" / f"{i:05d}.png", cs_ids)
+        _write(root / f"cityscapes/leftImg8bit/val/aachen/aachen_{i}_leftImg8bit.png",
+               root / f"cityscapes/gtFine/val/aachen/aachen_{i}_gtFine_labelIds.png", cs_ids)
+        bdd = np.tile(np.array([0, 1, 2, 13, 10, 18, 255, 5], dtype=np.uint8), (H, W // 8))
+        _write(root / f"bdd/images/10k/val/b{i}.jpg", root / f"bdd/labels/sem_seg/masks/val/b{i}.png", bdd)
+        mp = np.tile(np.array([13, 15, 17, 55, 27, 52, 65, 0], dtype=np.uint8), (H, W // 8))
+        _write(root / f"mapillary/validation/images/m{i}.jpg", root / f"mapillary/validation/labels/m{i}.png", mp)
+    return {"gtav": root / "gtav", "cityscapes": root / "cityscapes", "bdd100k": root / "bdd",
+            "mapillary": root / "mapillary"}
+
+
+# train ids of the fixtures' first eight columns
+EXPECTED = {
+    "gtav": [0, 1, 2, 13, 10, 255, 18, 255],        # road, sidewalk, building, car, sky, void, bicycle, void
+    "cityscapes": [0, 1, 2, 13, 10, 255, 18, 255],
+    "bdd100k": [0, 1, 2, 13, 10, 18, 255, 5],        # already train ids
+    "mapillary": [0, 1, 2, 13, 10, 18, 255, 255],    # road, sidewalk, building, car, sky, bicycle, unlabeled, bird
+}
+
+
+@pytest.mark.parametrize("kind,split", [("gtav", "train"), ("cityscapes", "val"), ("bdd100k", "val"),
+                                        ("mapillary", "val")])
+def test_loaders_map_to_cityscapes_train_ids(tmp_path, kind, split):
+    roots = make_fixtures(tmp_path)
+    ds = FolderDataset(kind, roots[kind], split)
+    ds.check()
+    assert len(ds) == 2
+    img, lbl = ds[0]
+    assert img.shape == (3, 24, 40) and 0 <= img.min() and img.max() <= 1
+    assert lbl[0, :8].tolist() == EXPECTED[kind]
+
+
+def test_train_on_real_layouts(tmp_path):
+    roots = make_fixtures(tmp_path / "data")
+    out = tmp_path / "run"
+    args = ["--source", f"gtav={roots['gtav']}", "--target", f"cityscapes={roots['cityscapes']}",
+            "--target", f"bdd100k={roots['bdd100k']}", "--target", f"mapillary={roots['mapillary']}",
+            "--backbone", "vit_small_patch14_dinov2", "--max-iters", "2", "--out", str(out), *FAST]
+    assert main(args) == 0
+    assert set(json.loads((out / "metrics.json").read_text())) == {"cityscapes", "bdd100k", "mapillary"}
+
+
+def test_bad_datasets_fail_before_training(tmp_path, capsys):
+    roots = make_fixtures(tmp_path / "data")
+    base = ["--max-iters", "1", "--out", str(tmp_path / "o"), *FAST]
+    assert main(["--source", f"gtav={tmp_path / 'nowhere'}", *base]) == 2
+    assert "missing folder" in capsys.readouterr().err
+    bad = np.full((24, 40), 200, dtype=np.uint8)
+    Image.fromarray(bad, mode="L").save(roots["gtav"] / "labels" / "00001.png")
+    assert main(["--source", f"gtav={roots['gtav']}", *base]) == 2
+    assert "unknown ids [200]" in capsys.readouterr().err
+    Image.fromarray(np.zeros((10, 10), dtype=np.uint8), mode="L").save(roots["gtav"] / "labels" / "00001.png")
+    assert main(["--source", f"gtav={roots['gtav']}", *base]) == 2
+    assert "is (40, 24) but its label" in capsys.readouterr().err
+    os.remove(roots["gtav"] / "labels" / "00001.png")
+    assert main(["--source", f"gtav={roots['gtav']}", *base]) == 2
+    assert "no label file" in capsys.readouterr().err
+    assert not (tmp_path / "o" / "checkpoint.pth").exists()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_match_one(tmp_path):
+    """Same gradients as one process on the same global batch. One step, compared through
+    AdamW's first moment (0.1 x the gradient): weights after Adam's normalised update
+    would amplify rounding in near-zero gradients."""
+    common = ["--max-iters", "1", *FAST, "--batch-size", "4"]
+    assert main([*common, "--out", str(tmp_path / "one")]) == 0
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29517",
+                           "-m", "rein.train", *common, "--out", str(tmp_path / "two")],
+                          capture_output=True, text=True, env=env, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    one, two = _final(tmp_path / "one"), _final(tmp_path / "two")
+    assert one["losses"] == pytest.approx(two["losses"], rel=1e-5)
+    m1 = [s["exp_avg"] for s in one["optimizer"]["state"].values()]
+    m2 = [s["exp_avg"] for s in two["optimizer"]["state"].values()]
+    assert len(m1) == len(m2) > 10
+    for a, b in zip(m1, m2):
+        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item() + 1e-12)
