@@ -145,14 +145,6 @@ class Case:
             times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
-    def peak_mem_mb(self) -> float | None:
-        if self.device != "cuda":
-            return None
-        self.sync()
-        torch.cuda.reset_peak_memory_stats()
-        base = torch.cuda.memory_allocated()
-        self.run_synced()
-        return (torch.cuda.max_memory_allocated() - base) / 2**20
 
     def saved_bytes(self) -> tuple[int, int]:
         """Bytes the autograd graph keeps for backward of one forward (unique storages):
@@ -172,6 +164,19 @@ class Case:
         return total, total - sum(n for ptr, n in seen.items() if ptr in params)
 
 
+def peak_mem_mb(fn, device: str, relative: bool = True) -> float | None:
+    """Peak device memory of one call of fn, in MiB (above what was allocated before the
+    call when ``relative``); None on a CPU."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    base = torch.cuda.memory_allocated() if relative else 0
+    fn()
+    torch.cuda.synchronize()
+    return (torch.cuda.max_memory_allocated() - base) / 2**20
+
+
 def measure(w: Workload, provider: str, dtype: str, pass_: str, device: str, ceilings: dict | None) -> dict:
     case = Case(w, provider, dtype, pass_, device)
     case.run_synced()  # compile / autotune outside the timing
@@ -179,7 +184,7 @@ def measure(w: Workload, provider: str, dtype: str, pass_: str, device: str, cei
     row["median_ms"] = case.median_ms()
     row["median_ms_repeat"] = case.median_ms()  # time twice: the spread is the noise
     row["floor_ms"] = floor_ms(w, pass_, dtype, ceilings) if ceilings else None
-    row["peak_mem_mb"] = case.peak_mem_mb()
+    row["peak_mem_mb"] = peak_mem_mb(case, device)
     row["saved_bytes"], row["saved_bytes_no_params"] = (
         case.saved_bytes() if pass_ == "fwd+bwd" else (None, None))
     return row

@@ -9,6 +9,7 @@ import time
 import torch
 
 import rein
+from bench import peak_mem_mb
 from rein.heads import build_head, segmentation_loss
 
 
@@ -58,20 +59,10 @@ class TrainStep:
                 times.append((time.perf_counter() - t0) * 1e3)
         return statistics.median(times)
 
-    def peak_mem_mb(self) -> float | None:
-        if self.device != "cuda":
-            return None
-        torch.cuda.synchronize()
-        torch.cuda.reset_peak_memory_stats()
-        self()
-        torch.cuda.synchronize()
-        return torch.cuda.max_memory_allocated() / 2**20
-
-
 def measure(fused: bool, dtype: str, device: str, **kw) -> dict:
     step = TrainStep(fused, dtype, device, **kw)
     row = dict(provider="fused" if fused else "eager", dtype=dtype, median_ms=step.median_ms(),
-               peak_mem_mb=step.peak_mem_mb())
+               peak_mem_mb=peak_mem_mb(step, device, relative=False))
     row["median_ms_repeat"] = step.median_ms()
     del step
     if device == "cuda":

@@ -254,6 +254,26 @@ def _block_m(M: int) -> int:
     return max(16, triton.next_power_of_2(M))
 
 
+def _launch_logits(xv, gv, seq_dim, T, U, lse, P1, GZ, num_prefix, use_softmax):
+    """Forward (gv None: writes lse, P1) or backward (reads lse; writes P1, GZ)."""
+    S0, S1, C = xv.shape
+    R, M = S0 * S1, T.shape[0]
+    backward = gv is not None
+    g = gv if backward else xv
+
+    def grid(meta):
+        return (triton.cdiv(R, meta["BLOCK_R"]),)
+
+    _rein_logits_kernel[grid](
+        xv, g, T, U, lse, P1, GZ if backward else P1,
+        R, S1, C, M,
+        xv.stride(0), xv.stride(1), g.stride(0), g.stride(1),
+        num_prefix, C ** -0.5 if use_softmax else 1.0,
+        SEQ_DIM=seq_dim, USE_SOFTMAX=use_softmax, BACKWARD=backward,
+        PRECISION=_precision(T.dtype), BLOCK_M=_block_m(M),
+    )
+
+
 def _launch_gemm(A, seq_dim, A2, B1, B2, bias, scale, out, num_prefix):
     R = A.shape[0] * A.shape[1]
     C = A.shape[2]
@@ -283,19 +303,7 @@ def _forward(x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax):
         lse = torch.zeros(R, device=x.device, dtype=torch.float32)
     P1 = _new(torch.empty(R, M - 1, device=x.device, dtype=T.dtype))
     if R:
-        c_scale = C ** -0.5 if use_softmax else 1.0
-
-        def grid(meta):
-            return (triton.cdiv(R, meta["BLOCK_R"]),)
-
-        _rein_logits_kernel[grid](
-            xv, xv, T, U, lse, P1, P1,
-            R, S1, C, M,
-            xv.stride(0), xv.stride(1), xv.stride(0), xv.stride(1),
-            num_prefix, c_scale,
-            SEQ_DIM=sd, USE_SOFTMAX=use_softmax, BACKWARD=False,
-            PRECISION=_precision(T.dtype), BLOCK_M=_block_m(M),
-        )
+        _launch_logits(xv, None, sd, T, U, lse, P1, None, num_prefix, use_softmax)
         _launch_gemm(xv, sd, P1, W_d.t(), U, b_d, scale, out, num_prefix)
     if swapped:
         out = out.transpose(0, 1)
@@ -311,19 +319,7 @@ def _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax
     P1 = _new(torch.empty(R, M - 1, device=x.device, dtype=T.dtype))
     GZ = _new(torch.empty(R, M, device=x.device, dtype=T.dtype))
     if R:
-        c_scale = C ** -0.5 if use_softmax else 1.0
-
-        def grid(meta):
-            return (triton.cdiv(R, meta["BLOCK_R"]),)
-
-        _rein_logits_kernel[grid](
-            xv, gv, T, U, lse, P1, GZ,
-            R, S1, C, M,
-            xv.stride(0), xv.stride(1), gv.stride(0), gv.stride(1),
-            num_prefix, c_scale,
-            SEQ_DIM=sd, USE_SOFTMAX=use_softmax, BACKWARD=True,
-            PRECISION=_precision(T.dtype), BLOCK_M=_block_m(M),
-        )
+        _launch_logits(xv, gv, sd, T, U, lse, P1, GZ, num_prefix, use_softmax)
         _launch_gemm(gv, sd, GZ, W_d, T, None, scale, dx, num_prefix)
     if swapped:
         dx = dx.transpose(0, 1)

@@ -7,7 +7,6 @@ import torch.nn.functional as F
 timm = pytest.importorskip("timm")
 from timm.layers import resample_abs_pos_embed, resample_patch_embed  # noqa: E402
 
-import rein  # noqa: E402
 from rein.backbones import ReinBackbone, default_out_indices  # noqa: E402
 
 IMG = 64

@@ -35,7 +35,7 @@ def test_cuda_graph_capture_and_replay_training_step():
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
         for _ in range(3):  # autotune and warm up outside the capture
-            eager = step()
+            step()
     torch.cuda.current_stream().wait_stream(s)
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
