@@ -74,27 +74,24 @@ def _configs(gpu_configs, interp_config):
     return gpu_configs if AUTOTUNE else gpu_configs[:1]
 
 
+LOGITS_GPU_CONFIGS = [
+    triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for br, bk, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 8, 3)]
+]
+GEMM_GPU_CONFIGS = [
+    triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+    for br, bn, bk, w, s in [
+        (128, 128, 32, 8, 4),
+        (128, 128, 64, 8, 3),
+        (128, 64, 64, 4, 4),
+        (64, 128, 64, 4, 4),
+        (64, 64, 64, 4, 3),
+    ]
+]
 _LOGITS_CONFIGS = _configs(
-    [
-        triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for br, bk, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 8, 3)]
-    ],
-    triton.Config({"BLOCK_R": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1),
-)
-
+    LOGITS_GPU_CONFIGS, triton.Config({"BLOCK_R": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1))
 _GEMM_CONFIGS = _configs(
-    [
-        triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-        for br, bn, bk, w, s in [
-            (128, 128, 32, 8, 4),
-            (128, 128, 64, 8, 3),
-            (128, 64, 64, 4, 4),
-            (64, 128, 64, 4, 4),
-            (64, 64, 64, 4, 3),
-        ]
-    ],
-    triton.Config({"BLOCK_R": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1),
-)
+    GEMM_GPU_CONFIGS, triton.Config({"BLOCK_R": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1))
 
 
 @triton.jit

@@ -1,0 +1,18 @@
+"""The GPU kernels compile for sm_90 (H100/H200) on this machine, GPU or not."""
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+
+@pytest.mark.slow
+def test_kernels_compile_for_sm90():
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    here = Path(__file__).resolve().parent
+    proc = subprocess.run([sys.executable, str(here / "compile_sm90.py")], cwd=here.parent, env=env,
+                          capture_output=True, text=True, timeout=1200)
+    out = proc.stdout + proc.stderr
+    assert proc.returncode == 0, out[-4000:]
+    assert "0 failure(s)" in out and out.count("\nok ") + out.startswith("ok ") >= 40, out[-2000:]
