@@ -111,6 +111,22 @@ def test_fused_and_reference_paths_agree(family):
     torch.testing.assert_close(q1, q2)
 
 
+def test_deepcopy_and_pickle_keep_their_own_rein(tmp_path):
+    import copy
+
+    bb = build("dinov2")
+    images = torch.randn(1, 3, IMG, IMG)
+    with torch.no_grad():
+        before = bb(images)[0][2]
+        twin = copy.deepcopy(bb)
+        twin.rein.scale.fill_(3.0)  # must change the copy only
+        assert torch.equal(bb(images)[0][2], before)
+        assert not torch.allclose(twin(images)[0][2], before)
+        torch.save(twin, tmp_path / "whole.pt")
+        again = torch.load(tmp_path / "whole.pt", weights_only=False)
+        torch.testing.assert_close(again(images)[0][2], twin(images)[0][2])
+
+
 def test_rein_only_checkpoint_roundtrip(tmp_path):
     bb = build("dinov2")
     sd = bb.rein_state_dict()

@@ -85,6 +85,17 @@ def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Ten
     model.load_state_dict(state, strict=True)
 
 
+class _RefineHook:
+    """Forward hook of block ``index``: its output, refined by Rein. An object rather than a
+    closure, so that deepcopy and pickle carry it over to the copy of the backbone."""
+
+    def __init__(self, owner: "ReinBackbone", index: int):
+        self.owner, self.index = owner, index
+
+    def __call__(self, module, args, out):
+        return self.owner._refine(out, self.index)
+
+
 class ReinBackbone(nn.Module):
     """A frozen timm backbone refined by Rein after every block.
 
@@ -107,7 +118,7 @@ class ReinBackbone(nn.Module):
         self.out_indices = list(out_indices)
         self.backbone.requires_grad_(False)
         self.backbone.eval()
-        self._hooks = [blk.register_forward_hook(self._make_hook(i)) for i, blk in enumerate(blocks)]
+        self._hooks = [blk.register_forward_hook(_RefineHook(self, i)) for i, blk in enumerate(blocks)]
 
     # ------------------------------------------------------------------ construction
 
@@ -157,12 +168,6 @@ class ReinBackbone(nn.Module):
         return self.backbone.stages if self.family == "convnext" else self.backbone.blocks
 
     # ------------------------------------------------------------------ forward
-
-    def _make_hook(self, i: int):
-        def hook(module, args, out):
-            return self._refine(out, i)
-
-        return hook
 
     def _refine(self, x: Tensor, i: int) -> Tensor:
         if self.family == "vit":
