@@ -52,6 +52,35 @@ def test_resume_continues_exactly(tmp_path):
             assert torch.equal(ca[part][k], cb[part][k]), k
 
 
+def test_optimizer_groups_and_schedule():
+    from types import SimpleNamespace
+
+    import torch.nn as nn
+
+    from rein.train.loop import lr_at, param_groups
+
+    class Toy(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.rein = nn.Module()
+            self.rein.learnable_tokens_a = nn.Parameter(torch.zeros(2, 3))
+            self.rein.scale = nn.Parameter(torch.tensor(1.0))
+            self.rein.mlp = nn.Linear(3, 3)
+            self.norm_free = nn.GroupNorm(1, 3)
+            self.frozen = nn.Linear(3, 3).requires_grad_(False)
+
+    toy = Toy()
+    decay, no_decay = param_groups(toy, 0.05)
+    assert decay["weight_decay"] == 0.05 and no_decay["weight_decay"] == 0.0
+    assert {id(p) for p in decay["params"]} == {id(toy.rein.mlp.weight), id(toy.rein.mlp.bias)}
+    assert {id(p) for p in no_decay["params"]} == {id(toy.rein.learnable_tokens_a), id(toy.rein.scale),
+                                                    id(toy.norm_free.weight), id(toy.norm_free.bias)}
+    args = SimpleNamespace(lr=1e-4, warmup_iters=10, max_iters=110)
+    assert lr_at(0, args) == pytest.approx(1e-5) and lr_at(9, args) == pytest.approx(1e-4)
+    assert lr_at(60, args) == pytest.approx(1e-4 * 0.5 ** 0.9)
+    assert lr_at(109, args) == pytest.approx(1e-4 * 0.01 ** 0.9)
+
+
 def test_resume_without_checkpoint_is_a_clear_error(tmp_path, capsys):
     assert main(["--max-iters", "2", "--out", str(tmp_path / "none"), "--resume", *FAST]) == 2
     assert "no checkpoint" in capsys.readouterr().err

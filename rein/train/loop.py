@@ -6,7 +6,8 @@ With no data flags it trains on the package's procedurally generated street scen
 runs anywhere in minutes; those numbers show the pipeline working, not Rein's accuracy.
 With ``--source gtav=PATH --target cityscapes=PATH ...`` it follows the published recipe:
 DINOv2-L/16, 512 crops, batch 4, 40k iterations, AdamW (lr 1e-4, weight decay 0.05, none
-on tokens, scale and norms), linear warm-up then poly decay, sliding-window evaluation.
+on tokens, scale and norms), linear warm-up then poly decay (power 0.9), sliding-window
+evaluation.
 """
 from __future__ import annotations
 
@@ -55,6 +56,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     ap.add_argument("--batch-size", type=int, help="global batch")
     ap.add_argument("--lr", type=float, default=1e-4)
     ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--warmup-iters", type=int, help="linear warm-up (default: 1500, at most max_iters / 10)")
     ap.add_argument("--ckpt-interval", type=int, help="iterations between checkpoints (default: max_iters / 10)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--stop-at", type=int, help=argparse.SUPPRESS)  # tests: stop as if interrupted
@@ -69,7 +71,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     user_backbone = args.backbone != defaults["backbone"]
     args.patch_size = RECIPE["patch_size"] if user_backbone else defaults["patch_size"]
     args.timm_kwargs = {} if (user_backbone or not args.synthetic) else {"depth": SYNTHETIC["depth"]}
-    args.warmup_iters = min(defaults["warmup_iters"], max(1, args.max_iters // 10))
+    if args.warmup_iters is None:
+        args.warmup_iters = min(defaults["warmup_iters"], max(1, args.max_iters // 10))
     args.ckpt_interval = args.ckpt_interval or max(1, args.max_iters // 10)
     if args.max_iters < 1 or args.batch_size < 1 or args.crop < args.patch_size:
         ap.error("--max-iters and --batch-size must be positive and --crop at least one patch")
@@ -124,21 +127,28 @@ def build_model(args, device) -> Segmentor:
 
 
 def param_groups(model: nn.Module, weight_decay: float):
-    """AdamW groups: no decay on Rein's tokens and scale, on norms and on biases."""
+    """AdamW groups as the recipe: no decay on Rein's tokens and scale, nor on normalisation
+    layers; everything else (weights and biases) decays."""
+    norm_types = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
+    plain = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters()}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        plain = "learnable_tokens" in name or name.endswith("scale") or p.ndim <= 1 or "norm" in name
-        (no_decay if plain else decay).append(p)
+        if id(p) in plain or "learnable_tokens" in name or name.rsplit(".", 1)[-1] == "scale":
+            no_decay.append(p)
+        else:
+            decay.append(p)
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
 def lr_at(it: int, args) -> float:
-    """Linear warm-up, then poly decay (power 1.0 to 0, as the recipe's scheduler)."""
+    """Linear warm-up over ``warmup_iters``, then poly decay to 0 with power 0.9 (the
+    published config's PolyLR; it has no warm-up: ``--warmup-iters 0`` reproduces that)."""
     if it < args.warmup_iters:
         return args.lr * (it + 1) / args.warmup_iters
-    return args.lr * (1 - (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)) ** 1.0
+    progress = (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
+    return args.lr * (1 - progress) ** 0.9
 
 
 def make_batch(dataset, it: int, rank: int, world: int, args, device):
@@ -268,7 +278,7 @@ def main(argv=None) -> int:
 
     model = build_model(args, device)
     model.train()
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999))
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
     start, losses = 0, []
     if args.resume:
         ck = torch.load(out / "checkpoint.pth", map_location=device, weights_only=False)
