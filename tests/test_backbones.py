@@ -7,6 +7,7 @@ import torch.nn.functional as F
 timm = pytest.importorskip("timm")
 from timm.layers import resample_abs_pos_embed, resample_patch_embed  # noqa: E402
 
+from _parity import DEVICE  # noqa: E402
 from rein.backbones import ReinBackbone, default_out_indices  # noqa: E402
 
 IMG = 64
@@ -26,7 +27,7 @@ def build(family, fused=True, **kw):
     name, timm_kw = FAMILIES[family]
     torch.manual_seed(0)
     return ReinBackbone.from_timm(name, img_size=IMG, token_length=7, lora_dim=4, fused=fused,
-                                  **{**timm_kw, **kw})
+                                  **{**timm_kw, **kw}).to(DEVICE)
 
 
 def plain_timm(bb, family):
@@ -37,7 +38,7 @@ def plain_timm(bb, family):
         kw.update(img_size=IMG, patch_size=16)
         if family != "sam":
             kw["dynamic_img_size"] = True
-    model = timm.create_model(name, pretrained=False, **kw).eval()
+    model = timm.create_model(name, pretrained=False, **kw).eval().to(DEVICE)
     model.load_state_dict(bb.backbone.state_dict())
     return model
 
@@ -58,7 +59,7 @@ def test_zero_scale_gives_timm_features(family):
     for r in rein_layers(bb):
         r.scale.data.zero_()
     ref_model = plain_timm(bb, family)
-    images = torch.randn(2, 3, IMG, IMG + 16 if family != "sam" else IMG)
+    images = torch.randn(2, 3, IMG, IMG + 16 if family != "sam" else IMG, device=DEVICE)
     with torch.no_grad():
         feats, queries = bb(images)
         ref = ref_model.forward_intermediates(images, indices=sorted(set(bb.out_indices)), norm=False,
@@ -85,7 +86,7 @@ def test_only_rein_trains(family):
     trainable = [p for p in bb.parameters() if p.requires_grad]
     assert {id(p) for p in trainable} == {id(p) for r in rein_layers(bb) for p in r.parameters()}
     opt = torch.optim.AdamW(trainable, lr=1e-2)
-    feats, queries = bb(torch.randn(2, 3, IMG, IMG))
+    feats, queries = bb(torch.randn(2, 3, IMG, IMG, device=DEVICE))
     (sum(f.square().mean() for f in feats) + queries.square().mean()).backward()
     assert all(p.grad is None for p in bb.backbone.parameters())
     for r in rein_layers(bb):
@@ -103,7 +104,7 @@ def test_only_rein_trains(family):
 def test_fused_and_reference_paths_agree(family):
     fused, ref = build(family, fused=True), build(family, fused=False)
     ref.load_state_dict(fused.state_dict())
-    images = torch.randn(1, 3, IMG, IMG)
+    images = torch.randn(1, 3, IMG, IMG, device=DEVICE)
     with torch.no_grad():
         (f1, q1), (f2, q2) = fused(images), ref(images)
     for a, b in zip(f1, f2):
@@ -115,7 +116,7 @@ def test_deepcopy_and_pickle_keep_their_own_rein(tmp_path):
     import copy
 
     bb = build("dinov2")
-    images = torch.randn(1, 3, IMG, IMG)
+    images = torch.randn(1, 3, IMG, IMG, device=DEVICE)
     with torch.no_grad():
         before = bb(images)[0][2]
         twin = copy.deepcopy(bb)
@@ -135,7 +136,7 @@ def test_rein_only_checkpoint_roundtrip(tmp_path):
     other = build("dinov2")
     with torch.no_grad():
         other.rein.scale.fill_(5.0)
-    other.load_rein_state_dict(torch.load(tmp_path / "rein.pth"))
+    other.load_rein_state_dict(torch.load(tmp_path / "rein.pth", map_location=DEVICE))
     for k, v in bb.rein.state_dict().items():
         assert torch.equal(v, other.rein.state_dict()[k])
     with pytest.raises(ValueError, match="not Rein parameters"):
@@ -165,7 +166,7 @@ def test_dinov2_release_checkpoint_loads(tmp_path, registers):
     torch.save(release, path)
     fam = "dinov2_reg" if registers else "dinov2"
     bb = build(fam, checkpoint=str(path))
-    got = bb.backbone.state_dict()
+    got = {k: v.cpu() for k, v in bb.backbone.state_dict().items()}
     for k, v in release.items():
         if k.startswith("blocks.") or k.startswith("norm."):
             assert torch.equal(got[k], v), k  # block weights bit-identical
@@ -180,7 +181,7 @@ def test_dinov2_release_checkpoint_loads(tmp_path, registers):
         pos = resample_abs_pos_embed(release["pos_embed"], (4, 4), (5, 5), num_prefix_tokens=1,
                                      interpolation="bicubic", antialias=True)
     torch.testing.assert_close(got["pos_embed"], pos)
-    feats, _ = bb(torch.randn(1, 3, IMG, IMG))
+    feats, _ = bb(torch.randn(1, 3, IMG, IMG, device=DEVICE))
     assert all(torch.isfinite(f).all() for f in feats)
 
 
@@ -206,4 +207,4 @@ def test_bad_out_indices_and_images():
         build("dinov2", out_indices=[0, 1, 2, 4])
     bb = build("dinov2")
     with pytest.raises(ValueError, match=r"images must be \[B, 3, H, W\]"):
-        bb(torch.randn(3, IMG, IMG))
+        bb(torch.randn(3, IMG, IMG, device=DEVICE))

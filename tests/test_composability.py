@@ -9,12 +9,14 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 pytest.importorskip("timm")
+from _parity import DEVICE  # noqa: E402
 from rein.backbones import ReinBackbone  # noqa: E402
 
 IMG = 32
 
 
 def small_backbone(name="vit_small_patch14_dinov2", seed=0, **kw):
+    """On the CPU; the DDP and FSDP2 tests keep it there (gloo), the others move it."""
     torch.manual_seed(seed)
     kw.setdefault("depth", 4)
     return ReinBackbone.from_timm(name, img_size=IMG, token_length=7, lora_dim=4, **kw)
@@ -33,8 +35,8 @@ def rein_grads(bb, images):
 
 @pytest.mark.parametrize("name", ["vit_small_patch14_dinov2", "eva02_small_patch14_224"])
 def test_activation_checkpointing_same_gradients(name):
-    bb = small_backbone(name)
-    images = torch.randn(2, 3, IMG, IMG)
+    bb = small_backbone(name).to(DEVICE)
+    images = torch.randn(2, 3, IMG, IMG, device=DEVICE)
     plain = rein_grads(bb, images)
     bb.set_grad_checkpointing(True)
     ckpt = rein_grads(bb, images)
@@ -46,8 +48,8 @@ def test_activation_checkpointing_same_gradients(name):
 @pytest.mark.slow
 def test_compile_backbone_fullgraph():
     torch._dynamo.reset()
-    bb = small_backbone(depth=2)
-    images = torch.randn(1, 3, IMG, IMG)
+    bb = small_backbone(depth=2).to(DEVICE)
+    images = torch.randn(1, 3, IMG, IMG, device=DEVICE)
     eager = rein_grads(bb, images)
     compiled = torch.compile(bb, fullgraph=True)
     bb.zero_grad()
