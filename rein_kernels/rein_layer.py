@@ -26,8 +26,10 @@ Backward, g = dL/dout, with p recomputed from the saved lse:
     dW_d = scale * g^T x                       (direct path; the U path adds the rest)
     db_d = scale * sum_rows(g)
     dscale = <W_d, g^T x> + <b_d, sum_rows(g)> + <U, P1^T g>
-  * ``_rein_logits_kernel`` (BACKWARD) recomputes p and writes gz' [rows, m] and P1.
-  * ``_rein_gemm_kernel`` forms dx.
+           = sum_r (<g_r W_d + gz'_r T, x_r> - <gz'_r, z_r> + <p_r, gp'_r>) + <b_d, sum_rows(g)>
+  * ``_rein_logits_kernel`` (BACKWARD) recomputes p and writes gz' [rows, m], P1 and
+    per-program fp32 shares of sum_r <p_r, gp'_r> - <gz'_r, z_r>.
+  * ``_rein_gemm_kernel`` forms dx and per-tile fp32 shares of sum_r <acc_r, x_r>.
   * the [C, C], [m, C] weight-gradient reductions over all rows are torch.matmul (cuBLAS).
 
 Rows. The op takes x as a 3-D tensor [S0, S1, C] of any strides and ``seq_dim``, the
@@ -76,7 +78,7 @@ def _configs(gpu_configs, interp_config):
 
 LOGITS_GPU_CONFIGS = [
     triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for br, bk, w, s in [(32, 64, 4, 3), (64, 64, 4, 3), (64, 32, 4, 4), (128, 32, 8, 3)]
+    for br, bk, w, s in [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4)]
 ]
 GEMM_GPU_CONFIGS = [
     triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
@@ -104,10 +106,10 @@ def _row_pointers(X, rows, S1, sx0, sx1, R, num_prefix, SEQ_DIM: tl.constexpr):
     return X + i0 * sx0 + i1 * sx1, in_range, in_range & (seq >= num_prefix)
 
 
-@triton.autotune(configs=_LOGITS_CONFIGS, key=["C", "M", "BACKWARD"])
+@triton.autotune(configs=_LOGITS_CONFIGS, key=["C", "M", "BACKWARD"], reset_to_zero=["PARTIAL"])
 @triton.jit
 def _rein_logits_kernel(
-    X, G, T, U, LSE, P1, GZ,
+    X, G, T, U, LSE, P1, GZ, PARTIAL,
     R, S1, C, M,
     sx0, sx1, sg0, sg1,
     num_prefix, c_scale,
@@ -120,7 +122,9 @@ def _rein_logits_kernel(
     FORWARD writes lse = logsumexp(c z) (fp32) and P1 = p[1:].
     BACKWARD reads lse, recomputes p = exp(c z - lse), accumulates gp' = g U^T
     (U row j-1 feeds column j; column 0, the null token, gets 0) and writes
-    P1 = p[1:] and gz' = p (gp' - <p, gp'>) c, the softmax backward.
+    P1 = p[1:] and gz' = p (gp' - <p, gp'>) c, the softmax backward, and this
+    program's share of dscale, sum over its rows of <p, gp'> - <gz', z>, into
+    PARTIAL[pid] (fp32; gz' as rounded for the GEMM that consumes it).
     Prefix rows write zeros to P1 and gz' so that the weight-gradient GEMMs over
     all rows see them as absent.
     """
@@ -164,18 +168,21 @@ def _rein_logits_kernel(
             gz = p * (gp - tl.sum(p * gp, axis=1)[:, None]) * c_scale
         else:
             gz = tl.where(refined[:, None], gp, 0.0)
+        gz = gz.to(GZ.dtype.element_ty)
         gz_ptrs = GZ + rows[:, None] * M + cols[None, :]
-        tl.store(gz_ptrs, gz.to(GZ.dtype.element_ty), mask=in_range[:, None] & col_ok[None, :])
+        tl.store(gz_ptrs, gz, mask=in_range[:, None] & col_ok[None, :])
+        share = tl.sum(p * gp, axis=1) - tl.sum(gz.to(tl.float32) * z, axis=1)
+        tl.store(PARTIAL + pid, tl.sum(tl.where(in_range, share, 0.0), axis=0))
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["C", "K2"])
+@triton.autotune(configs=_GEMM_CONFIGS, key=["C", "K2"], reset_to_zero=["PARTIAL"])
 @triton.jit
 def _rein_gemm_kernel(
-    A, A2, B1, B2, BIAS, SCALE, OUT,
+    A, A2, B1, B2, BIAS, SCALE, OUT, X, PARTIAL,
     R, S1, C, K2,
-    sa0, sa1, so0, so1, sb1k, sb1n,
+    sa0, sa1, so0, so1, sb1k, sb1n, sx0, sx1,
     num_prefix,
-    SEQ_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, PRECISION: tl.constexpr,
+    SEQ_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, DSCALE: tl.constexpr, PRECISION: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """OUT = A + scale * (A @ B1 + A2 @ B2 + bias) on refined rows, OUT = A on prefix rows.
@@ -184,6 +191,9 @@ def _rein_gemm_kernel(
     needs no copy), A2 [rows, K2] and B2 [K2, C] contiguous. Forward: A = x,
     B1 = W_d^T, A2 = P1, B2 = U, bias = b_d. Backward: A = g, B1 = W_d, A2 = gz',
     B2 = T, no bias; both give the output of one K = C + K2 GEMM plus the residual.
+    DSCALE (backward) also writes this tile's sum over refined rows of
+    <acc, x> = <g W_d, x> + <gz', z> to PARTIAL, fp32: with the row kernel's shares,
+    dscale = <W_d, g^T x> + <U, P1^T g> + ... accumulates in fp32 from fp32 partials.
     """
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
@@ -213,6 +223,11 @@ def _rein_gemm_kernel(
     res = tl.load(a_rows[:, None] + ns[None, :], mask=tile_ok, other=0.0).to(tl.float32)
     out = tl.where(refined[:, None], res + scale * acc, res)
     tl.store(o_rows[:, None] + ns[None, :], out.to(OUT.dtype.element_ty), mask=tile_ok)
+    if DSCALE:
+        x_rows, _, _ = _row_pointers(X, rows, S1, sx0, sx1, R, num_prefix, SEQ_DIM)
+        xt = tl.load(x_rows[:, None] + ns[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        share = tl.sum(tl.where(refined[:, None], acc * xt, 0.0), axis=1)
+        tl.store(PARTIAL + pid_r * tl.num_programs(1) + pid_n, tl.sum(share, axis=0))
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -251,8 +266,17 @@ def _block_m(M: int) -> int:
     return max(16, triton.next_power_of_2(M))
 
 
-def _launch_logits(xv, gv, seq_dim, T, U, lse, P1, GZ, num_prefix, use_softmax):
-    """Forward (gv None: writes lse, P1) or backward (reads lse; writes P1, GZ)."""
+def _partials(n: int, device) -> Tensor:
+    # zeros: a config with fewer programs leaves the other slots at 0
+    return torch.zeros(max(n, 1), device=device, dtype=torch.float32)
+
+
+def _min_block(configs, name: str) -> int:
+    return min(c.kwargs[name] for c in configs)
+
+
+def _launch_logits(xv, gv, seq_dim, T, U, lse, P1, GZ, num_prefix, use_softmax, partial=None):
+    """Forward (gv None: writes lse, P1) or backward (reads lse; writes P1, GZ, partial)."""
     S0, S1, C = xv.shape
     R, M = S0 * S1, T.shape[0]
     backward = gv is not None
@@ -261,8 +285,10 @@ def _launch_logits(xv, gv, seq_dim, T, U, lse, P1, GZ, num_prefix, use_softmax):
     def grid(meta):
         return (triton.cdiv(R, meta["BLOCK_R"]),)
 
+    if partial is None:  # forward: a slot nobody reads (autotuning zeroes it)
+        partial = _partials(1, xv.device)
     _rein_logits_kernel[grid](
-        xv, g, T, U, lse, P1, GZ if backward else P1,
+        xv, g, T, U, lse, P1, GZ if backward else P1, partial,
         R, S1, C, M,
         xv.stride(0), xv.stride(1), g.stride(0), g.stride(1),
         num_prefix, C ** -0.5 if use_softmax else 1.0,
@@ -271,7 +297,8 @@ def _launch_logits(xv, gv, seq_dim, T, U, lse, P1, GZ, num_prefix, use_softmax):
     )
 
 
-def _launch_gemm(A, seq_dim, A2, B1, B2, bias, scale, out, num_prefix):
+def _launch_gemm(A, seq_dim, A2, B1, B2, bias, scale, out, num_prefix, x=None, partial=None):
+    """Forward (x None) or backward (x given: also writes the dscale shares to partial)."""
     R = A.shape[0] * A.shape[1]
     C = A.shape[2]
     K2 = A2.shape[1]
@@ -279,12 +306,16 @@ def _launch_gemm(A, seq_dim, A2, B1, B2, bias, scale, out, num_prefix):
     def grid(meta):
         return (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_N"]))
 
+    xs = x if x is not None else A
+    if partial is None:  # forward: a slot nobody reads (autotuning zeroes it)
+        partial = _partials(1, A.device)
     _rein_gemm_kernel[grid](
-        A, A2, B1, B2, bias if bias is not None else B2, scale, out,
+        A, A2, B1, B2, bias if bias is not None else B2, scale, out, xs, partial,
         R, A.shape[1], C, K2,
         A.stride(0), A.stride(1), out.stride(0), out.stride(1), B1.stride(0), B1.stride(1),
+        xs.stride(0), xs.stride(1),
         num_prefix,
-        SEQ_DIM=seq_dim, HAS_BIAS=bias is not None, PRECISION=_precision(B2.dtype),
+        SEQ_DIM=seq_dim, HAS_BIAS=bias is not None, DSCALE=x is not None, PRECISION=_precision(B2.dtype),
     )
 
 
@@ -315,9 +346,12 @@ def _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax
     dx = _new(torch.empty_like(xv))
     P1 = _new(torch.empty(R, M - 1, device=x.device, dtype=T.dtype))
     GZ = _new(torch.empty(R, M, device=x.device, dtype=T.dtype))
+    part_rows = _partials(triton.cdiv(R, _min_block(_LOGITS_CONFIGS, "BLOCK_R")), x.device)
+    part_gemm = _partials(triton.cdiv(R, _min_block(_GEMM_CONFIGS, "BLOCK_R"))
+                          * triton.cdiv(C, _min_block(_GEMM_CONFIGS, "BLOCK_N")), x.device)
     if R:
-        _launch_logits(xv, gv, sd, T, U, lse, P1, GZ, num_prefix, use_softmax)
-        _launch_gemm(gv, sd, GZ, W_d, T, None, scale, dx, num_prefix)
+        _launch_logits(xv, gv, sd, T, U, lse, P1, GZ, num_prefix, use_softmax, part_rows)
+        _launch_gemm(gv, sd, GZ, W_d, T, None, scale, dx, num_prefix, x=xv, partial=part_gemm)
     if swapped:
         dx = dx.transpose(0, 1)
 
@@ -333,15 +367,14 @@ def _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax
     PtG = P1.t().to(G2.dtype) @ G2                       # [m-1, C]
     dT = GZ.t().to(X2.dtype) @ X2                        # [m, C]
     s = scale.to(torch.float32)
-    XtG32, PtG32 = XtG.float(), PtG.float()
-    dscale = (
-        (W_d.float() * XtG32).sum() + (b_d.float() * g_sum).sum() + (U.float() * PtG32).sum()
-    )
+    # dscale = <W_d, g^T x> + <U, P1^T g> + <b_d, sum_rows(g)>, from the kernels' fp32
+    # shares rather than from XtG and PtG rounded to x's dtype.
+    dscale = part_gemm.sum() + part_rows.sum() + (b_d.float() * g_sum).sum()
     return (
         dx,
         (s * dT.float()).to(T.dtype),
-        (s * PtG32).to(U.dtype),
-        (s * XtG32).to(W_d.dtype),
+        (s * PtG.float()).to(U.dtype),
+        (s * XtG.float()).to(W_d.dtype),
         (s * g_sum).to(b_d.dtype),
         dscale.to(scale.dtype),
     )
