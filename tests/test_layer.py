@@ -146,3 +146,23 @@ def test_noncontiguous_inputs_match_reference():
         (rx,) = torch.autograd.grad(ref, x, torch.ones_like(ref))
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=name)
         torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-4, msg=name)
+
+
+def test_fused_saves_only_x_and_one_fp32_per_row():
+    """Saved for backward: x itself, lse (fp32, one per row) and parameter-sized tensors;
+    nothing of size [rows, m] or [rows, C] besides x."""
+    B, N, C, m = 3, 41, 24, 11
+    layer = rein.ReinLayer(2, C, 4, token_length=m, lora_dim=3).to(DEVICE)
+    x = torch.randn(B, N, C, device=DEVICE, requires_grad=True)
+    saved = []
+    with torch.autograd.graph.saved_tensors_hooks(lambda t: saved.append(t) or t, lambda t: t):
+        layer(x, 1, batch_first=True)
+    rows = B * N
+    big = [t for t in saved if t.numel() >= rows]
+    assert any(t.data_ptr() == x.data_ptr() and t.shape == x.shape for t in big)
+    lse = [t for t in big if t.dtype == torch.float32 and t.shape == (rows,)]
+    assert len(lse) == 1
+    others = {tuple(t.shape) for t in saved if t.data_ptr() != x.data_ptr() and t is not lse[0]}
+    # T, U, W_d, b_d, scale and what autograd keeps to form T and U from the parameters
+    parameter_sized = {(m, C), (m - 1, C), (C, C), (C,), (), (m, 3), (3, C)}
+    assert others <= parameter_sized, others - parameter_sized
