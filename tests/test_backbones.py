@@ -59,7 +59,7 @@ def test_zero_scale_gives_timm_features(family):
     for r in rein_layers(bb):
         r.scale.data.zero_()
     ref_model = plain_timm(bb, family)
-    images = torch.randn(2, 3, IMG, IMG + 16 if family != "sam" else IMG, device=DEVICE)
+    images = torch.randn(2, 3, IMG, IMG + 16, device=DEVICE)  # non-square
     with torch.no_grad():
         feats, queries = bb(images)
         ref = ref_model.forward_intermediates(images, indices=sorted(set(bb.out_indices)), norm=False,
