@@ -156,7 +156,8 @@ class ReinLayer(nn.Module):
         cdtype = rein_kernels.compute_dtype(x, list(args[1:]))
         if self.fused:
             if rein_kernels.is_available(x, cdtype):
-                return rein_kernels.rein_layer_fused(*args, self._scale_tensor(), **kw)
+                return rein_kernels.apply_fused(*args, self._scale_tensor(), cdtype, batch_first,
+                                                num_prefix_tokens, self.use_softmax)
             _warn_fallback_once(x.device)
         return rein_layer_reference(*args, self.scale, **kw)
 

@@ -97,10 +97,16 @@ def rein_layer_fused(
     ``torch.autocast`` the GEMMs run in the autocast dtype with fp32 accumulation
     and the result keeps x's dtype, as the reference's type promotion gives.
     """
-    from .rein_layer import rein_layer_fwd
-
     check_inputs(x, T, num_prefix_tokens, batch_first)
     cdtype = compute_dtype(x, [T, W_t, b_t, W_d, b_d])
+    return apply_fused(x, T, W_t, b_t, W_d, b_d, scale, cdtype, batch_first, num_prefix_tokens, use_softmax)
+
+
+def apply_fused(x, T, W_t, b_t, W_d, b_d, scale, cdtype, batch_first, num_prefix_tokens, use_softmax) -> Tensor:
+    """:func:`rein_layer_fused` for inputs already checked, with the compute dtype known
+    (``rein.ReinLayer`` checks once for both of its paths)."""
+    from .rein_layer import rein_layer_fwd  # triton loads here, after TRITON_INTERPRET is set
+
     T, W_t, b_t, W_d, b_d = (t.to(cdtype).contiguous() for t in (T, W_t, b_t, W_d, b_d))
     # U = mlp_token2feat(T[1:]) W_d^T: the value path folded through mlp_delta_f.
     U = F.linear(F.linear(T[1:], W_t, b_t), W_d).contiguous()

@@ -166,3 +166,20 @@ def test_fused_saves_only_x_and_one_fp32_per_row():
     # T, U, W_d, b_d, scale and what autograd keeps to form T and U from the parameters
     parameter_sized = {(m, C), (m - 1, C), (C, C), (C,), (), (m, 3), (3, C)}
     assert others <= parameter_sized, others - parameter_sized
+
+
+def test_functional_api_matches_reference_and_checks_input():
+    g = torch.Generator().manual_seed(7)
+    C, m = 19, 6
+
+    def r(*s):
+        return (torch.randn(*s, generator=g) * 0.4).to(DEVICE)
+
+    args = (r(5, 3, C), r(m, C), r(C, C), r(C), r(C, C), r(C), r(()))
+    kw = dict(batch_first=False, num_prefix_tokens=2, use_softmax=True)
+    torch.testing.assert_close(rein_kernels.rein_layer_fused(*args, **kw),
+                               rein_kernels.rein_layer_reference(*args, **kw), rtol=1e-4, atol=1e-5)
+    with pytest.raises(ValueError, match="rank 3"):
+        rein_kernels.rein_layer_fused(args[0][0], *args[1:], **kw)
+    with pytest.raises(TypeError, match="x is torch.float16"):
+        rein_kernels.rein_layer_fused(args[0].half(), *args[1:], **kw)
