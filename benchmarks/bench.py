@@ -129,23 +129,6 @@ class Case:
         self()
         self.sync()
 
-    def median_ms(self, warmup_ms: float = 50, rep_ms: float = 300) -> float:
-        """CUDA events via triton's do_bench (median) on a GPU; a synchronised host clock
-        on a CPU, where there is nothing asynchronous to hide."""
-        if self.device == "cuda":
-            import triton.testing
-
-            return triton.testing.do_bench(self, warmup=warmup_ms, rep=rep_ms, return_mode="median")
-        for _ in range(3):
-            self()
-        times = []
-        for _ in range(20):
-            t0 = time.perf_counter()
-            self()
-            times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
-
-
     def saved_bytes(self) -> tuple[int, int]:
         """Bytes the autograd graph keeps for backward of one forward (unique storages):
         (all, all but the parameters' own storages)."""
@@ -162,6 +145,23 @@ class Case:
         params = {p.untyped_storage().data_ptr() for p in self.params}
         total = sum(seen.values())
         return total, total - sum(n for ptr, n in seen.items() if ptr in params)
+
+
+def median_ms(fn, device: str, warmup_ms: float = 50, rep_ms: float = 300, cpu_runs: int = 20) -> float:
+    """Median time of fn in ms: CUDA events via triton's do_bench on a GPU; a host clock
+    on a CPU, where there is nothing asynchronous to hide."""
+    if device == "cuda":
+        import triton.testing
+
+        return triton.testing.do_bench(fn, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+    for _ in range(3):
+        fn()
+    times = []
+    for _ in range(cpu_runs):
+        t0 = time.perf_counter()
+        fn()
+        times.append((time.perf_counter() - t0) * 1e3)
+    return statistics.median(times)
 
 
 def peak_mem_mb(fn, device: str, relative: bool = True) -> float | None:
@@ -181,8 +181,8 @@ def measure(w: Workload, provider: str, dtype: str, pass_: str, device: str, cei
     case = Case(w, provider, dtype, pass_, device)
     case.run_synced()  # compile / autotune outside the timing
     row = dict(workload=w.name, dtype=dtype, provider=provider, **{"pass": pass_})
-    row["median_ms"] = case.median_ms()
-    row["median_ms_repeat"] = case.median_ms()  # time twice: the spread is the noise
+    row["median_ms"] = median_ms(case, device)
+    row["median_ms_repeat"] = median_ms(case, device)  # time twice: the spread is the noise
     row["floor_ms"] = floor_ms(w, pass_, dtype, ceilings) if ceilings else None
     row["peak_mem_mb"] = peak_mem_mb(case, device)
     row["saved_bytes"], row["saved_bytes_no_params"] = (

@@ -3,13 +3,11 @@ frozen backbone, Rein after every block, a light head, cross-entropy, AdamW step
 from __future__ import annotations
 
 import contextlib
-import statistics
-import time
 
 import torch
 
 import rein
-from bench import peak_mem_mb
+from bench import median_ms, peak_mem_mb
 from rein.heads import build_head, segmentation_loss
 
 
@@ -39,31 +37,14 @@ class TrainStep:
         self.opt.step()
         return loss
 
-    def median_ms(self, steps: int = 10) -> float:
-        sync = torch.cuda.synchronize if self.device == "cuda" else (lambda: None)
-        for _ in range(3):
-            self()
-        sync()
-        times = []
-        for _ in range(steps):
-            if self.device == "cuda":
-                start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                start.record()
-                self()
-                end.record()
-                end.synchronize()
-                times.append(start.elapsed_time(end))
-            else:
-                t0 = time.perf_counter()
-                self()
-                times.append((time.perf_counter() - t0) * 1e3)
-        return statistics.median(times)
 
 def measure(fused: bool, dtype: str, device: str, **kw) -> dict:
     step = TrainStep(fused, dtype, device, **kw)
-    row = dict(provider="fused" if fused else "eager", dtype=dtype, median_ms=step.median_ms(),
+    # a training step takes a few hundred ms: a longer warm-up and window than one layer
+    row = dict(provider="fused" if fused else "eager", dtype=dtype,
+               median_ms=median_ms(step, device, warmup_ms=1000, rep_ms=3000, cpu_runs=5),
                peak_mem_mb=peak_mem_mb(step, device, relative=False))
-    row["median_ms_repeat"] = step.median_ms()
+    row["median_ms_repeat"] = median_ms(step, device, warmup_ms=1000, rep_ms=3000, cpu_runs=5)
     del step
     if device == "cuda":
         torch.cuda.empty_cache()
