@@ -101,15 +101,18 @@ def build_data(args):
     return train, vals
 
 
+def _features_and_queries(out):
+    """ReinBackbone returns (features, queries), or features alone without queries."""
+    return out if isinstance(out, tuple) else (out, None)
+
+
 class Segmentor(nn.Module):
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
     def forward(self, images):
-        out = self.backbone(images)
-        feats, queries = out if isinstance(out, tuple) else (out, None)
-        return self.head(feats, queries)
+        return self.head(*_features_and_queries(self.backbone(images)))
 
 
 def build_model(args, device) -> Segmentor:
@@ -120,8 +123,7 @@ def build_model(args, device) -> Segmentor:
                                 patch_size=args.patch_size, fused=args.fused,
                                 link_token_to_query=args.head == "query", **args.timm_kwargs)
     with torch.no_grad():
-        out = bb(torch.zeros(1, 3, args.crop, args.crop))
-    feats = out[0] if isinstance(out, tuple) else out
+        feats, _ = _features_and_queries(bb(torch.zeros(1, 3, args.crop, args.crop)))
     head = build_head(args.head, [f.shape[1] for f in feats], len(CLASSES))
     return Segmentor(bb, head).to(device)
 
@@ -230,12 +232,11 @@ def _plot_losses(losses: list[float], path: Path) -> None:
 
 
 def _setup_distributed(args):
+    dev_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        dev = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return 0, 1, dev
+        return 0, 1, torch.device(dev_type)
     rank = int(os.environ["RANK"])
-    dev_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
     if dev_type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
