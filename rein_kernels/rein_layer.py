@@ -321,8 +321,7 @@ def _launch_gemm(A, seq_dim, A2, B1, B2, bias, scale, out, num_prefix, x=None, p
 
 def _forward(x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax):
     xv, sd, swapped = _row_view(x, seq_dim)
-    S0, S1, C = xv.shape
-    R, M = S0 * S1, T.shape[0]
+    R, M = xv.shape[0] * xv.shape[1], T.shape[0]
     out = _new(torch.empty_like(xv))
     # Without softmax lse is never read; zeros keep the op deterministic.
     if use_softmax:

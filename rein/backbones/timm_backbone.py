@@ -31,7 +31,7 @@ def _family(model: nn.Module) -> str:
     name = type(model).__name__
     if name == "VisionTransformerSAM":
         return "sam"
-    if name in ("ConvNeXt",):
+    if name == "ConvNeXt":
         return "convnext"
     if hasattr(model, "blocks") and hasattr(model, "num_prefix_tokens"):
         return "vit"
