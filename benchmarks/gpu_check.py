@@ -1,9 +1,11 @@
 """The one-shot GPU check: versions, ceilings, the parity suite natively, the benchmarks.
 
     OUT=/some/dir python benchmarks/gpu_check.py [--budget-s 450] [--parity-timeout-s 240] [--skip-parity]
+        [--workloads vitl-512,vitg-512] [--tests tests/test_parity.py ...] [--skip-e2e]
 
-Writes ``$OUT/<date>-<gpu>.json`` (schema: see make_results.py),
-``$OUT/parity.log``, and prints a short table last. Everything it imports is already on
+Writes ``$OUT/<date>-<gpu>.json`` (schema: see make_results.py) after every measurement,
+so a run stopped by its time limit still leaves what it measured, ``$OUT/parity.log``,
+and prints a short table last. Everything it imports is already on
 the device image (torch, triton, timm, pytest); it installs nothing. Work runs in
 priority order (vitl-512, its end-to-end step, then the other workloads); once the time
 budget is spent the remaining cases are recorded as skipped, not guessed.
@@ -30,7 +32,9 @@ import triton  # noqa: E402
 from bench import DTYPES, PASSES, PROVIDERS, WORKLOADS, measure, workload_dict  # noqa: E402
 from ceilings import measure_ceilings  # noqa: E402
 
-PRIORITY = ["vitl-512", "vits-512", "vitb-512", "vitl-1024", "vitg-512", "vitl-512-b16"]
+PRIORITY = ["vitl-512", "vits-512", "vitl-1024", "vitg-512", "vitb-512", "vitl-512-b16"]
+# bf16 (the targets' headline) before fp32, so a short lease measures it first.
+ORDER = sorted(DTYPES, key=lambda d: d != "bf16")
 
 
 def device_info() -> dict:
@@ -50,13 +54,13 @@ def device_info() -> dict:
     }
 
 
-def run_parity(out: Path, timeout_s: float) -> dict:
+def run_parity(out: Path, timeout_s: float, tests: list[str]) -> dict:
     """The test suite, natively, in parallel workers when pytest-xdist is there (each new
     kernel specialisation is a compile); autotuning pinned to one config."""
     import importlib.util
 
     env = dict(os.environ, REIN_AUTOTUNE="0", PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
-    cmd = [sys.executable, "-m", "pytest", "tests", "-q", "-p", "no:cacheprovider"]
+    cmd = [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "--durations=15"]
     if importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", "8"]
     t0 = time.time()
@@ -79,7 +83,15 @@ def main() -> int:
     ap.add_argument("--parity-timeout-s", type=float, default=240.0)
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--workloads", default=",".join(PRIORITY),
+                    help="comma-separated workload names, measured in this order")
+    ap.add_argument("--tests", nargs="+", default=["tests"], help="what the native test run covers")
     args = ap.parse_args()
+    names = args.workloads.split(",")
+    unknown = [n for n in names if n not in WORKLOADS]
+    if unknown:
+        print(f"gpu_check: unknown workload(s) {unknown}; choose from {sorted(WORKLOADS)}", file=sys.stderr)
+        return 2
     if not torch.cuda.is_available():
         print("gpu_check: no CUDA GPU here; nothing to measure", file=sys.stderr)
         return 2
@@ -92,12 +104,24 @@ def main() -> int:
     ceilings = measure_ceilings()
     print("ceilings:", json.dumps({k: round(v, 1) for k, v in ceilings.items()}), flush=True)
 
-    parity = None if args.skip_parity else run_parity(out, args.parity_timeout_s)
+    gpu = re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-").lower()
+    path = out / f"{dt.date.today().isoformat()}-{gpu}.json"
+    results, skipped, e2e = [], [], []
+    report = dict(info, ceilings=ceilings, parity=None, workloads=[workload_dict(WORKLOADS[n]) for n in names],
+                  results=results, skipped=skipped, e2e=e2e, seconds=None)
+
+    def save():
+        report["seconds"] = round(time.time() - start, 1)
+        path.write_text(json.dumps(report, indent=1, default=str))
+
+    save()
+    parity = None if args.skip_parity else run_parity(out, args.parity_timeout_s, args.tests)
+    report["parity"] = parity
+    save()
     if parity:
         print("parity:", parity["summary"], f"({parity['seconds']} s)", flush=True)
 
     torch.backends.cuda.matmul.allow_tf32 = True
-    results, skipped, e2e = [], [], []
 
     def over_budget(**what) -> bool:
         if time.time() - start > args.budget_s:
@@ -105,10 +129,10 @@ def main() -> int:
             return True
         return False
 
-    # vitl-512 (the published recipe) first, then its end-to-end step, then the rest.
-    for name in PRIORITY:
+    # vitl-512 (the published recipe) first, each dtype followed by its end-to-end step, then the rest.
+    for name in names:
         w = WORKLOADS[name]
-        for dtype in DTYPES:
+        for dtype in ORDER:
             for pass_ in PASSES:
                 for provider in PROVIDERS:
                     if over_budget(workload=name, dtype=dtype, provider=provider, **{"pass": pass_}):
@@ -118,46 +142,74 @@ def main() -> int:
                     except Exception as e:  # record and go on: one failure must not cost the run
                         skipped.append(dict(workload=name, dtype=dtype, provider=provider, **{"pass": pass_},
                                             reason=f"{type(e).__name__}: {e}"[:500]))
+                        save()
                         continue
                     results.append(row)
+                    save()
                     print(f"{name:13s} {dtype} {pass_:7s} {provider:8s} {row['median_ms']:8.3f} ms "
                           f"(floor {row['floor_ms']:.3f})", flush=True)
-        if name == "vitl-512" and not args.skip_e2e:
-            e2e = run_e2e(over_budget)
+            if name == "vitl-512" and not args.skip_e2e:
+                run_e2e(over_budget, dtype, e2e, save)
 
-    report = dict(info, ceilings=ceilings, parity=parity, workloads=[workload_dict(WORKLOADS[n]) for n in PRIORITY],
-                  results=results, skipped=skipped, e2e=e2e, seconds=round(time.time() - start, 1))
-    gpu = re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-").lower()
-    path = out / f"{dt.date.today().isoformat()}-{gpu}.json"
-    path.write_text(json.dumps(report, indent=1))
-    print_table(report)
+    report["kernels"] = compiled_kernels()
+    save()
+    print_table(report, names)
     print(f"wrote {path}")
     return 0 if (parity is None or parity["returncode"] == 0) else 1
 
 
-def run_e2e(over_budget) -> list[dict]:
+def run_e2e(over_budget, dtype: str, rows: list[dict], save) -> None:
     from e2e import measure as measure_e2e
 
-    rows = []
-    for dtype in DTYPES:
-        for fused in (False, True):
-            provider = "fused" if fused else "eager"
-            if over_budget(workload="vitl-512", dtype=dtype, provider=provider, **{"pass": "e2e train step"}):
-                continue
-            try:
-                rows.append(dict(workload="vitl-512", **measure_e2e(fused, dtype, "cuda")))
-            except Exception as e:
-                rows.append(dict(workload="vitl-512", provider=provider, dtype=dtype,
-                                 error=f"{type(e).__name__}: {e}"[:500]))
-            print("e2e", rows[-1], flush=True)
-    return rows
+    for fused in (False, True):
+        provider = "fused" if fused else "eager"
+        if over_budget(workload="vitl-512", dtype=dtype, provider=provider, **{"pass": "e2e train step"}):
+            continue
+        try:
+            rows.append(dict(workload="vitl-512", **measure_e2e(fused, dtype, "cuda")))
+        except Exception as e:
+            rows.append(dict(workload="vitl-512", provider=provider, dtype=dtype,
+                             error=f"{type(e).__name__}: {e}"[:500]))
+        print("e2e", rows[-1], flush=True)
+        save()
 
 
-def print_table(report: dict) -> None:
+def compiled_kernels() -> dict:
+    """What the GPU actually ran: each autotuned kernel's chosen config per key, and each
+    compiled variant's registers and spill bytes as the driver loaded it (issue 13 predicts
+    these from an ahead-of-time ptxas; this is the native count)."""
+    import rein_kernels.rein_layer as op
+
+    found = {}
+    for name in ("_rein_gemm_kernel", "_rein_logits_kernel"):
+        tuner = getattr(op, name)
+        entry = {"best": {str(k): str(c) for k, c in getattr(tuner, "cache", {}).items()}, "variants": []}
+        try:
+            for caches in tuner.fn.device_caches.values():
+                for k in caches[0].values():
+                    md, src = k.metadata, getattr(k, "src", None)
+                    consts = {src.fn.arg_names[i[0]]: v for i, v in getattr(src, "constants", {}).items()
+                              if isinstance(i, tuple) and len(i) == 1} if src is not None else {}
+                    entry["variants"].append(dict(
+                        constexprs={n: v for n, v in consts.items() if n.isupper()},
+                        dtypes={n: t for n, t in getattr(src, "signature", {}).items()
+                                if n in ("A", "A2", "X", "T") and isinstance(t, str)},
+                        n_regs=getattr(k, "n_regs", None),
+                        # the driver's local memory per thread / 4 (spilled 32-bit words)
+                        n_spills=getattr(k, "n_spills", None),
+                        num_warps=getattr(md, "num_warps", None), num_stages=getattr(md, "num_stages", None),
+                        shared=getattr(md, "shared", None)))
+        except Exception as e:  # a triton version with another cache layout: say so, keep the run
+            entry["error"] = f"{type(e).__name__}: {e}"[:300]
+        found[name] = entry
+    return found
+
+
+def print_table(report: dict, names: list[str]) -> None:
     by = {(r["workload"], r["dtype"], r["pass"], r["provider"]): r for r in report["results"]}
     print(f"\n{'workload':13s} {'dtype':5s} {'pass':7s} {'eager':>8s} {'compile':>8s} {'fused':>8s} "
           f"{'floor':>7s} {'x eager':>7s} {'x comp':>7s} {'/floor':>6s}")
-    for name in PRIORITY:
+    for name in names:
         for dtype in DTYPES:
             for pass_ in PASSES:
                 t = {p: by.get((name, dtype, pass_, p), {}).get("median_ms") for p in PROVIDERS}
