@@ -7,6 +7,8 @@ Never edit RESULTS.md by hand: its numbers come only from JSON files that
 ceilings: {bf16_tflops, tf32_tflops, fp32_tflops, copy_gbps}, parity: {summary, ...},
 results: [{workload, dtype, pass, provider, median_ms, median_ms_repeat, floor_ms,
 peak_mem_mb, saved_bytes, saved_bytes_no_params}], skipped: [...], e2e: [...]}.
+``results/profile/<date>-<gpu>-<workload>.json`` (``profile_layer.py``) adds, per call,
+the CUDA-event time, the host time and the device-only time of a CUDA-graph replay.
 """
 from __future__ import annotations
 
@@ -53,6 +55,23 @@ def run_table(run: dict) -> list[str]:
                     f"| {ratio(t['eager'], t['fused'])} | {ratio(t['compile'], t['fused'])} "
                     f"| {_fmt(f.get('peak_mem_mb'), '.0f')} | {saved} |")
     return lines
+
+
+def profile_tables(results_dir: Path) -> list[str]:
+    """One table per profile file: where a layer call's time goes (host vs device)."""
+    out = []
+    for path in sorted((results_dir / "profile").glob("*.json"), reverse=True):
+        rows = json.loads(path.read_text())
+        out += [f"### Host vs device, one layer call: `results/profile/{path.name}`", "",
+                "`events`: CUDA-event median per call (what the table above records); `host`: wall time "
+                "per call of 200 unsynchronised calls; `graph`: the call replayed from a CUDA graph, "
+                "device time alone. When `events` ~ `host`, the call is bound by host overhead.", "",
+                "| workload | dtype | pass | provider | events ms | host ms | graph (device) ms |",
+                "|---|---|---|---|---|---|---|"]
+        out += [f"| {r['workload']} | {r['dtype']} | {r['pass']} | {r['provider']} | {_fmt(r.get('events_ms'))} "
+                f"| {_fmt(r.get('host_ms'))} | {_fmt(r.get('graph_ms'))} |" for r in rows]
+        out += [""]
+    return out
 
 
 def plot(run: dict, path: Path) -> bool:
@@ -107,6 +126,8 @@ def main() -> None:
             out += [""]
         if i == 0 and plot(run, HERE / "speedup.png"):
             out += ["![fused speed-up per workload](speedup.png)", ""]
+        if i == 0:
+            out += profile_tables(HERE / "results")
     notes = HERE / "NOTES.md"
     if notes.exists():
         out += [notes.read_text().strip(), ""]
