@@ -56,11 +56,12 @@ def device_info() -> dict:
 
 def run_parity(out: Path, timeout_s: float, tests: list[str]) -> dict:
     """The test suite, natively, in parallel workers when pytest-xdist is there (each new
-    kernel specialisation is a compile); autotuning pinned to one config."""
+    kernel specialisation is a compile); autotuning pinned to one config. Verbose, so
+    that a run stopped by its time limit still names every test that failed."""
     import importlib.util
 
     env = dict(os.environ, REIN_AUTOTUNE="0", PYTHONPATH=f"{ROOT}:{os.environ.get('PYTHONPATH', '')}")
-    cmd = [sys.executable, "-m", "pytest", *tests, "-q", "-p", "no:cacheprovider", "--durations=15"]
+    cmd = [sys.executable, "-m", "pytest", *tests, "-v", "-rfE", "--tb=short", "-p", "no:cacheprovider", "--durations=15"]
     if importlib.util.find_spec("xdist") is not None:
         cmd += ["-n", "8"]
     t0 = time.time()

@@ -40,9 +40,11 @@ row-major [rows, C] views the weight GEMMs need are free for dense inputs. Offse
 int64 so rows * C > 2^31 is fine.
 
 Dtypes. The dot operands are cast to the parameters' dtype (the compute dtype, e.g.
-bf16 under autocast) and accumulate in fp32; softmax, lse and the epilogue are fp32;
-out keeps x's dtype, as the reference's promotion does. fp32 dots follow
-``torch.backends.cuda.matmul.allow_tf32``.
+bf16 under autocast) and accumulate in fp32; softmax, lse and the epilogue are fp32.
+out has the dtype the reference's promotion gives, promote(x, compute dtype): x's own
+without autocast, fp32 for bf16 features under fp16 autocast. dx has x's dtype. The
+weight-gradient GEMMs run in the compute dtype, as autocast runs the reference's.
+fp32 dots follow ``torch.backends.cuda.matmul.allow_tf32``.
 """
 from __future__ import annotations
 
@@ -322,7 +324,7 @@ def _launch_gemm(A, seq_dim, A2, B1, B2, bias, scale, out, num_prefix, x=None, p
 def _forward(x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax):
     xv, sd, swapped = _row_view(x, seq_dim)
     R, M = xv.shape[0] * xv.shape[1], T.shape[0]
-    out = _new(torch.empty_like(xv))
+    out = _new(torch.empty_like(xv, dtype=torch.promote_types(x.dtype, T.dtype)))
     # Without softmax lse is never read; zeros keep the op deterministic.
     if use_softmax:
         lse = _new(torch.empty(R, device=x.device, dtype=torch.float32))
@@ -354,17 +356,18 @@ def _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax
     if swapped:
         dx = dx.transpose(0, 1)
 
-    # Weight gradients: plain GEMMs over all rows, in the dtype of x and g.
-    # Prefix rows are zero in P1 and GZ; for g^T x they are subtracted.
-    X2, G2 = _rows_2d(xv), _rows_2d(gv)
+    # Weight gradients: plain GEMMs over all rows, in the compute dtype (T's), as autocast
+    # runs the reference's. Prefix rows are zero in P1 and GZ; for g^T x they are subtracted.
+    cd = T.dtype
+    X2, G2 = _rows_2d(xv).to(cd), _rows_2d(gv).to(cd)
     XtG = G2.t() @ X2                                    # [C, C]: sum_r g_r^T x_r
-    g_sum = G2.sum(0, dtype=torch.float32)
+    g_sum = _rows_2d(gv).sum(0, dtype=torch.float32)
     if num_prefix:
         Gp = _prefix_rows(gv, sd, num_prefix)
-        XtG = XtG - Gp.t() @ _prefix_rows(xv, sd, num_prefix)
+        XtG = XtG - Gp.t().to(cd) @ _prefix_rows(xv, sd, num_prefix).to(cd)
         g_sum = g_sum - Gp.sum(0, dtype=torch.float32)
-    PtG = P1.t().to(G2.dtype) @ G2                       # [m-1, C]
-    dT = GZ.t().to(X2.dtype) @ X2                        # [m, C]
+    PtG = P1.t() @ G2                                    # [m-1, C]
+    dT = GZ.t() @ X2                                     # [m, C]
     s = scale.to(torch.float32)
     # dscale = <W_d, g^T x> + <U, P1^T g> + <b_d, sum_rows(g)>, from the kernels' fp32
     # shares rather than from XtG and PtG rounded to x's dtype.
@@ -393,7 +396,7 @@ def rein_layer_fwd(
 
 @rein_layer_fwd.register_fake
 def _(x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax):
-    out = torch.empty_like(x)
+    out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, T.dtype))
     lse = x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
     return out, lse
 
@@ -404,7 +407,7 @@ def rein_layer_bwd(
     lse: Tensor, num_prefix: int, seq_dim: int, use_softmax: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
     """Gradients of ``rein::layer_fwd`` for (x, T, U, W_d, b_d, scale) (see module doc)."""
-    # The weight GEMMs run in the dtype of x and g even if backward runs under autocast.
+    # Every dtype is chosen explicitly inside; autocast must not recast the GEMMs.
     with torch.autocast(x.device.type, enabled=False):
         return _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax)
 

@@ -81,24 +81,32 @@ def _err(a, ref):
 
 
 def check_case(case: Case, seed: int = 0) -> None:
-    """Fused in case.dtype vs the float64 reference, bounded by torch's error in case.dtype."""
+    """Fused in case.dtype vs the float64 reference, bounded by torch's error in case.dtype.
+
+    The float64 reference is evaluated on the same inputs and parameters the fused and
+    torch runs get, i.e. already rounded to case.dtype: what is measured is the error
+    of the computation, not of rounding its inputs. That matters for dscale, a sum over
+    rows x C products that nearly cancel: rounding x, g and the weights to bf16 alone
+    moves it by 5-20% (measured: 0.78 -> 0.91 on the no_softmax case), which a bound
+    relative to |dscale| cannot absorb, and torch's own bf16 error only sometimes does.
+    """
     base = make_layer(case, seed)
     x = make_x(case, seed)
     torch.manual_seed(seed + 2)
     g = torch.randn(x.shape)
     args = (case.batch_first, case.prefix, case.layer)
 
-    ref_layer = copy.deepcopy(base).double().to(DEVICE)
-    ref_out, ref_grads = run(ref_layer, x.double(), g.double().to(DEVICE), False, *args)
-
     dt = DTYPE[case.dtype]
+    x, g = x.to(dt), g.to(dt)
     low = copy.deepcopy(base).to(DEVICE, dt)
+    ref_layer = copy.deepcopy(low).double()
+    ref_out, ref_grads = run(ref_layer, x.double(), g.double().to(DEVICE), False, *args)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = case.dtype == "tf32"
     op.POISON = True
     try:
-        out, grads = run(low, x.to(dt), g.to(DEVICE), True, *args)
-        torch_out, torch_grads = run(low, x.to(dt), g.to(DEVICE), False, *args)
+        out, grads = run(low, x, g.to(DEVICE), True, *args)
+        torch_out, torch_grads = run(low, x, g.to(DEVICE), False, *args)
     finally:
         op.POISON = False
         torch.backends.cuda.matmul.allow_tf32 = tf32

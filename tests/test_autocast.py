@@ -68,3 +68,60 @@ def _fwd_bwd_exact(layer, x):
     grads = {n: p.grad.clone() for n, p in layer.named_parameters() if p.grad is not None}
     layer.zero_grad()
     return out, xg.grad, grads
+
+
+@pytest.mark.parametrize("x_dtype", [torch.float32, torch.float16, pytest.param(torch.bfloat16, marks=gpu)])
+def test_fp16_autocast_output_dtype_follows_promotion(x_dtype):
+    """out is promote(x, fp16) as the reference gives; dx keeps x's dtype. Runs the kernels
+    on either device (fp16 compute works in the interpreter; CPU autocast cannot run the
+    reference on bf16 features, hence bf16 x on the GPU only: see the op-level test below)."""
+    from _parity import DEVICE
+
+    torch.manual_seed(1)
+    layer = rein.ReinLayer(2, 40, 4, token_length=9, lora_dim=4, scale_init=0.4).to(DEVICE)
+    x = torch.randn(2, 7, 40, device=DEVICE).to(x_dtype)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # the kernels run: no fallback warning
+        out, gx, grads = _fwd_bwd(layer, x, torch.float16, DEVICE)
+    layer.fused = False
+    ref, rgx, rgrads = _fwd_bwd(layer, x, torch.float16, DEVICE)
+    assert out.dtype == ref.dtype == torch.promote_types(x_dtype, torch.float16)
+    assert gx.dtype == rgx.dtype == x_dtype
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    torch.testing.assert_close(gx, rgx, rtol=3e-2, atol=3e-2)
+    assert grads.keys() == rgrads.keys()
+    for n in grads:
+        torch.testing.assert_close(grads[n], rgrads[n], rtol=3e-2, atol=3e-2 * rgrads[n].abs().max().item())
+
+
+def test_op_output_dtype_is_promote_of_x_and_compute_dtype():
+    """bf16 features with fp16 parameters give fp32 out, as the reference's promotion
+    does (the first native run found the fused path returning bf16 here), and bf16 dx;
+    both against float64 on the same inputs."""
+    import torch.nn.functional as F
+
+    import rein_kernels
+    from _parity import DEVICE
+    from rein_kernels.rein_layer import rein_layer_fwd
+
+    gen = torch.Generator().manual_seed(5)
+    C, m = 24, 7
+    x = torch.randn(2, 5, C, generator=gen).to(DEVICE, torch.bfloat16)
+    g = torch.randn(2, 5, C, generator=gen).to(DEVICE)
+    T, W_t, W_d = (torch.randn(*s, generator=gen).mul(0.2).to(DEVICE, torch.float16)
+                   for s in ((m, C), (C, C), (C, C)))
+    b_t, b_d = (torch.randn(C, generator=gen).mul(0.2).to(DEVICE, torch.float16) for _ in range(2))
+    scale = torch.tensor(0.5, device=DEVICE, dtype=torch.float16)
+    U = F.linear(F.linear(T[1:], W_t, b_t), W_d).contiguous()
+    xg = x.clone().requires_grad_(True)
+    out, _ = rein_layer_fwd(xg, T, U, W_d, b_d, scale, 1, 1, True)
+    assert out.dtype == torch.float32
+    (gx,) = torch.autograd.grad(out, [xg], g)
+    assert gx.dtype == torch.bfloat16
+
+    x64 = x.double().requires_grad_(True)
+    ref = rein_kernels.rein_layer_reference(x64, *(t.double() for t in (T, W_t, b_t, W_d, b_d, scale)),
+                                            batch_first=True, num_prefix_tokens=1)
+    (rgx,) = torch.autograd.grad(ref, [x64], g.double())
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-2)
+    torch.testing.assert_close(gx.double(), rgx, rtol=0, atol=3e-2)

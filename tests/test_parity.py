@@ -54,7 +54,7 @@ def test_gpu_dtypes_skipped_on_cpu(dtype):
 
 
 @st.composite
-def cases(draw):
+def cases(draw, dtype):
     prefix = draw(st.integers(0, 3))
     return Case(
         B=draw(st.integers(1, 3)),
@@ -69,14 +69,18 @@ def cases(draw):
         softmax=draw(st.booleans()),
         zero_mlp=draw(st.booleans()),
         scale=draw(st.sampled_from([1e-3, 0.05, 0.37, 1.0, -2.0])),
-        dtype=draw(st.sampled_from(DTYPES)),
+        dtype=dtype,
     )
 
 
-@settings(max_examples=60 if ON_GPU else 30, deadline=None,
-          suppress_health_check=[HealthCheck.too_slow])
-@given(case=cases(), seed=st.integers(0, 2**16))
-def test_parity_random(case, seed):
+# One test per dtype, so that parallel workers share the draws: natively each draw
+# compiles new kernel specialisations (a few seconds each), and 60 draws in one test
+# outlasted a 190 s window on an H200.
+@pytest.mark.parametrize("dtype", DTYPES)
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(data=st.data(), seed=st.integers(0, 2**16))
+def test_parity_random(dtype, data, seed):
+    case = data.draw(cases(dtype))
     if not case.softmax and case.dtype in ("fp16", "bf16"):
         # Without softmax p = z is unbounded; keep the raw logits in fp16 range.
         case = dataclasses.replace(case, scale=min(abs(case.scale), 0.05))
