@@ -42,6 +42,11 @@ class Case:
     zero_mlp: bool = False
     scale: float = 0.37
     dtype: str = "fp32"
+    # x ~ x_scale * N(0, 1); tokens ~ U(-token_scale, token_scale) when set (trained-size
+    # tokens instead of the init's ~0.2), full-rank tokens only. Together they reach
+    # scaled logits of 100 and more.
+    x_scale: float = 1.0
+    token_scale: float | None = None
 
 
 def make_layer(case: Case, seed: int) -> rein.ReinLayer:
@@ -50,17 +55,22 @@ def make_layer(case: Case, seed: int) -> rein.ReinLayer:
         case.L, case.C, 4, token_length=case.m, lora_dim=case.lora,
         use_softmax=case.softmax, zero_mlp_delta_f=case.zero_mlp, scale_init=case.scale,
     )
-    with torch.no_grad():  # trained-looking biases instead of the init's small ones
+    with torch.no_grad():  # trained-looking values instead of the init's
         layer.mlp_token2feat.bias.uniform_(-0.5, 0.5)
-        if not case.zero_mlp:
-            layer.mlp_delta_f.bias.uniform_(-0.5, 0.5)
+        layer.mlp_delta_f.bias.uniform_(-0.5, 0.5)
+        if case.zero_mlp:  # zero at init only: training moves W_d off zero
+            bound = case.C ** -0.5
+            layer.mlp_delta_f.weight.uniform_(-bound, bound)
+        if case.token_scale is not None:
+            assert case.lora is None, "token_scale sets full-rank tokens"
+            layer.learnable_tokens.uniform_(-case.token_scale, case.token_scale)
     return layer
 
 
 def make_x(case: Case, seed: int, device=DEVICE) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed + 1)
     shape = (case.B, case.N, case.C) if case.batch_first else (case.N, case.B, case.C)
-    return torch.randn(shape, generator=g).to(device)
+    return (torch.randn(shape, generator=g) * case.x_scale).to(device)
 
 
 def run(layer, x, g, fused: bool, batch_first: bool, prefix: int, layer_idx: int):
@@ -113,9 +123,12 @@ def check_case(case: Case, seed: int = 0) -> None:
 
     assert out.dtype == dt and out.shape == ref_out.shape
     tol = TOL[case.dtype]
-    checks = [("out", out, torch_out, ref_out)] + [
-        (n, grads[n], torch_grads[n], ref_grads[n]) for n in ref_grads
-    ]
+    # The adapter's own contributions, out - x and dx - g, each bounded relative to its
+    # own size: at scale 1e-3 a bound relative to |out| would hide the whole adapter.
+    xd, gd = x.to(DEVICE).double(), g.to(DEVICE).double()
+    checks = [("out - x", out.double() - xd, torch_out.double() - xd, ref_out - xd),
+              ("dx - g", grads["x"].double() - gd, torch_grads["x"].double() - gd, ref_grads["x"] - gd)]
+    checks += [(n, grads[n], torch_grads[n], ref_grads[n]) for n in ref_grads if n != "x"]
     for name, got, theirs, ref in checks:
         assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten or overflow) in {case}"
         bound = 2 * _err(theirs, ref) + tol * max(ref.abs().max().item(), 1e-6)

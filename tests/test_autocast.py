@@ -1,5 +1,6 @@
 """Under torch.autocast the GEMMs run in the autocast dtype; the result dtype and the
 parameters' gradient dtypes are the reference's."""
+import contextlib
 import warnings
 
 import pytest
@@ -36,6 +37,9 @@ def test_cpu_bf16_autocast_falls_back_to_reference(monkeypatch):
     assert out.dtype == ref.dtype
     torch.testing.assert_close(out, ref)
     torch.testing.assert_close(gx, rgx)
+    assert grads.keys() == rgrads.keys() and len(grads) >= 6
+    for n in grads:
+        torch.testing.assert_close(grads[n], rgrads[n], msg=n)
 
 
 @gpu
@@ -125,3 +129,54 @@ def test_op_output_dtype_is_promote_of_x_and_compute_dtype():
     (rgx,) = torch.autograd.grad(ref, [x64], g.double())
     torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-2)
     torch.testing.assert_close(gx.double(), rgx, rtol=0, atol=3e-2)
+
+
+def test_backward_inside_an_autocast_region():
+    """Backward run inside the forward's fp16 region gives the gradients it gives outside."""
+    from _parity import DEVICE
+
+    torch.manual_seed(2)
+    layer = rein.ReinLayer(2, 40, 4, token_length=9, lora_dim=4, scale_init=0.4).to(DEVICE)
+    x = torch.randn(2, 7, 40, device=DEVICE)
+    g = torch.randn(2, 7, 40, device=DEVICE)
+    params = [p for p in layer.parameters() if p.requires_grad]
+
+    def grads(inside):
+        xg = x.clone().requires_grad_(True)
+        with torch.autocast(DEVICE, dtype=torch.float16):
+            out = layer(xg, 1, batch_first=True)
+            if inside:
+                return torch.autograd.grad(out, [xg] + params, g.to(out.dtype), allow_unused=True)
+        return torch.autograd.grad(out, [xg] + params, g.to(out.dtype), allow_unused=True)
+
+    for a, b in zip(grads(True), grads(False)):
+        assert (a is None) == (b is None)
+        if a is not None:
+            assert a.dtype == b.dtype and torch.equal(a, b)
+
+
+def test_backward_op_ignores_an_enclosing_autocast_region():
+    """rein::layer_bwd picks every dtype itself: inside a bf16 region its fp16 gradients
+    are the same bits as outside (without its guard, the weight GEMMs would be recast)."""
+    import torch.nn.functional as F
+
+    from _parity import DEVICE
+    from rein_kernels.rein_layer import rein_layer_bwd, rein_layer_fwd
+
+    gen = torch.Generator().manual_seed(4)
+    C, m = 24, 7
+
+    def r(*shape, s=0.3):
+        return (torch.randn(*shape, generator=gen) * s).to(DEVICE, torch.float16)
+
+    x, g = r(2, 6, C, s=1.0), r(2, 6, C, s=1.0)
+    T, W_t, b_t, W_d, b_d = r(m, C), r(C, C), r(C), r(C, C), r(C)
+    scale = torch.tensor(0.7, device=DEVICE, dtype=torch.float16)
+    U = F.linear(F.linear(T[1:], W_t, b_t), W_d).contiguous()
+    _, lse = rein_layer_fwd(x, T, U, W_d, b_d, scale, 1, 1, True)
+    args = (g, x, T, U, W_d, b_d, scale, lse, 1, 1, True)
+    outside = rein_layer_bwd(*args)
+    with torch.autocast(DEVICE, dtype=torch.bfloat16):
+        inside = rein_layer_bwd(*args)
+    for a, b in zip(inside, outside):
+        assert a.dtype == b.dtype == torch.float16 and torch.equal(a, b)

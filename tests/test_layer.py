@@ -85,8 +85,22 @@ def test_init_follows_reference():
 
 def test_lora_tokens_are_products():
     layer = rein.LoRAReins(lora_dim=3, num_layers=2, embed_dims=10, patch_size=4, token_length=5)
-    torch.testing.assert_close(layer.get_tokens(1), layer.learnable_tokens_a[1] @ layer.learnable_tokens_b[1])
-    assert layer.get_tokens(-1).shape == (2, 5, 10)
+    A, B = layer.learnable_tokens_a.double(), layer.learnable_tokens_b.double()
+    torch.testing.assert_close(layer.get_tokens(1).double(), A[1] @ B[1])
+    everything = layer.get_tokens(-1).double()  # all layers at once: what the queries use
+    assert everything.shape == (2, 5, 10)
+    for l in range(2):
+        torch.testing.assert_close(everything[l], A[l] @ B[l])
+        torch.testing.assert_close(layer.get_tokens(l), layer.get_tokens(-1)[l])
+
+
+def test_lora_queries_use_every_layers_tokens():
+    L, m, C, Q = 3, 5, 12, 8
+    layer = rein.ReinLayer(L, C, 4, query_dims=Q, token_length=m, lora_dim=2)
+    T = torch.stack([layer.learnable_tokens_a[l] @ layer.learnable_tokens_b[l] for l in range(L)])
+    t = layer.transform(T)  # [L, m, Q]
+    cat = torch.stack([t.max(0).values, t.mean(0), t[-1]], dim=-1)  # [m, Q, 3]
+    torch.testing.assert_close(layer.queries(), layer.merge(cat.flatten(-2)))
 
 
 def test_return_auto_queries():
@@ -122,8 +136,14 @@ def test_fallback_warns_once(monkeypatch):
     with warnings.catch_warnings():
         warnings.simplefilter("error")
         layer(x, 1)
-    layer.fused = False
-    torch.testing.assert_close(out, layer(x, 0))
+    # the fallback computes the layer: against the closed form, not the reference itself
+    from _closed_form import closed_form
+
+    d = layer.double()
+    want, _ = closed_form(x, torch.zeros_like(x), d.get_tokens(0), d.mlp_token2feat.weight, d.mlp_token2feat.bias,
+                          d.mlp_delta_f.weight, d.mlp_delta_f.bias, d.scale,
+                          batch_first=False, num_prefix=1, use_softmax=True)
+    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
 
 
 def test_noncontiguous_inputs_match_reference():
@@ -136,16 +156,23 @@ def test_noncontiguous_inputs_match_reference():
         "channel_stride": big[:, :, ::2][..., :C],  # channels strided: one explicit copy
         "transposed": big[:, :, :C].transpose(0, 1),
     }
+    params = [p for p in layer.parameters() if p.requires_grad]
     for name, x in views.items():
         x = x.detach().requires_grad_(True)
-        layer.fused = True
-        out = layer(x, 1, batch_first=True)
-        (gx,) = torch.autograd.grad(out, x, torch.ones_like(out))
-        layer.fused = False
-        ref = layer(x, 1, batch_first=True)
-        (rx,) = torch.autograd.grad(ref, x, torch.ones_like(ref))
+        g = torch.randn(x.shape, device=DEVICE)
+        results = []
+        for fused in (True, False):
+            layer.fused = fused
+            out = layer(x, 1, batch_first=True)
+            results.append((out, torch.autograd.grad(out, [x] + params, g, allow_unused=True)))
+        (out, grads), (ref, ref_grads) = results
         torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=name)
-        torch.testing.assert_close(gx, rx, rtol=1e-4, atol=1e-4, msg=name)
+        for k, (a, b) in enumerate(zip(grads, ref_grads)):
+            if b is None:
+                assert a is None, (name, k)
+                continue
+            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()),
+                                       msg=f"{name}, gradient {k}")
 
 
 def test_fused_saves_only_x_and_one_fp32_per_row():
@@ -183,3 +210,35 @@ def test_functional_api_matches_reference_and_checks_input():
         rein_kernels.rein_layer_fused(args[0][0], *args[1:], **kw)
     with pytest.raises(TypeError, match="x is torch.float16"):
         rein_kernels.rein_layer_fused(args[0].half(), *args[1:], **kw)
+
+
+def test_precision_follows_the_tf32_switch(monkeypatch):
+    """The interpreter ignores input_precision, so this stands in for the GPU: fp32 dots
+    are "ieee" unless torch allows tf32, and every launch passes that choice on."""
+    import rein_kernels.rein_layer as op
+
+    seen = []
+    for name in ("_rein_logits_kernel", "_rein_gemm_kernel"):
+        real = getattr(op, name)
+
+        class Spy:
+            def __getitem__(self, grid, real=real, name=name):
+                def launch(*args, **kw):
+                    seen.append((name, kw["PRECISION"]))
+                    return real[grid](*args, **kw)
+                return launch
+
+        monkeypatch.setattr(op, name, Spy())
+    layer = rein.ReinLayer(1, 16, 4, token_length=5).to(DEVICE)
+    before = torch.backends.cuda.matmul.allow_tf32
+    try:
+        for allow, want in ((False, "ieee"), (True, "tf32")):
+            torch.backends.cuda.matmul.allow_tf32 = allow
+            assert op._precision(torch.float32) == want
+            assert op._precision(torch.float16) == op._precision(torch.bfloat16) == "tf32"
+            seen.clear()
+            x = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
+            layer(x, 0, batch_first=True).sum().backward()
+            assert sorted(seen) == sorted([("_rein_logits_kernel", want), ("_rein_gemm_kernel", want)] * 2), seen
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = before

@@ -1,0 +1,139 @@
+"""The layer against an independent statement of its maths, and against numbers
+worked out by hand.
+
+The parity suite checks the kernels against autograd of the reference; if both were
+wrong the same way (a softmax scale, a dropped bias) it would pass. Here the closed
+form of ``_closed_form.py`` (written from REIN_SPEC.md, no autograd, no U) judges the
+reference in float64 and the kernels in fp32, and two tiny cases are pinned to values
+computed on paper.
+"""
+import copy
+import math
+
+import pytest
+import torch
+
+import rein
+from _closed_form import closed_form, layer_grads
+from _parity import DEVICE, make_layer, make_x, run
+
+from test_parity import CASES
+
+# Named parity cases with the whole layer exercised (refined rows and value tokens).
+MATH_CASES = ["default", "seq_first", "no_cls", "registers", "no_softmax", "lora",
+              "lora_seq_first_no_softmax", "zero_mlp_delta_f", "negative_scale", "wide", "last_layer",
+              "large_logits", "one_hot"]
+
+
+def _setup(name, seed=11):
+    case = CASES[name]
+    layer = make_layer(case, seed)
+    x = make_x(case, seed)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed + 7)).to(DEVICE)
+    return case, layer, x, g
+
+
+def _closed(case, layer, x, g):
+    T = layer.get_tokens(case.layer)
+    out, grads = closed_form(
+        x, g, T.detach(), layer.mlp_token2feat.weight.detach(), layer.mlp_token2feat.bias.detach(),
+        layer.mlp_delta_f.weight.detach(), layer.mlp_delta_f.bias.detach(), layer._scale_tensor().detach(),
+        batch_first=case.batch_first, num_prefix=case.prefix, use_softmax=case.softmax)
+    return out, {"x": grads["x"], **layer_grads(layer, case.layer, grads)}
+
+
+def _compare(out, grads, c_out, c_grads, rel):
+    def check(name, got, want):
+        scale = max(want.abs().max().item(), 1e-12)
+        err = (got.double() - want).abs().max().item()
+        assert err <= rel * scale, f"{name}: error {err:.3e} > {rel:.0e} x {scale:.3e}"
+
+    check("out", out, c_out)
+    for name, want in c_grads.items():
+        check(name, grads[name], want)
+    # everything the layer does not use (transform, merge) gets no gradient from it
+    for name in set(grads) - set(c_grads):
+        assert not grads[name].abs().any(), name
+
+
+@pytest.mark.parametrize("name", MATH_CASES)
+def test_reference_matches_closed_form_float64(name):
+    case, layer, x, g = _setup(name)
+    layer = layer.double().to(DEVICE)
+    c_out, c_grads = _closed(case, layer, x.double(), g.double())
+    out, grads = run(layer, x.double(), g.double(), False, case.batch_first, case.prefix, case.layer)
+    _compare(out, grads, c_out, c_grads, rel=1e-10)
+
+
+@pytest.mark.parametrize("name", MATH_CASES)
+def test_fused_matches_closed_form(name):
+    """fp32 kernels (tf32 off) against float64 maths on the same fp32 inputs."""
+    case, layer, x, g = _setup(name)
+    layer = layer.to(DEVICE)
+    c_out, c_grads = _closed(case, copy.deepcopy(layer).double(), x.double(), g.double())
+    tf32 = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = False
+    try:
+        out, grads = run(layer, x, g, True, case.batch_first, case.prefix, case.layer)
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = tf32
+    # large logits: softmax inputs of ~100 carry fp32 rounding of ~1e-5 into p
+    _compare(out, grads, c_out, c_grads, rel=1e-3 if name in ("large_logits", "one_hot") else 1e-4)
+
+
+LN3 = math.log(3.0)
+# Worked on paper (REIN_SPEC.md's forward and backward), C = 4, m = 2, one cls row and
+# one refined row x = [2, 0, 0, 0]; T = [0 ; (t, 0, 0, 0)], W_t = 0, b_t = (4, 0, 0, 0),
+# W_d = I, b_d = (0, 1, 0, 0), scale = 1/2, g = (1, 0, 0, 0) on the refined row.
+#  softmax, t = ln 3: c z = (0, ln 3), p = (1/4, 3/4), d = (3, 0, 0, 0), y = (5, 1, 0, 0),
+#    out = (4.5, 0.5, 0, 0); gh = (1/2, 0, 0, 0), gp = (0, 2), <p, gp> = 3/2,
+#    gz = p (gp - 3/2) / 2 = (-3/16, 3/16); dx = g + gh + gz T = (3/2 + 3 ln3 / 16, 0, 0, 0);
+#    dscale = 5; dT = gz^T x = rows (-3/8, ...), (3/8, ...); dV = 3/4 gh = (3/8, 0, 0, 0).
+#  no softmax, t = 1: p = z = (0, 2), d = (8, 0, 0, 0), y = (10, 1, 0, 0), out = (7, 0.5, 0, 0);
+#    gp = gz = (0, 2); dx = (1 + 1/2 + 2, 0, 0, 0) = (3.5, ...); dscale = 10; dT row 1 = 2 x;
+#    dV = 2 gh = (1, 0, 0, 0).
+HAND = {
+    True: dict(t=LN3, out=[4.5, 0.5, 0, 0], dx=1.5 + 3 * LN3 / 16, dscale=5.0, dT=(-0.375, 0.375),
+               dV=0.375, dWd=2.5),
+    False: dict(t=1.0, out=[7.0, 0.5, 0, 0], dx=3.5, dscale=10.0, dT=(0.0, 4.0), dV=1.0, dWd=5.0),
+}
+
+
+@pytest.mark.parametrize("fused", [True, False])
+@pytest.mark.parametrize("softmax", [True, False])
+def test_hand_computed_case(softmax, fused):
+    want = HAND[softmax]
+    layer = rein.ReinLayer(1, 4, 4, token_length=2, use_softmax=softmax, scale_init=0.5, fused=fused)
+    with torch.no_grad():
+        layer.learnable_tokens.zero_()
+        layer.learnable_tokens[0, 1, 0] = want["t"]
+        layer.mlp_token2feat.weight.zero_()
+        layer.mlp_token2feat.bias.copy_(torch.tensor([4.0, 0, 0, 0]))
+        layer.mlp_delta_f.weight.copy_(torch.eye(4))
+        layer.mlp_delta_f.bias.copy_(torch.tensor([0.0, 1, 0, 0]))
+    layer = layer.to(DEVICE)
+    cls = torch.tensor([7.0, -7, 7, -7])
+    x = torch.stack([cls, torch.tensor([2.0, 0, 0, 0])])[None].to(DEVICE).requires_grad_(True)
+    g = torch.tensor([[[0.5, 0.5, 0.5, 0.5], [1.0, 0, 0, 0]]], device=DEVICE)
+    out = layer(x, 0, batch_first=True)
+    params = dict(layer.named_parameters())
+    gx, gT, gWt, gbt, gWd, gbd, gs = torch.autograd.grad(out, [x] + [params[k] for k in (
+        "learnable_tokens", "mlp_token2feat.weight", "mlp_token2feat.bias", "mlp_delta_f.weight",
+        "mlp_delta_f.bias", "scale")], g)
+
+    def close(got, expected):
+        torch.testing.assert_close(got.cpu().double(), torch.as_tensor(expected, dtype=torch.float64),
+                                   rtol=1e-6, atol=1e-6)
+
+    close(out[0, 0], cls)  # the cls row passes through
+    close(out[0, 1], want["out"])
+    close(gx[0, 0], g[0, 0].cpu())
+    close(gx[0, 1], [want["dx"], 0, 0, 0])
+    close(gs, want["dscale"])
+    close(gT[0], [[want["dT"][0], 0, 0, 0], [want["dT"][1], 0, 0, 0]])
+    close(gbt, [want["dV"], 0, 0, 0])                                 # db_t = sum dV
+    close(gWt, torch.zeros(4, 4).index_put_((torch.tensor([0]), torch.tensor([0])),
+                                            torch.tensor(want["dV"] * want["t"]).float()))  # dV^T T[1:]
+    close(gWd, torch.zeros(4, 4).index_put_((torch.tensor([0]), torch.tensor([0])),
+                                            torch.tensor(want["dWd"]).float()))  # gy^T h
+    close(gbd, [0.5, 0, 0, 0])
