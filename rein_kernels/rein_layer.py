@@ -58,12 +58,22 @@ import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 
-# Tests set this: every buffer a kernel must fill starts as NaN, so unwritten elements show.
+# Tests set this: every buffer a kernel must fill starts as NaN, so unwritten elements
+# show, and is followed by a NaN guard region (kept in GUARDS) that must stay NaN, so
+# that a write past the end fails a test instead of corrupting the heap.
 POISON = False
+GUARDS: list[Tensor] = []
 
 
 def _new(t: Tensor) -> Tensor:
-    return t.fill_(float("nan")) if POISON else t
+    """``t`` (freshly allocated, dense) as is, or under POISON a NaN-filled copy of its
+    layout at the front of a buffer twice its size plus 4096 elements."""
+    if not POISON:
+        return t
+    n = t.numel()
+    buf = torch.full((2 * n + 4096,), float("nan"), dtype=t.dtype, device=t.device)
+    GUARDS.append(buf[n:])
+    return buf.as_strided(t.shape, t.stride())
 
 
 # REIN_AUTOTUNE=0 pins each kernel to its first GPU config: the parity suite runs many

@@ -73,6 +73,24 @@ def make_x(case: Case, seed: int, device=DEVICE) -> torch.Tensor:
     return (torch.randn(shape, generator=g) * case.x_scale).to(device)
 
 
+def padded(t: torch.Tensor, seed: int = 0) -> torch.Tensor:
+    """The same values, living in the middle of a larger buffer of other random values:
+    a kernel that reads past the end of its input then computes wrong (finite) numbers,
+    which a value check catches, rather than crashing or reading NaN."""
+    n = t.numel()
+    buf = torch.randn(3 * n + 8192, generator=torch.Generator().manual_seed(seed)).to(t.device, t.dtype)
+    out = buf[n + 4096: 2 * n + 4096].view(t.shape)
+    out.copy_(t)
+    return out
+
+
+def guards_intact() -> None:
+    """Every guard region behind a kernel's output is still NaN (nothing wrote past it)."""
+    for k, guard in enumerate(op.GUARDS):
+        assert torch.isnan(guard).all(), f"a kernel wrote past the end of output buffer {k}"
+    op.GUARDS.clear()
+
+
 def run(layer, x, g, fused: bool, batch_first: bool, prefix: int, layer_idx: int):
     """Forward and every gradient: (out, {name: grad}) with 'x' among the names."""
     layer.fused = fused
@@ -114,11 +132,14 @@ def check_case(case: Case, seed: int = 0) -> None:
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = case.dtype == "tf32"
     op.POISON = True
+    op.GUARDS.clear()
     try:
-        out, grads = run(low, x, g.to(DEVICE), True, *args)
+        out, grads = run(low, padded(x, seed), padded(g.to(DEVICE), seed + 1), True, *args)
+        guards_intact()
         torch_out, torch_grads = run(low, x, g.to(DEVICE), False, *args)
     finally:
         op.POISON = False
+        op.GUARDS.clear()
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
     assert out.dtype == dt and out.shape == ref_out.shape

@@ -150,7 +150,11 @@ def test_noncontiguous_inputs_match_reference():
     C = 19
     layer = rein.ReinLayer(2, C, 4, token_length=6, scale_init=0.4).to(DEVICE)
     big = torch.randn(4, 11, 2 * C, device=DEVICE)
+    square = torch.randn(6, 6, C, device=DEVICE)
     views = {
+        # first: a transposed square view, so that g's rows paired with the wrong x rows
+        # give wrong values (a non-square one could read out of bounds instead)
+        "transposed_square": square.transpose(0, 1),
         "row_stride": big[:, :, :C],            # rows strided, channels dense
         "batch_slice": big[::2, :, C:],         # gaps between sequences
         "channel_stride": big[:, :, ::2][..., :C],  # channels strided: one explicit copy

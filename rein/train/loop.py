@@ -26,9 +26,9 @@ import torch.nn.functional as F
 
 import rein_kernels
 
+from ..evaluate import evaluate
 from ..heads import build_head, segmentation_loss
 from .data import CLASSES, DataError, FolderDataset, SyntheticDomain, augment, normalize
-from .metrics import ConfusionMatrix
 
 RECIPE = dict(crop=512, batch_size=4, max_iters=40000, backbone="vit_large_patch14_dinov2", patch_size=16,
               warmup_iters=1500)
@@ -169,42 +169,6 @@ def make_batch(dataset, it: int, rank: int, world: int, args, device):
     return torch.stack(imgs).to(device), torch.stack(lbls).to(device)
 
 
-@torch.no_grad()
-def slide_predict(model: nn.Module, img: torch.Tensor, crop: int, kind: str) -> torch.Tensor:
-    """Sliding-window inference (window = crop, stride = 2/3 crop): averaged scores -> labels."""
-    _, _, H, W = img.shape
-    ph, pw = max(0, crop - H), max(0, crop - W)
-    x = F.pad(img, (0, pw, 0, ph))
-    Hp, Wp = x.shape[-2:]
-    stride = max(1, crop * 2 // 3)
-    ys = list(range(0, max(Hp - crop, 0) + 1, stride))
-    xs = list(range(0, max(Wp - crop, 0) + 1, stride))
-    ys[-1], xs[-1] = Hp - crop, Wp - crop  # cover the far edges
-    scores = count = None
-    for y in sorted(set(ys)):
-        for x0 in sorted(set(xs)):
-            out = model(x[:, :, y:y + crop, x0:x0 + crop])
-            out = F.interpolate(out.float(), size=(crop, crop), mode="bilinear", align_corners=False)
-            if scores is None:
-                scores = torch.zeros(out.shape[0], out.shape[1], Hp, Wp, device=out.device)
-                count = torch.zeros(1, 1, Hp, Wp, device=out.device)
-            scores[:, :, y:y + crop, x0:x0 + crop] += out
-            count[:, :, y:y + crop, x0:x0 + crop] += 1
-    return (scores / count)[:, :, :H, :W].argmax(1)
-
-
-def evaluate(model: nn.Module, dataset, args, device) -> dict:
-    model.eval()
-    cm = ConfusionMatrix()
-    for i in range(len(dataset)):
-        img, lbl = dataset[i]
-        with _autocast(args, device):
-            pred = slide_predict(model, normalize(img)[None].to(device), args.crop, model.head.kind)
-        cm.update(pred[0], lbl.to(device))
-    model.train()
-    return cm.summary()
-
-
 def _autocast(args, device):
     return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
@@ -340,7 +304,7 @@ def main(argv=None) -> int:
     if main_proc:
         metrics = {}
         for ds in val_sets:
-            metrics[ds.name] = evaluate(model, ds, args, device)
+            metrics[ds.name] = evaluate(model, ds, args.crop, device, autocast=lambda: _autocast(args, device))
             print(f"  {ds.name:28s} mIoU {metrics[ds.name]['mIoU']:6.2f}")
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
         _plot_losses(losses, out / "loss.png")

@@ -1,0 +1,94 @@
+"""Evaluation: sliding-window inference over whole images and mIoU, as mmseg computes it.
+
+``ConfusionMatrix`` accumulates (label, prediction) counts over the 19 Cityscapes train
+classes (ignore 255) and reports IoU per class and their mean, as the DGSS literature.
+
+``slide_predict`` places windows the way mmseg's ``slide_inference`` does: a start every
+``stride`` pixels, the last window clamped to the border, scores of overlapping windows
+averaged, so that every pixel is predicted by at least one window.
+"""
+from __future__ import annotations
+
+import contextlib
+import math
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch import Tensor
+
+from .train.data import CLASSES, IGNORE, normalize
+
+
+class ConfusionMatrix:
+    def __init__(self, num_classes: int = len(CLASSES)):
+        self.k = num_classes
+        self.mat = torch.zeros(num_classes, num_classes, dtype=torch.int64)
+
+    def update(self, pred: Tensor, label: Tensor) -> None:
+        keep = label != IGNORE
+        idx = label[keep].cpu() * self.k + pred[keep].cpu()
+        self.mat += torch.bincount(idx, minlength=self.k * self.k).view(self.k, self.k)
+
+    def iou(self) -> Tensor:
+        """Per-class IoU; NaN where a class is in neither the labels nor the predictions."""
+        inter = self.mat.diag().double()
+        union = self.mat.sum(0).double() + self.mat.sum(1).double() - inter
+        return torch.where(union > 0, inter / union.clamp_min(1), torch.full_like(inter, float("nan")))
+
+    def summary(self, names=CLASSES) -> dict:
+        """{"mIoU": percent or None, "per_class": {name: percent or None}}: the mean over
+        the classes present; None (JSON null, never NaN) where there is nothing to score."""
+        iou = self.iou()
+        present = ~torch.isnan(iou)
+        miou = round(float(iou[present].mean() * 100), 2) if present.any() else None
+        per = {n: (None if math.isnan(v) else round(v * 100, 2)) for n, v in zip(names, iou.tolist())}
+        return {"mIoU": miou, "per_class": per}
+
+
+def window_starts(size: int, crop: int, stride: int) -> list[int]:
+    """Start of every window along one axis of length ``size`` (>= crop): mmseg's grid,
+    ceil((size - crop) / stride) + 1 windows, the last one ending at the border."""
+    if size < crop or not 0 < stride <= crop:
+        raise ValueError(f"need size >= crop and 0 < stride <= crop, got {size}, {crop}, {stride}")
+    n = (size - crop + stride - 1) // stride + 1
+    return [min(i * stride, size - crop) for i in range(n)]
+
+
+@torch.no_grad()
+def slide_predict(model: nn.Module, img: torch.Tensor, crop: int, stride: int | None = None) -> torch.Tensor:
+    """Per-pixel labels [B, H, W] for normalised images [B, 3, H, W]: windows of ``crop``
+    every ``stride`` (default 2/3 crop: 341 for 512, the official test_cfg), scores of
+    overlapping windows averaged. Images smaller than one window are padded at the
+    bottom and right and the padding is cut off again."""
+    stride = stride or max(1, crop * 2 // 3)
+    _, _, H, W = img.shape
+    x = F.pad(img, (0, max(0, crop - W), 0, max(0, crop - H)))
+    Hp, Wp = x.shape[-2:]
+    scores = count = None
+    for y in window_starts(Hp, crop, stride):
+        for x0 in window_starts(Wp, crop, stride):
+            out = model(x[:, :, y:y + crop, x0:x0 + crop])
+            out = F.interpolate(out.float(), size=(crop, crop), mode="bilinear", align_corners=False)
+            if scores is None:
+                scores = torch.zeros(out.shape[0], out.shape[1], Hp, Wp, device=out.device)
+                count = torch.zeros(1, 1, Hp, Wp, device=out.device)
+            scores[:, :, y:y + crop, x0:x0 + crop] += out
+            count[:, :, y:y + crop, x0:x0 + crop] += 1
+    assert count.min() > 0, "a pixel no window covered"
+    return (scores / count)[:, :, :H, :W].argmax(1)
+
+
+def evaluate(model: nn.Module, dataset, crop: int, device, autocast=None, stride: int | None = None) -> dict:
+    """mIoU and per-class IoU of ``model`` on every image of ``dataset`` (labels at full
+    resolution); ``autocast`` is a context-manager factory for the forward passes."""
+    was_training = model.training
+    model.eval()
+    cm = ConfusionMatrix()
+    for i in range(len(dataset)):
+        img, lbl = dataset[i]
+        with autocast() if autocast else contextlib.nullcontext():
+            pred = slide_predict(model, normalize(img)[None].to(device), crop, stride)
+        cm.update(pred[0], lbl.to(device))
+    model.train(was_training)
+    return cm.summary()
