@@ -182,11 +182,12 @@ def compiled_kernels() -> dict:
     import rein_kernels.rein_layer as op
 
     found = {}
-    for name in ("_rein_gemm_kernel", "_rein_logits_kernel"):
-        tuner = getattr(op, name)
-        entry = {"best": {str(k): str(c) for k, c in getattr(tuner, "cache", {}).items()}, "variants": []}
+    for name, tuners in (("gemm", op._GEMM), ("logits", op._LOGITS)):
+        entry = {"best": {f"{path} {k}": str(c) for path, tuner in tuners.items()
+                          for k, c in getattr(tuner, "cache", {}).items()}, "variants": []}
+        jit = next(iter(tuners.values())).fn  # one jit function behind every path's autotuner
         try:
-            for caches in tuner.fn.device_caches.values():
+            for caches in jit.device_caches.values():
                 for k in caches[0].values():
                     md, src = k.metadata, getattr(k, "src", None)
                     consts = {src.fn.arg_names[i[0]]: v for i, v in getattr(src, "constants", {}).items()

@@ -49,6 +49,7 @@ fp32 dots follow ``torch.backends.cuda.matmul.allow_tf32``.
 from __future__ import annotations
 
 import os
+import warnings
 
 import torch
 from torch import Tensor
@@ -57,6 +58,12 @@ import triton
 import triton.language as tl
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+# Triton 3.8 deprecates block pointers in favour of tensor descriptors, which need the
+# TMA's 16-byte aligned row strides: no use for odd C (or m) that the layer must take.
+# Block pointers work on every Triton the library supports, so the warning is silenced
+# here (and this note kept) rather than printed at every compile.
+warnings.filterwarnings("ignore", message=r"tl\.make_block_ptr is deprecated", category=UserWarning)
 
 # Tests set this: every buffer a kernel must fill starts as NaN, so unwritten elements
 # show, and is followed by a NaN guard region (kept in GUARDS) that must stay NaN, so
@@ -88,42 +95,39 @@ def _configs(gpu_configs, interp_config):
     return gpu_configs if AUTOTUNE else gpu_configs[:1]
 
 
-LOGITS_GPU_CONFIGS = [
-    triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for br, bk, w, s in [(64, 32, 4, 3), (64, 64, 4, 3), (128, 32, 8, 3), (64, 32, 4, 4)]
-]
-GEMM_GPU_CONFIGS = [
-    triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-    for br, bn, bk, w, s in [
-        (128, 128, 32, 8, 4),
-        (128, 128, 64, 8, 3),
-        (128, 64, 64, 4, 4),
-        (64, 128, 64, 4, 4),
-        (64, 64, 64, 4, 3),
-    ]
-]
-_LOGITS_CONFIGS = _configs(
-    LOGITS_GPU_CONFIGS, triton.Config({"BLOCK_R": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1))
-_GEMM_CONFIGS = _configs(
-    GEMM_GPU_CONFIGS, triton.Config({"BLOCK_R": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1))
+# Configs, from ptxas' report for sm_90 (tests/compile_sm90.py): every one compiles
+# without register spills in every dtype, for aligned (published C) and odd shapes.
+# Tensor-core dots (bf16, fp16, tf32) and fp32 FMA dots (tf32 off) differ in what fits
+# in registers, so each kernel has a config list per path.
+LOGITS_GPU_CONFIGS = {
+    "tc": [triton.Config({"BLOCK_R": 64, "BLOCK_K": 32}, num_warps=8, num_stages=s) for s in (3, 4)],
+    "fma": [triton.Config({"BLOCK_R": 32, "BLOCK_K": bk}, num_warps=8, num_stages=s) for bk, s in ((32, 3), (16, 2))],
+}
+GEMM_GPU_CONFIGS = {
+    "tc": [triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+           for br, bn, bk, w, s in [(64, 128, 64, 4, 4), (64, 128, 32, 4, 4), (64, 256, 32, 8, 3)]],
+    "fma": [triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+            for br, bn, bk, w, s in [(64, 128, 32, 8, 3), (128, 64, 32, 8, 3), (64, 64, 32, 8, 3), (64, 64, 16, 4, 3)]],
+}
+_LOGITS_INTERP = triton.Config({"BLOCK_R": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+_GEMM_INTERP = triton.Config({"BLOCK_R": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 
 
 @triton.jit
-def _row_pointers(X, rows, S1, sx0, sx1, R, num_prefix, SEQ_DIM: tl.constexpr):
-    """Row r of the [S0, S1] row grid -> (pointer to x[r, 0], row in range, row refined)."""
-    i0 = rows // S1
-    i1 = rows % S1
-    seq = i1 if SEQ_DIM == 1 else i0
+def _refined_rows(r0, R, S1, num_prefix, SEQ_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
+    """Rows r0 .. r0 + BLOCK_R of the [R, C] row view of [S0, S1, C]: (in range, refined),
+    refined = in range and not one of the first ``num_prefix`` positions of the sequence."""
+    rows = r0 + tl.arange(0, BLOCK_R)
+    seq = rows % S1 if SEQ_DIM == 1 else rows // S1
     in_range = rows < R
-    return X + i0 * sx0 + i1 * sx1, in_range, in_range & (seq >= num_prefix)
+    return in_range, in_range & (seq >= num_prefix)
 
 
-@triton.autotune(configs=_LOGITS_CONFIGS, key=["C", "M", "BACKWARD"], reset_to_zero=["PARTIAL"])
 @triton.jit
 def _rein_logits_kernel(
     X, G, T, U, LSE, P1, GZ, PARTIAL,
     R, S1, C, M,
-    sx0, sx1, sg0, sg1,
+    sx, sg,
     num_prefix, c_scale,
     SEQ_DIM: tl.constexpr, USE_SOFTMAX: tl.constexpr, BACKWARD: tl.constexpr,
     PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -131,115 +135,149 @@ def _rein_logits_kernel(
 ):
     """Per block of rows: z = x T^T, the softmax, and (BACKWARD) gz'.
 
-    FORWARD writes lse = logsumexp(c z) (fp32) and P1 = p[1:].
-    BACKWARD reads lse, recomputes p = exp(c z - lse), accumulates gp' = g U^T
-    (U row j-1 feeds column j; column 0, the null token, gets 0) and writes
-    P1 = p[1:] and gz' = p (gp' - <p, gp'>) c, the softmax backward, and this
-    program's share of dscale, sum over its rows of <p, gp'> - <gz', z>, into
-    PARTIAL[pid] (fp32; gz' as rounded for the GEMM that consumes it).
-    Prefix rows write zeros to P1 and gz' so that the weight-gradient GEMMs over
-    all rows see them as absent.
+    Token 0 (the null token: in the softmax, no value) is kept apart as z0 [rows], and
+    tokens 1..m-1 as z [rows, m-1], so that z's columns line up with P1 = p[1:] and with
+    the rows of U: every tile is a plain block of a dense matrix.
+    FORWARD writes lse = logsumexp(c [z0 | z]) (fp32) and P1 = p[1:].
+    BACKWARD reads lse, recomputes p = exp(c z - lse), accumulates gp' = g U^T (the null
+    token's gp' is 0) and writes P1, gz' = p (gp' - <p, gp'>) c into GZ [rows, m] (column
+    0 the null token's), and this program's share of dscale, the sum over its rows of
+    <p, gp'> - <gz', [z0 | z]>, into PARTIAL[pid] (fp32; gz' as rounded for the GEMM that
+    consumes it). Prefix rows write zeros to P1 and GZ, so that the weight-gradient GEMMs
+    over all rows see them as absent.
     """
     pid = tl.program_id(0)
-    rows = pid.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    x_rows, in_range, refined = _row_pointers(X, rows, S1, sx0, sx1, R, num_prefix, SEQ_DIM)
-    if BACKWARD:
-        g_rows, _, _ = _row_pointers(G, rows, S1, sg0, sg1, R, num_prefix, SEQ_DIM)
-    cols = tl.arange(0, BLOCK_M)
-    col_ok = cols < M
-    u_ok = col_ok & (cols >= 1)
+    r0 = pid * BLOCK_R
+    in_range, refined = _refined_rows(r0, R, S1, num_prefix, SEQ_DIM, BLOCK_R)
+    x_bp = tl.make_block_ptr(X, (R, C), (sx, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+    # T^T of the value tokens: column j is token j + 1
+    t_bp = tl.make_block_ptr(T + C, (C, M - 1), (1, C), (0, 0), (BLOCK_K, BLOCK_M), (0, 1))
+    ks = tl.arange(0, BLOCK_K)
     z = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
-    gp = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
+    z0 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    if BACKWARD:
+        g_bp = tl.make_block_ptr(G, (R, C), (sg, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+        u_bp = tl.make_block_ptr(U, (C, M - 1), (1, C), (0, 0), (BLOCK_K, BLOCK_M), (0, 1))
+        gp = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
     for k0 in range(0, C, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < C
-        xk = tl.load(x_rows[:, None] + ks[None, :], mask=in_range[:, None] & k_ok[None, :], other=0.0)
-        tk = tl.load(T + cols[None, :] * C + ks[:, None], mask=col_ok[None, :] & k_ok[:, None], other=0.0)
-        z = tl.dot(xk.to(tk.dtype), tk, z, input_precision=PRECISION)
+        tk = tl.load(t_bp, boundary_check=(0, 1), padding_option="zero")
+        xk = tl.load(x_bp, boundary_check=(0, 1), padding_option="zero").to(tk.dtype)
+        t0 = tl.load(T + k0 + ks, mask=k0 + ks < C, other=0.0)
+        z = tl.dot(xk, tk, z, input_precision=PRECISION)
+        z0 += tl.sum(xk.to(tl.float32) * t0.to(tl.float32)[None, :], axis=1)
+        x_bp = tl.advance(x_bp, (0, BLOCK_K))
+        t_bp = tl.advance(t_bp, (BLOCK_K, 0))
         if BACKWARD:
-            gk = tl.load(g_rows[:, None] + ks[None, :], mask=in_range[:, None] & k_ok[None, :], other=0.0)
-            uk = tl.load(U + (cols[None, :] - 1) * C + ks[:, None], mask=u_ok[None, :] & k_ok[:, None], other=0.0)
-            gp = tl.dot(gk.to(uk.dtype), uk, gp, input_precision=PRECISION)
+            uk = tl.load(u_bp, boundary_check=(0, 1), padding_option="zero")
+            gk = tl.load(g_bp, boundary_check=(0, 1), padding_option="zero").to(uk.dtype)
+            gp = tl.dot(gk, uk, gp, input_precision=PRECISION)
+            g_bp = tl.advance(g_bp, (0, BLOCK_K))
+            u_bp = tl.advance(u_bp, (BLOCK_K, 0))
 
+    col_ok = tl.arange(0, BLOCK_M) < M - 1
+    rows = r0 + tl.arange(0, BLOCK_R)
     if USE_SOFTMAX:
         s = tl.where(col_ok[None, :], z * c_scale, float("-inf"))
+        s0 = z0 * c_scale
         if BACKWARD:
             lse = tl.load(LSE + rows, mask=in_range, other=0.0)
         else:
-            s_max = tl.max(s, axis=1)
-            lse = s_max + tl.log(tl.sum(tl.exp(s - s_max[:, None]), axis=1))
+            s_max = tl.maximum(tl.max(s, axis=1), s0)
+            lse = s_max + tl.log(tl.sum(tl.exp(s - s_max[:, None]), axis=1) + tl.exp(s0 - s_max))
             tl.store(LSE + rows, lse, mask=in_range)
         p = tl.exp(s - lse[:, None])
+        p0 = tl.exp(s0 - lse)
     else:
         p = z
+        p0 = z0
     p = tl.where(refined[:, None], p, 0.0)
-    p1_ptrs = P1 + rows[:, None] * (M - 1) + (cols[None, :] - 1)
-    tl.store(p1_ptrs, p.to(P1.dtype.element_ty), mask=in_range[:, None] & u_ok[None, :])
+    p1_bp = tl.make_block_ptr(P1, (R, M - 1), (M - 1, 1), (r0, 0), (BLOCK_R, BLOCK_M), (1, 0))
+    tl.store(p1_bp, p.to(P1.dtype.element_ty), boundary_check=(0, 1))
     if BACKWARD:
+        pgp = tl.sum(p * gp, axis=1)
         if USE_SOFTMAX:
-            gz = p * (gp - tl.sum(p * gp, axis=1)[:, None]) * c_scale
+            gz = (p * (gp - pgp[:, None]) * c_scale).to(GZ.dtype.element_ty)
+            gz0 = tl.where(refined, -p0 * pgp * c_scale, 0.0).to(GZ.dtype.element_ty)
         else:
-            gz = tl.where(refined[:, None], gp, 0.0)
-        gz = gz.to(GZ.dtype.element_ty)
-        gz_ptrs = GZ + rows[:, None] * M + cols[None, :]
-        tl.store(gz_ptrs, gz, mask=in_range[:, None] & col_ok[None, :])
-        share = tl.sum(p * gp, axis=1) - tl.sum(gz.to(tl.float32) * z, axis=1)
+            gz = tl.where(refined[:, None], gp, 0.0).to(GZ.dtype.element_ty)
+            gz0 = tl.zeros([BLOCK_R], dtype=GZ.dtype.element_ty)
+        share = pgp - tl.sum(gz.to(tl.float32) * z, axis=1) - gz0.to(tl.float32) * z0
         tl.store(PARTIAL + pid, tl.sum(tl.where(in_range, share, 0.0), axis=0))
+        gz_bp = tl.make_block_ptr(GZ + 1, (R, M - 1), (M, 1), (r0, 0), (BLOCK_R, BLOCK_M), (1, 0))
+        tl.store(gz_bp, gz, boundary_check=(0, 1))
+        tl.store(GZ + rows * M, gz0, mask=in_range)
 
 
-@triton.autotune(configs=_GEMM_CONFIGS, key=["C", "K2"], reset_to_zero=["PARTIAL"])
 @triton.jit
 def _rein_gemm_kernel(
     A, A2, B1, B2, BIAS, SCALE, OUT, X, PARTIAL,
     R, S1, C, K2,
-    sa0, sa1, so0, so1, sb1k, sb1n, sx0, sx1,
+    sa, so, sx, sb1k, sb1n,
     num_prefix,
-    SEQ_DIM: tl.constexpr, HAS_BIAS: tl.constexpr, DSCALE: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+    SEQ_DIM: tl.constexpr, B1_T: tl.constexpr, HAS_BIAS: tl.constexpr, DSCALE: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """OUT = A + scale * (A @ B1 + A2 @ B2 + bias) on refined rows, OUT = A on prefix rows.
 
-    A [rows, C] (strided, also the residual), B1 [C, C] (strides sb1k, sb1n, so W_d^T
-    needs no copy), A2 [rows, K2] and B2 [K2, C] contiguous. Forward: A = x,
-    B1 = W_d^T, A2 = P1, B2 = U, bias = b_d. Backward: A = g, B1 = W_d, A2 = gz',
-    B2 = T, no bias; both give the output of one K = C + K2 GEMM plus the residual.
+    A [rows, C] (row stride sa; also the residual), B1 [C, C] (strides sb1k, sb1n; B1_T
+    when it is a transposed view, so W_d^T needs no copy), A2 [rows, K2] and B2 [K2, C]
+    contiguous. Forward: A = x, B1 = W_d^T, A2 = P1, B2 = U, bias = b_d. Backward: A = g,
+    B1 = W_d, A2 = gz', B2 = T, no bias; both give the output of one K = C + K2 GEMM plus
+    the residual. Every operand is a block of a dense matrix (block pointers advanced
+    along K), so no per-element address tensor is built.
     DSCALE (backward) also writes this tile's sum over refined rows of
     <acc, x> = <g W_d, x> + <gz', z> to PARTIAL, fp32: with the row kernel's shares,
     dscale = <W_d, g^T x> + <U, P1^T g> + ... accumulates in fp32 from fp32 partials.
     """
     pid_r = tl.program_id(0)
     pid_n = tl.program_id(1)
-    rows = pid_r.to(tl.int64) * BLOCK_R + tl.arange(0, BLOCK_R)
-    a_rows, in_range, refined = _row_pointers(A, rows, S1, sa0, sa1, R, num_prefix, SEQ_DIM)
-    o_rows, _, _ = _row_pointers(OUT, rows, S1, so0, so1, R, num_prefix, SEQ_DIM)
-    ns = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
-    n_ok = ns < C
+    r0 = pid_r * BLOCK_R
+    n0 = pid_n * BLOCK_N
+    a_bp = tl.make_block_ptr(A, (R, C), (sa, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+    if B1_T:
+        b_bp = tl.make_block_ptr(B1, (C, C), (sb1k, sb1n), (0, n0), (BLOCK_K, BLOCK_N), (0, 1))
+    else:
+        b_bp = tl.make_block_ptr(B1, (C, C), (sb1k, sb1n), (0, n0), (BLOCK_K, BLOCK_N), (1, 0))
     acc = tl.zeros([BLOCK_R, BLOCK_N], dtype=tl.float32)
-    for k0 in range(0, C, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < C
-        a = tl.load(a_rows[:, None] + ks[None, :], mask=in_range[:, None] & k_ok[None, :], other=0.0)
-        b = tl.load(B1 + ks[:, None].to(tl.int64) * sb1k + ns[None, :] * sb1n,
-                    mask=k_ok[:, None] & n_ok[None, :], other=0.0)
-        acc = tl.dot(a.to(b.dtype), b, acc, input_precision=PRECISION)
-    for k0 in range(0, K2, BLOCK_K):
-        ks = k0 + tl.arange(0, BLOCK_K)
-        k_ok = ks < K2
-        a2 = tl.load(A2 + rows[:, None] * K2 + ks[None, :], mask=in_range[:, None] & k_ok[None, :], other=0.0)
-        b2 = tl.load(B2 + ks[:, None] * C + ns[None, :], mask=k_ok[:, None] & n_ok[None, :], other=0.0)
+    for _ in range(0, C, BLOCK_K):
+        b = tl.load(b_bp, boundary_check=(0, 1), padding_option="zero")
+        a = tl.load(a_bp, boundary_check=(0, 1), padding_option="zero").to(b.dtype)
+        acc = tl.dot(a, b, acc, input_precision=PRECISION)
+        a_bp = tl.advance(a_bp, (0, BLOCK_K))
+        b_bp = tl.advance(b_bp, (BLOCK_K, 0))
+    a2_bp = tl.make_block_ptr(A2, (R, K2), (K2, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+    b2_bp = tl.make_block_ptr(B2, (K2, C), (C, 1), (0, n0), (BLOCK_K, BLOCK_N), (1, 0))
+    for _ in range(0, K2, BLOCK_K):
+        a2 = tl.load(a2_bp, boundary_check=(0, 1), padding_option="zero")
+        b2 = tl.load(b2_bp, boundary_check=(0, 1), padding_option="zero")
         acc = tl.dot(a2, b2, acc, input_precision=PRECISION)
+        a2_bp = tl.advance(a2_bp, (0, BLOCK_K))
+        b2_bp = tl.advance(b2_bp, (BLOCK_K, 0))
+
+    ns = n0 + tl.arange(0, BLOCK_N)
     if HAS_BIAS:
-        acc += tl.load(BIAS + ns, mask=n_ok, other=0.0).to(tl.float32)[None, :]
+        acc += tl.load(BIAS + ns, mask=ns < C, other=0.0).to(tl.float32)[None, :]
     scale = tl.load(SCALE).to(tl.float32)
-    tile_ok = in_range[:, None] & n_ok[None, :]
-    res = tl.load(a_rows[:, None] + ns[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+    _, refined = _refined_rows(r0, R, S1, num_prefix, SEQ_DIM, BLOCK_R)
+    res_bp = tl.make_block_ptr(A, (R, C), (sa, 1), (r0, n0), (BLOCK_R, BLOCK_N), (1, 0))
+    res = tl.load(res_bp, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
     out = tl.where(refined[:, None], res + scale * acc, res)
-    tl.store(o_rows[:, None] + ns[None, :], out.to(OUT.dtype.element_ty), mask=tile_ok)
+    out_bp = tl.make_block_ptr(OUT, (R, C), (so, 1), (r0, n0), (BLOCK_R, BLOCK_N), (1, 0))
+    tl.store(out_bp, out.to(OUT.dtype.element_ty), boundary_check=(0, 1))
     if DSCALE:
-        x_rows, _, _ = _row_pointers(X, rows, S1, sx0, sx1, R, num_prefix, SEQ_DIM)
-        xt = tl.load(x_rows[:, None] + ns[None, :], mask=tile_ok, other=0.0).to(tl.float32)
+        x_bp = tl.make_block_ptr(X, (R, C), (sx, 1), (r0, n0), (BLOCK_R, BLOCK_N), (1, 0))
+        xt = tl.load(x_bp, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
         share = tl.sum(tl.where(refined[:, None], acc * xt, 0.0), axis=1)
         tl.store(PARTIAL + pid_r * tl.num_programs(1) + pid_n, tl.sum(share, axis=0))
+
+
+def _tuned(kernel, configs, interp, key):
+    return {path: triton.autotune(configs=_configs(cfgs, interp), key=key, reset_to_zero=["PARTIAL"])(kernel)
+            for path, cfgs in configs.items()}
+
+
+_LOGITS = _tuned(_rein_logits_kernel, LOGITS_GPU_CONFIGS, _LOGITS_INTERP, ["C", "M", "BACKWARD"])
+_GEMM = _tuned(_rein_gemm_kernel, GEMM_GPU_CONFIGS, _GEMM_INTERP, ["C", "K2"])
 
 
 # ----------------------------------------------------------------------------- launchers
@@ -257,13 +295,18 @@ def _row_view(t: Tensor, seq_dim: int, swap: bool | None = None) -> tuple[Tensor
     return t, seq_dim, False
 
 
-def _rows_2d(t: Tensor) -> Tensor:
-    """[S0, S1, C] -> [S0 * S1, C]; free for a dense row view, one copy otherwise."""
-    return t.reshape(-1, t.shape[-1])
+def _rows(t: Tensor) -> Tensor:
+    """[S0, S1, C] row view -> [S0 * S1, C] with one row stride: free when the rows are
+    evenly spaced in memory (contiguous, or channels sliced out of wider rows), one copy
+    for the rare layouts where they are not (sequences sliced out of a larger batch)."""
+    try:
+        return t.view(-1, t.shape[-1])
+    except RuntimeError:
+        return t.reshape(-1, t.shape[-1])
 
 
 def _prefix_rows(t: Tensor, seq_dim: int, num_prefix: int) -> Tensor:
-    return _rows_2d(t.narrow(seq_dim, 0, num_prefix))
+    return _rows(t.narrow(seq_dim, 0, num_prefix))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -275,7 +318,8 @@ def _precision(dtype: torch.dtype) -> str:
 
 
 def _block_m(M: int) -> int:
-    return max(16, triton.next_power_of_2(M))
+    """Columns of the row kernel's tiles: the m - 1 value tokens, a power of two >= 16."""
+    return max(16, triton.next_power_of_2(M - 1))
 
 
 def _partials(n: int, device) -> Tensor:
@@ -283,36 +327,44 @@ def _partials(n: int, device) -> Tensor:
     return torch.zeros(max(n, 1), device=device, dtype=torch.float32)
 
 
-def _min_block(configs, name: str) -> int:
-    return min(c.kwargs[name] for c in configs)
+def _path(precision: str) -> str:
+    """Which config list a launch uses: tensor-core dots, or fp32 FMA dots (tf32 off)."""
+    return "fma" if precision == "ieee" else "tc"
 
 
-def _launch_logits(xv, gv, seq_dim, T, U, lse, P1, GZ, num_prefix, use_softmax, partial=None):
-    """Forward (gv None: writes lse, P1) or backward (reads lse; writes P1, GZ, partial)."""
-    S0, S1, C = xv.shape
-    R, M = S0 * S1, T.shape[0]
-    backward = gv is not None
-    g = gv if backward else xv
+def _min_block(tuned: dict, name: str) -> int:
+    """The smallest block any config of any path may launch (sizes the partial buffers)."""
+    return min(c.kwargs[name] for kernel in tuned.values() for c in kernel.configs)
+
+
+def _launch_logits(x2, g2, S1, seq_dim, T, U, lse, P1, GZ, num_prefix, use_softmax, partial=None):
+    """Forward (g2 None: writes lse, P1) or backward (reads lse; writes P1, GZ, partial).
+    x2, g2: [R, C] row views."""
+    R, C = x2.shape
+    M = T.shape[0]
+    backward = g2 is not None
+    g = g2 if backward else x2
 
     def grid(meta):
         return (triton.cdiv(R, meta["BLOCK_R"]),)
 
     if partial is None:  # forward: a slot nobody reads (autotuning zeroes it)
-        partial = _partials(1, xv.device)
-    _rein_logits_kernel[grid](
-        xv, g, T, U, lse, P1, GZ if backward else P1, partial,
+        partial = _partials(1, x2.device)
+    precision = _precision(T.dtype)
+    _LOGITS[_path(precision)][grid](
+        x2, g, T, U, lse, P1, GZ if backward else P1, partial,
         R, S1, C, M,
-        xv.stride(0), xv.stride(1), g.stride(0), g.stride(1),
+        x2.stride(0), g.stride(0),
         num_prefix, C ** -0.5 if use_softmax else 1.0,
         SEQ_DIM=seq_dim, USE_SOFTMAX=use_softmax, BACKWARD=backward,
-        PRECISION=_precision(T.dtype), BLOCK_M=_block_m(M),
+        PRECISION=precision, BLOCK_M=_block_m(M),
     )
 
 
-def _launch_gemm(A, seq_dim, A2, B1, B2, bias, scale, out, num_prefix, x=None, partial=None):
-    """Forward (x None) or backward (x given: also writes the dscale shares to partial)."""
-    R = A.shape[0] * A.shape[1]
-    C = A.shape[2]
+def _launch_gemm(A, S1, seq_dim, A2, B1, B2, bias, scale, out, num_prefix, x=None, partial=None):
+    """Forward (x None) or backward (x given: also writes the dscale shares to partial).
+    A, out, x: [R, C] row views."""
+    R, C = A.shape
     K2 = A2.shape[1]
 
     def grid(meta):
@@ -321,20 +373,23 @@ def _launch_gemm(A, seq_dim, A2, B1, B2, bias, scale, out, num_prefix, x=None, p
     xs = x if x is not None else A
     if partial is None:  # forward: a slot nobody reads (autotuning zeroes it)
         partial = _partials(1, A.device)
-    _rein_gemm_kernel[grid](
+    precision = _precision(B2.dtype)
+    _GEMM[_path(precision)][grid](
         A, A2, B1, B2, bias if bias is not None else B2, scale, out, xs, partial,
-        R, A.shape[1], C, K2,
-        A.stride(0), A.stride(1), out.stride(0), out.stride(1), B1.stride(0), B1.stride(1),
-        xs.stride(0), xs.stride(1),
+        R, S1, C, K2,
+        A.stride(0), out.stride(0), xs.stride(0), B1.stride(0), B1.stride(1),
         num_prefix,
-        SEQ_DIM=seq_dim, HAS_BIAS=bias is not None, DSCALE=x is not None, PRECISION=_precision(B2.dtype),
+        SEQ_DIM=seq_dim, B1_T=B1.stride(0) < B1.stride(1), HAS_BIAS=bias is not None, DSCALE=x is not None,
+        PRECISION=precision,
     )
 
 
 def _forward(x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax):
     xv, sd, swapped = _row_view(x, seq_dim)
-    R, M = xv.shape[0] * xv.shape[1], T.shape[0]
-    out = _new(torch.empty_like(xv, dtype=torch.promote_types(x.dtype, T.dtype)))
+    S1 = xv.shape[1]
+    x2 = _rows(xv)
+    R, M = x2.shape[0], T.shape[0]
+    out = _new(torch.empty(R, x2.shape[1], device=x.device, dtype=torch.promote_types(x.dtype, T.dtype)))
     # Without softmax lse is never read; zeros keep the op deterministic.
     if use_softmax:
         lse = _new(torch.empty(R, device=x.device, dtype=torch.float32))
@@ -342,8 +397,9 @@ def _forward(x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax):
         lse = torch.zeros(R, device=x.device, dtype=torch.float32)
     P1 = _new(torch.empty(R, M - 1, device=x.device, dtype=T.dtype))
     if R:
-        _launch_logits(xv, None, sd, T, U, lse, P1, None, num_prefix, use_softmax)
-        _launch_gemm(xv, sd, P1, W_d.t(), U, b_d, scale, out, num_prefix)
+        _launch_logits(x2, None, S1, sd, T, U, lse, P1, None, num_prefix, use_softmax)
+        _launch_gemm(x2, S1, sd, P1, W_d.t(), U, b_d, scale, out, num_prefix)
+    out = out.view(xv.shape)
     if swapped:
         out = out.transpose(0, 1)
     return out, lse
@@ -352,26 +408,29 @@ def _forward(x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax):
 def _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax):
     xv, sd, swapped = _row_view(x, seq_dim)
     gv, _, _ = _row_view(g, seq_dim, swap=swapped)
-    S0, S1, C = xv.shape
-    R, M = S0 * S1, T.shape[0]
-    dx = _new(torch.empty_like(xv))
+    S1 = xv.shape[1]
+    x2, g2 = _rows(xv), _rows(gv)
+    R, C = x2.shape
+    M = T.shape[0]
+    dx = _new(torch.empty(R, C, device=x.device, dtype=x.dtype))
     P1 = _new(torch.empty(R, M - 1, device=x.device, dtype=T.dtype))
     GZ = _new(torch.empty(R, M, device=x.device, dtype=T.dtype))
-    part_rows = _partials(triton.cdiv(R, _min_block(_LOGITS_CONFIGS, "BLOCK_R")), x.device)
-    part_gemm = _partials(triton.cdiv(R, _min_block(_GEMM_CONFIGS, "BLOCK_R"))
-                          * triton.cdiv(C, _min_block(_GEMM_CONFIGS, "BLOCK_N")), x.device)
+    part_rows = _partials(triton.cdiv(R, _min_block(_LOGITS, "BLOCK_R")), x.device)
+    part_gemm = _partials(triton.cdiv(R, _min_block(_GEMM, "BLOCK_R"))
+                          * triton.cdiv(C, _min_block(_GEMM, "BLOCK_N")), x.device)
     if R:
-        _launch_logits(xv, gv, sd, T, U, lse, P1, GZ, num_prefix, use_softmax, part_rows)
-        _launch_gemm(gv, sd, GZ, W_d, T, None, scale, dx, num_prefix, x=xv, partial=part_gemm)
+        _launch_logits(x2, g2, S1, sd, T, U, lse, P1, GZ, num_prefix, use_softmax, part_rows)
+        _launch_gemm(g2, S1, sd, GZ, W_d, T, None, scale, dx, num_prefix, x=x2, partial=part_gemm)
+    dx = dx.view(xv.shape)
     if swapped:
         dx = dx.transpose(0, 1)
 
     # Weight gradients: plain GEMMs over all rows, in the compute dtype (T's), as autocast
     # runs the reference's. Prefix rows are zero in P1 and GZ; for g^T x they are subtracted.
     cd = T.dtype
-    X2, G2 = _rows_2d(xv).to(cd), _rows_2d(gv).to(cd)
+    X2, G2 = x2.to(cd), g2.to(cd)
     XtG = G2.t() @ X2                                    # [C, C]: sum_r g_r^T x_r
-    g_sum = _rows_2d(gv).sum(0, dtype=torch.float32)
+    g_sum = g2.sum(0, dtype=torch.float32)
     if num_prefix:
         Gp = _prefix_rows(gv, sd, num_prefix)
         XtG = XtG - Gp.t().to(cd) @ _prefix_rows(xv, sd, num_prefix).to(cd)

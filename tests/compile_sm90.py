@@ -3,13 +3,19 @@
     python tests/compile_sm90.py        (TRITON_INTERPRET must be unset)
 
 Triton's own ptxas turns each kernel into a cubin ahead of time, so a kernel that would
-fail to compile shows up on a CPU-only machine. The first config of each kernel (the one
-REIN_AUTOTUNE=0 uses) must fit the 227 KB of shared memory a Hopper block may use for
-every dtype; a later config that does not is reported as one autotuning will discard.
-It also checks that the GEMM kernel's bf16/fp16/tf32 dots use Hopper's wgmma. Prints one
-line per variant; exits non-zero on any failure.
+fail to compile shows up on a CPU-only machine. Every config autotuning may pick (each
+kernel's list for the dtype's path: tensor cores, or FMA for fp32 with tf32 off) must,
+in every dtype, both as the published shapes specialise (aligned) and for odd C:
+fit the 227 KB of shared memory a Hopper block may use, compile without register
+spills (ptxas' report: ``regs <N> spills <S> B``, S = spill stores + spill loads per
+thread), and, for the GEMM's bf16/fp16/tf32 dots, use Hopper's wgmma. Prints one line
+per variant; exits non-zero on any failure.
 """
+import contextlib
+import io
+import itertools
 import os
+import re
 import sys
 
 assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTERPRET"
@@ -28,58 +34,83 @@ DTYPES = [("fp32", "fp32", "ieee"), ("fp32", "fp32", "tf32"), ("fp16", "fp16", "
           ("bf16", "bf16", "tf32"), ("fp32", "bf16", "tf32")]
 
 
-def compile_one(kernel, types, constexprs, config):
-    jit = kernel.fn
+# What a launch at the published shapes specialises on: 16-byte aligned tensors (torch's
+# allocations) and C, and with it every row stride, a multiple of 16 (384 to 1536).
+ALIGNED = {"C", "sa", "so", "sx", "sg", "sb1k", "sb1n"}
+
+
+def compile_one(kernel, types, constexprs, config, aligned):
+    """(compiled kernel, ptxas' registers, spill bytes) of one variant, compiled afresh so
+    that ptxas runs and reports (its log goes to stdout, captured here). ``aligned``: the
+    specialisation of the published shapes; otherwise none (odd C, as the tests use)."""
+    jit = kernel
     sig = {n: types.get(n, "constexpr") for n in jit.arg_names}
     consts = {**constexprs, **config.kwargs}
-    src = ASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()})
-    return triton.compile(src, target=TARGET, options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    div16 = [["tt.divisibility", 16]]
+    attrs = {(jit.arg_names.index(n),): div16 for n, t in sig.items()
+             if aligned and (t.startswith("*") or n in ALIGNED)}
+    src = ASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()},
+                    attrs=attrs)
+    log = io.StringIO()
+    with triton.knobs.compilation.scope(), triton.knobs.nvidia.scope(), contextlib.redirect_stdout(log):
+        triton.knobs.compilation.always_compile = True
+        triton.knobs.nvidia.dump_ptxas_log = True
+        k = triton.compile(src, target=TARGET, options=dict(num_warps=config.num_warps, num_stages=config.num_stages))
+    return (k, *ptxas_usage(log.getvalue()))
+
+
+def ptxas_usage(log: str) -> tuple[int, int]:
+    """(registers, spill stores + spill loads in bytes) from ptxas -v's report."""
+    regs = re.search(r"Used (\d+) registers", log)
+    spills = re.search(r"(\d+) bytes spill stores, (\d+) bytes spill loads", log)
+    if not regs or not spills:
+        raise RuntimeError(f"no ptxas usage report in: {log[-500:]!r}")
+    return int(regs.group(1)), int(spills.group(1)) + int(spills.group(2))
 
 
 def main() -> int:
     failures = 0
     for xd, pd, prec in DTYPES:
-        gemm_configs = op.GEMM_GPU_CONFIGS if (xd, pd) == ("bf16", "bf16") else op.GEMM_GPU_CONFIGS[:1]
-        logit_configs = op.LOGITS_GPU_CONFIGS if (xd, pd) == ("bf16", "bf16") else op.LOGITS_GPU_CONFIGS[:1]
-        ints = dict(R="i64", S1="i32", C="i32", K2="i32", M="i32", num_prefix="i32",
-                    **{n: "i64" for n in ("sa0", "sa1", "so0", "so1", "sb1k", "sb1n", "sx0", "sx1", "sg0", "sg1")})
+        path = op._path(prec)
+        ints = dict(R="i32", S1="i32", C="i32", K2="i32", M="i32", num_prefix="i32",
+                    **{n: "i64" for n in ("sa", "so", "sx", "sb1k", "sb1n", "sg")})
         gemm_types = dict(A=f"*{xd}", A2=f"*{pd}", B1=f"*{pd}", B2=f"*{pd}", BIAS=f"*{pd}", SCALE="*fp32",
                           OUT=f"*{xd}", X=f"*{xd}", PARTIAL="*fp32", **ints)
         logit_types = dict(X=f"*{xd}", G=f"*{xd}", T=f"*{pd}", U=f"*{pd}", LSE="*fp32", P1=f"*{pd}", GZ=f"*{pd}",
                            PARTIAL="*fp32", c_scale="fp32", **ints)
         jobs = []
-        for cfg in gemm_configs:
-            for backward in (False, True):  # forward: bias; backward: the dscale shares
+        for cfg in op.GEMM_GPU_CONFIGS[path]:
+            for backward in (False, True):  # forward: bias, W_d^T; backward: W_d, the dscale shares
                 jobs.append(("gemm", op._rein_gemm_kernel, gemm_types,
-                             dict(SEQ_DIM=1, HAS_BIAS=not backward, DSCALE=backward, PRECISION=prec), cfg))
-        for cfg in logit_configs:
+                             dict(SEQ_DIM=1, B1_T=not backward, HAS_BIAS=not backward, DSCALE=backward,
+                                  PRECISION=prec), cfg))
+        for cfg in op.LOGITS_GPU_CONFIGS[path]:
             for backward in (False, True):
                 for softmax in (True, False):
                     jobs.append(("logits", op._rein_logits_kernel, logit_types,
                                  dict(SEQ_DIM=0, USE_SOFTMAX=softmax, BACKWARD=backward, PRECISION=prec,
                                       BLOCK_M=128), cfg))
-        for name, kernel, types, consts, cfg in jobs:
-            label = f"{name:6s} x={xd} params={pd} {prec:4s} {consts} {cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}"
+        for (name, kernel, types, consts, cfg), aligned in itertools.product(jobs, (True, False)):
+            label = (f"{name:6s} x={xd} params={pd} {prec:4s} {'aligned  ' if aligned else 'unaligned'} {consts} "
+                     f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}")
             try:
-                k = compile_one(kernel, types, consts, cfg)
+                k, regs, spills = compile_one(kernel, types, consts, cfg, aligned)
             except Exception as e:  # report every variant, not just the first failure
                 failures += 1
                 print(f"FAIL {label}: {type(e).__name__}: {str(e)[:300]}")
                 continue
             shared = k.metadata.shared
             wgmma = "wgmma" in k.asm["ptx"]
-            problems, note = [], ""
-            first = cfg is (op.GEMM_GPU_CONFIGS if name == "gemm" else op.LOGITS_GPU_CONFIGS)[0]
+            problems = []
             if shared > SHARED_LIMIT:
-                if first:
-                    problems.append(f"shared memory {shared} B > {SHARED_LIMIT} in the first config")
-                else:
-                    note = "(too much shared memory: autotuning discards it)"
+                problems.append(f"shared memory {shared} B > {SHARED_LIMIT}")
             if name == "gemm" and prec == "tf32" and not wgmma:
                 problems.append("no wgmma in the GEMM")
+            if spills:
+                problems.append(f"{spills} B of register spills")
             failures += bool(problems)
-            print(f"{'FAIL' if problems else 'ok  '} {label}: shared {shared} B, wgmma {wgmma} "
-                  f"{'; '.join(problems)}{note}")
+            print(f"{'FAIL' if problems else 'ok  '} {label}: regs {regs} spills {spills} B shared {shared} B "
+                  f"wgmma {wgmma} {'; '.join(problems)}")
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 

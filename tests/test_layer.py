@@ -218,21 +218,25 @@ def test_functional_api_matches_reference_and_checks_input():
 
 def test_precision_follows_the_tf32_switch(monkeypatch):
     """The interpreter ignores input_precision, so this stands in for the GPU: fp32 dots
-    are "ieee" unless torch allows tf32, and every launch passes that choice on."""
+    are "ieee" (with the FMA path's configs) unless torch allows tf32, and every launch
+    passes that choice on."""
     import rein_kernels.rein_layer as op
 
     seen = []
-    for name in ("_rein_logits_kernel", "_rein_gemm_kernel"):
-        real = getattr(op, name)
+    for name in ("_LOGITS", "_GEMM"):
+        tuned = dict(getattr(op, name))
+        for path, real in tuned.items():
+            class Spy:
+                configs = real.configs
 
-        class Spy:
-            def __getitem__(self, grid, real=real, name=name):
-                def launch(*args, **kw):
-                    seen.append((name, kw["PRECISION"]))
-                    return real[grid](*args, **kw)
-                return launch
+                def __getitem__(self, grid, real=real, name=name, path=path):
+                    def launch(*args, **kw):
+                        seen.append((name, path, kw["PRECISION"]))
+                        return real[grid](*args, **kw)
+                    return launch
 
-        monkeypatch.setattr(op, name, Spy())
+            tuned[path] = Spy()
+        monkeypatch.setattr(op, name, tuned)
     layer = rein.ReinLayer(1, 16, 4, token_length=5).to(DEVICE)
     before = torch.backends.cuda.matmul.allow_tf32
     try:
@@ -243,6 +247,7 @@ def test_precision_follows_the_tf32_switch(monkeypatch):
             seen.clear()
             x = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
             layer(x, 0, batch_first=True).sum().backward()
-            assert sorted(seen) == sorted([("_rein_logits_kernel", want), ("_rein_gemm_kernel", want)] * 2), seen
+            path = "fma" if want == "ieee" else "tc"
+            assert sorted(seen) == sorted([("_LOGITS", path, want), ("_GEMM", path, want)] * 2), seen
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
