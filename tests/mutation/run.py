@@ -78,6 +78,8 @@ def run_one(mu, tests, timeout) -> dict:
                     cwd=ROOT, capture_output=True, text=True, timeout=timeout,
                     env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
                 outcome, detail = classify(proc.returncode, junit)
+                if outcome == "crash":
+                    detail += ": " + (proc.stdout + proc.stderr).strip()[-300:].replace("\n", " | ")
             except subprocess.TimeoutExpired:
                 outcome, detail = "crash", f"timed out after {timeout} s"
             return dict(id=mu["id"], why=mu["why"], outcome=outcome, detail=detail, seconds=round(time.time() - t0, 1))
