@@ -19,8 +19,10 @@ TOL = {
     "fp32": 2e-5,
     # tf32 keeps 10 mantissa bits of each operand: ~5e-4 relative per product.
     "tf32": 5e-3,
-    # fp16 operands (11 bits) with fp32 accumulation; P1/gz' stored in fp16.
-    "fp16": 5e-3,
+    # fp16 operands (11 bits) with fp32 accumulation; P1/gz' stored in fp16, and the
+    # parameter gradients formed from them by fp16 autograd (a reduction over m-1 tokens
+    # for db_t): 5e-3 failed 1 of 400 random fp16 cases by 7% (db_t, C = 5).
+    "fp16": 1e-2,
     # bf16 operands (8 bits) with fp32 accumulation; P1/gz' stored in bf16.
     "bf16": 3e-2,
 }
@@ -74,11 +76,13 @@ def make_x(case: Case, seed: int, device=DEVICE) -> torch.Tensor:
 
 
 def padded(t: torch.Tensor, seed: int = 0) -> torch.Tensor:
-    """The same values, living in the middle of a larger buffer of other random values:
-    a kernel that reads past the end of its input then computes wrong (finite) numbers,
-    which a value check catches, rather than crashing or reading NaN."""
+    """The same values, living in the middle of a larger buffer: other random values
+    before it, so that a kernel reading the wrong rows computes wrong (finite) numbers
+    that a value check catches rather than crashing, and NaN after it, so that a read
+    past the end shows even where the kernel multiplies it by a zero-padded operand."""
     n = t.numel()
     buf = torch.randn(3 * n + 8192, generator=torch.Generator().manual_seed(seed)).to(t.device, t.dtype)
+    buf[2 * n + 4096:] = float("nan")
     out = buf[n + 4096: 2 * n + 4096].view(t.shape)
     out.copy_(t)
     return out
@@ -150,8 +154,16 @@ def check_case(case: Case, seed: int = 0) -> None:
     checks = [("out - x", out.double() - xd, torch_out.double() - xd, ref_out - xd),
               ("dx - g", grads["x"].double() - gd, torch_grads["x"].double() - gd, ref_grads["x"] - gd)]
     checks += [(n, grads[n], torch_grads[n], ref_grads[n]) for n in ref_grads if n != "x"]
+    # dscale = sum over refined rows of <g, y>: its rounding error scales with the sum of
+    # the |g y| it adds up, which can be far larger than the (cancelling) result.
+    scale_terms = None
+    if isinstance(ref_layer.scale, torch.nn.Parameter):
+        scale_terms = (gd * (ref_out - xd)).abs().sum().item() / abs(ref_layer.scale.item())
     for name, got, theirs, ref in checks:
         assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten or overflow) in {case}"
-        bound = 2 * _err(theirs, ref) + tol * max(ref.abs().max().item(), 1e-6)
+        size = max(ref.abs().max().item(), 1e-6)
+        if name == "scale" and scale_terms is not None:
+            size = max(size, scale_terms)
+        bound = 2 * _err(theirs, ref) + tol * size
         err = _err(got, ref)
         assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} in {case}"
