@@ -166,13 +166,51 @@ def _dinov2_release_state(registers: bool):
     return sd
 
 
+def _official_converter(release):
+    """The official Rein converter (tools/convert_models/convert_dinov2_*.py), as issue 11
+    and REIN_SPEC.md state it: plain bicubic F.interpolate, align_corners=False, no
+    antialias, no gain fix; patch kernel 14 -> 16; position grid to the model's (5 x 5 ->
+    4 x 4 here), the cls position kept."""
+    w = F.interpolate(release["patch_embed.proj.weight"].float(), size=(16, 16), mode="bicubic",
+                      align_corners=False)
+    pos = release["pos_embed"]
+    C = pos.shape[-1]
+    grid = pos[:, 1:].reshape(1, 5, 5, C).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 16, C)
+    return w, pos[:, :1], grid
+
+
+@pytest.mark.parametrize("registers", [False, True])
+def test_official_conversion_is_the_official_converter_bit_for_bit(tmp_path, registers):
+    release = _dinov2_release_state(registers)
+    path = tmp_path / "dinov2_vits14_pretrain.pth"
+    torch.save(release, path)
+    bb = build("dinov2_reg" if registers else "dinov2", checkpoint=str(path))  # default: official
+    got = {k: v.cpu() for k, v in bb.backbone.state_dict().items()}
+    w, cls_pos, grid = _official_converter(release)
+    assert torch.equal(got["patch_embed.proj.weight"], w)
+    if registers:  # timm keeps no cls position: it folds it into the cls token, as before
+        assert torch.equal(got["cls_token"], release["cls_token"] + cls_pos)
+        assert torch.equal(got["pos_embed"], grid)
+    else:
+        assert torch.equal(got["pos_embed"], torch.cat([cls_pos, grid], dim=1))
+    # and it is not what timm's own conversion gives
+    timm_bb = build("dinov2_reg" if registers else "dinov2", checkpoint=str(path), conversion="timm")
+    assert not torch.allclose(timm_bb.backbone.patch_embed.proj.weight.cpu(), w)
+
+
+def test_conversion_flag_is_checked():
+    with pytest.raises(ValueError, match="conversion must be one of"):
+        build("dinov2", checkpoint=_dinov2_release_state(False), conversion="nearest")
+
+
 @pytest.mark.parametrize("registers", [False, True])
 def test_dinov2_release_checkpoint_loads(tmp_path, registers):
     release = _dinov2_release_state(registers)
     path = tmp_path / "dinov2_vits14_pretrain.pth"
     torch.save(release, path)
     fam = "dinov2_reg" if registers else "dinov2"
-    bb = build(fam, checkpoint=str(path))
+    bb = build(fam, checkpoint=str(path), conversion="timm")
     got = {k: v.cpu() for k, v in bb.backbone.state_dict().items()}
     for k, v in release.items():
         if k.startswith("blocks.") or k.startswith("norm."):
@@ -207,6 +245,11 @@ def test_wrong_checkpoints_name_the_keys(tmp_path):
     torch.save(release, tmp_path / "ok.pth")
     with pytest.raises(ValueError, match=r"missing keys: blocks\.4"):
         build("dinov2", checkpoint=str(tmp_path / "ok.pth"), depth=6)
+    (tmp_path / "notes.txt").write_text("not weights")
+    with pytest.raises(ValueError, match=r"notes\.txt is not a PyTorch checkpoint"):
+        build("dinov2", checkpoint=str(tmp_path / "notes.txt"))
+    with pytest.raises(FileNotFoundError, match=r"checkpoint .*nowhere\.pth does not exist"):
+        build("dinov2", checkpoint=str(tmp_path / "nowhere.pth"))
 
 
 def test_bad_out_indices_and_images():

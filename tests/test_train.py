@@ -16,7 +16,7 @@ from PIL import Image  # noqa: E402
 from rein.train.data import FolderDataset  # noqa: E402
 from rein.train.loop import main  # noqa: E402
 
-FAST = ["--device", "cpu", "--crop", "64", "--batch-size", "2", "--no-fused"]
+FAST = ["--device", "cpu", "--crop", "64", "--batch-size", "2", "--no-fused", "--workers", "0"]
 
 
 def test_default_synthetic_run_writes_outputs(tmp_path, capsys):

@@ -14,6 +14,7 @@ Layouts handled by the hooks:
 """
 from __future__ import annotations
 
+import os
 import sys
 from collections.abc import Mapping, Sequence
 
@@ -48,20 +49,46 @@ def default_out_indices(num_blocks: int) -> list[int]:
     return [max(0, num_blocks - 4 + i) for i in range(4)]
 
 
-def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Tensor]) -> None:
+def _official_applies(model: nn.Module, state: Mapping[str, Tensor]) -> bool:
+    """The official Rein converter exists for DINOv2 release files (they carry
+    ``mask_token``) and for EVA02; CLIP and SAM have none, so timm's conversion it is."""
+    return "mask_token" in state or type(model).__name__ == "Eva"
+
+
+def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Tensor],
+                         conversion: str = "official") -> None:
     """Load a checkpoint in timm's format or in the original release format (DINOv2's
-    ``dinov2_vit*14_pretrain.pth``, with ``mask_token`` / ``register_tokens``) into a timm
-    model, converting and resampling the patch embedding and position grid with timm's
-    own ``checkpoint_filter_fn`` for that model family. Raises ValueError naming every
-    missing, unexpected or mis-shaped key."""
+    ``dinov2_vit*14_pretrain.pth``, with ``mask_token`` / ``register_tokens``; EVA02's)
+    into a timm model. Patch kernel and position grid are resampled to the model's:
+    ``conversion="official"`` (default) as the official Rein converter does for DINOv2
+    and EVA02 (plain bicubic, see ``convert.py``), so that released Rein weights see the
+    features they were trained on; ``"timm"`` with timm's ``checkpoint_filter_fn``
+    (pseudo-inverse kernel resize, antialiased grid), which is also what other families
+    get. timm's filter then maps the key names. Raises ValueError naming every missing,
+    unexpected or mis-shaped key, and for a file that is not a checkpoint."""
+    from .convert import CONVERSIONS, official_resize
+
+    if conversion not in CONVERSIONS:
+        raise ValueError(f"conversion must be one of {CONVERSIONS}, got {conversion!r}")
     if isinstance(path_or_state, Mapping):
         state = dict(path_or_state)
     else:
-        state = torch.load(path_or_state, map_location="cpu", weights_only=True)
+        if not os.path.isfile(path_or_state):
+            raise FileNotFoundError(f"checkpoint {path_or_state} does not exist (or is not a file)")
+        try:
+            state = torch.load(path_or_state, map_location="cpu", weights_only=True)
+        except Exception as e:  # a text file, a truncated download, a pickle of something else
+            raise ValueError(f"{path_or_state} is not a PyTorch checkpoint torch.load can read "
+                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+        if not isinstance(state, Mapping):
+            raise ValueError(f"{path_or_state} holds a {type(state).__name__}, not a state dict")
     for wrapper in ("model", "state_dict", "module"):
         if wrapper in state and isinstance(state[wrapper], Mapping):
             state = dict(state[wrapper])
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    if conversion == "official" and _official_applies(model, state) and hasattr(model, "patch_embed"):
+        state = official_resize(state, tuple(model.patch_embed.proj.weight.shape[-2:]),
+                                tuple(model.patch_embed.grid_size))
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
@@ -135,11 +162,15 @@ class ReinBackbone(nn.Module):
         query_dims: int = 256,
         fused: bool = True,
         link_token_to_query: bool = True,
+        conversion: str = "official",
         **timm_kwargs,
     ) -> "ReinBackbone":
         """Build timm's ``name`` (``pretrained=False``: nothing downloads), optionally load a
         local checkpoint, freeze it and insert Rein. ``img_size``/``patch_size`` apply to
-        ViT-like models (DINOv2's 14-pixel patches are resampled to 16); ConvNeXt ignores them."""
+        ViT-like models (DINOv2's 14-pixel patches are resampled to 16); ConvNeXt ignores them.
+        ``conversion``: how a release checkpoint's patch kernel and position grid are
+        resampled, "official" (the official Rein converter's, default) or "timm"
+        (see ``load_timm_checkpoint``)."""
         import timm
 
         kwargs = dict(timm_kwargs)
@@ -150,7 +181,7 @@ class ReinBackbone(nn.Module):
                 kwargs.setdefault("dynamic_img_size", True)
         model = timm.create_model(name, pretrained=False, **kwargs)
         if checkpoint is not None:
-            load_timm_checkpoint(model, checkpoint)
+            load_timm_checkpoint(model, checkpoint, conversion)
         family = _family(model)
         rein_kw = dict(token_length=token_length, lora_dim=lora_dim, query_dims=query_dims, fused=fused,
                        link_token_to_query=link_token_to_query)

@@ -11,7 +11,6 @@ evaluation.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
@@ -22,61 +21,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.nn as nn
-import torch.nn.functional as F
 
 import rein_kernels
 
 from ..evaluate import evaluate
 from ..heads import build_head, segmentation_loss
-from .data import CLASSES, DataError, FolderDataset, SyntheticDomain, augment, normalize
-
-RECIPE = dict(crop=512, batch_size=4, max_iters=40000, backbone="vit_large_patch14_dinov2", patch_size=16,
-              warmup_iters=1500)
-SYNTHETIC = dict(crop=128, batch_size=4, max_iters=300, backbone="vit_small_patch14_dinov2", patch_size=8,
-                 warmup_iters=20, depth=4, train_size=400, val_size=12)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="rein-train", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--source", metavar="KIND=PATH", help="source domain, e.g. gtav=/data/gtav")
-    ap.add_argument("--target", metavar="KIND=PATH", action="append", default=[],
-                    help="target domain (repeat): cityscapes=..., bdd100k=..., mapillary=...")
-    ap.add_argument("--out", default="runs/rein", help="output folder (checkpoint, metrics.json, loss.png)")
-    ap.add_argument("--max-iters", type=int, help="iterations (recipe 40000; synthetic 300)")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    ap.add_argument("--backbone", help="timm model name (recipe vit_large_patch14_dinov2)")
-    ap.add_argument("--checkpoint", help="local backbone weights (timm or DINOv2 release format)")
-    ap.add_argument("--head", choices=["light", "query"], default="light")
-    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
-                    help="Rein's Triton kernels (default) or the PyTorch reference")
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
-    ap.add_argument("--crop", type=int)
-    ap.add_argument("--batch-size", type=int, help="global batch")
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--weight-decay", type=float, default=0.05)
-    ap.add_argument("--warmup-iters", type=int, help="linear warm-up (default: 1500, at most max_iters / 10)")
-    ap.add_argument("--ckpt-interval", type=int, help="iterations between checkpoints (default: max_iters / 10)")
-    ap.add_argument("--seed", type=int, default=0)
-    ap.add_argument("--stop-at", type=int, help=argparse.SUPPRESS)  # tests: stop as if interrupted
-    args = ap.parse_args(argv)
-    args.synthetic = args.source is None
-    if args.synthetic and args.target:
-        ap.error("--target needs --source (without data flags the synthetic domains are used)")
-    defaults = SYNTHETIC if args.synthetic else RECIPE
-    for k in ("crop", "batch_size", "max_iters", "backbone"):
-        if getattr(args, k) is None:
-            setattr(args, k, defaults[k])
-    user_backbone = args.backbone != defaults["backbone"]
-    args.patch_size = RECIPE["patch_size"] if user_backbone else defaults["patch_size"]
-    args.timm_kwargs = {} if (user_backbone or not args.synthetic) else {"depth": SYNTHETIC["depth"]}
-    if args.warmup_iters is None:
-        args.warmup_iters = min(defaults["warmup_iters"], max(1, args.max_iters // 10))
-    args.ckpt_interval = args.ckpt_interval or max(1, args.max_iters // 10)
-    if args.max_iters < 1 or args.batch_size < 1 or args.crop < args.patch_size:
-        ap.error("--max-iters and --batch-size must be positive and --crop at least one patch")
-    return args
+from .config import SYNTHETIC, UsageError, parse_args, resume_mismatches, validate, warnings_for
+from .data import CLASSES, DataError, FolderDataset, SyntheticDomain, TrainBatches, train_loader
 
 
 def _parse_domain(spec: str, split: str):
@@ -119,9 +70,14 @@ def build_model(args, device) -> Segmentor:
     from ..backbones import ReinBackbone
 
     torch.manual_seed(args.seed)
-    bb = ReinBackbone.from_timm(args.backbone, checkpoint=args.checkpoint, img_size=args.crop,
-                                patch_size=args.patch_size, fused=args.fused,
-                                link_token_to_query=args.head == "query", **args.timm_kwargs)
+    try:
+        bb = ReinBackbone.from_timm(args.backbone, checkpoint=args.checkpoint, img_size=args.crop,
+                                    patch_size=args.patch_size, fused=args.fused, conversion=args.conversion,
+                                    link_token_to_query=args.head == "query", **args.timm_kwargs)
+    except (FileNotFoundError, ValueError) as e:
+        if args.checkpoint is None:
+            raise
+        raise UsageError(f"--checkpoint {args.checkpoint}: {e}") from None
     with torch.no_grad():
         feats, _ = _features_and_queries(bb(torch.zeros(1, 3, args.crop, args.crop)))
     head = build_head(args.head, [f.shape[1] for f in feats], len(CLASSES))
@@ -151,22 +107,6 @@ def lr_at(it: int, args) -> float:
         return args.lr * (it + 1) / args.warmup_iters
     progress = (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
     return args.lr * (1 - progress) ** 0.9
-
-
-def make_batch(dataset, it: int, rank: int, world: int, args, device):
-    """The global batch of iteration ``it`` is a pure function of (seed, it): a resumed or
-    distributed run sees exactly the same samples and augmentations."""
-    gen = torch.Generator().manual_seed(args.seed * 1_000_003 + it)
-    idx = torch.randint(0, len(dataset), (args.batch_size,), generator=gen).tolist()
-    seeds = torch.randint(0, 2**62, (args.batch_size,), generator=gen).tolist()
-    per = args.batch_size // world
-    imgs, lbls = [], []
-    for i, s in zip(idx[rank * per:(rank + 1) * per], seeds[rank * per:(rank + 1) * per]):
-        img, lbl = dataset[i]
-        img, lbl = augment(img, lbl, args.crop, torch.Generator().manual_seed(s))
-        imgs.append(normalize(img))
-        lbls.append(lbl)
-    return torch.stack(imgs).to(device), torch.stack(lbls).to(device)
 
 
 def _autocast(args, device):
@@ -209,69 +149,52 @@ def _setup_distributed(args):
         dev = torch.device("cpu")
     dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
     if args.batch_size % world:
-        raise SystemExit(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
+        raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     return rank, world, dev
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    rank, world, device = _setup_distributed(args)
-    out = Path(args.out)
-    main_proc = rank == 0
+def _load_resume(args, out: Path):
+    """The checkpoint to resume from (None without --resume), after checking that the flags
+    that shape the model and the schedule are the ones it was trained with."""
+    if not args.resume:
+        return None
+    path = out / "checkpoint.pth"
+    if not path.is_file():
+        raise UsageError(f"--resume but no checkpoint at {path}")
     try:
-        train_set, val_sets = build_data(args)
-    except DataError as e:
-        print(f"rein-train: {e}", file=sys.stderr)
-        return 2
-    if args.resume and not (out / "checkpoint.pth").is_file():
-        print(f"rein-train: --resume but no checkpoint at {out / 'checkpoint.pth'}", file=sys.stderr)
-        return 2
-    if args.fused and not rein_kernels.is_available(torch.empty(0, device=device)):
-        if main_proc:
-            print(f"rein-train: Rein's fused kernels need a CUDA GPU; on {device.type} this run uses the "
-                  "PyTorch reference path (same numbers, slower)")
-        args.fused = False
-    if main_proc:
-        out.mkdir(parents=True, exist_ok=True)
-        if args.synthetic:
-            print("rein-train: SYNTHETIC data (procedurally generated by this package, no downloads) and a "
-                  f"random-weight {args.backbone} (depth {SYNTHETIC['depth']}, patch {args.patch_size}): the "
-                  "numbers show the pipeline working, not Rein's accuracy.")
-        print(f"rein-train: {train_set.name} -> {', '.join(v.name for v in val_sets)}; {args.max_iters} iters, "
-              f"batch {args.batch_size}, crop {args.crop}, {args.backbone}, head {args.head}, "
-              f"{'fused' if args.fused else 'reference'} Rein, device {device}, {world} process(es)")
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        saved = ck["config"]
+    except Exception as e:
+        raise UsageError(f"--resume: {path} is not a checkpoint this command wrote ({type(e).__name__}: {e})") from None
+    diff = resume_mismatches(saved, args)
+    if diff and not args.force_resume:
+        raise UsageError(f"--resume with flags that change the run: {'; '.join(diff)}. Use the checkpoint's "
+                         "flags, another --out, or add --force-resume to continue anyway")
+    return ck
 
-    model = build_model(args, device)
-    model.train()
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
-    start, losses = 0, []
-    if args.resume:
-        ck = torch.load(out / "checkpoint.pth", map_location=device, weights_only=False)
-        model.backbone.load_rein_state_dict(ck["rein"])
-        model.head.load_state_dict(ck["head"])
-        opt.load_state_dict(ck["optimizer"])
-        start, losses = ck["iteration"], list(ck["losses"])
-    if world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
-    else:
-        ddp = model
 
-    def checkpoint(it):
-        if main_proc:
-            _save(out / "checkpoint.pth", {
-                "rein": model.backbone.rein_state_dict(), "head": model.head.state_dict(),
-                "optimizer": opt.state_dict(), "iteration": it, "losses": losses,
-                "config": {k: v for k, v in vars(args).items() if k not in ("resume", "stop_at")}})
-
+def _train(args, model, ddp, opt, train_set, rank, world, device, start, losses, checkpoint, main_proc):
+    """The training iterations; returns None, or the message of a file that could not be
+    read (after saving a resumable checkpoint at the iteration it stopped at)."""
     from tqdm import tqdm
 
+    batches = TrainBatches(train_set, args.batch_size, args.crop, args.seed, rank, world)
+    loader = train_loader(batches, start, args.max_iters, args.workers, pin_memory=device.type == "cuda")
     bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, disable=not main_proc,
                desc="train", dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
-    t0 = time.time()
+    waited = total = 0.0
+    it_loader = iter(loader)
     for it in bar:
+        t0 = time.perf_counter()
+        batch = next(it_loader)
+        t1 = time.perf_counter()
+        if isinstance(batch, dict):  # a file could not be read: keep what was trained
+            checkpoint(it)
+            bar.close()
+            return batch["error"]
+        images, labels = (t.to(device, non_blocking=True) for t in batch)
         for g in opt.param_groups:
             g["lr"] = lr_at(it, args)
-        images, labels = make_batch(train_set, it, rank, world, args, device)
         with _autocast(args, device):
             head_out = ddp(images)
         # Mean over the valid pixels of the whole global batch, so that DDP (which averages
@@ -290,27 +213,106 @@ def main(argv=None) -> int:
         losses.append(float(value))
         if not math.isfinite(losses[-1]):
             raise FloatingPointError(f"loss became {losses[-1]} at iteration {it}")
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(it, args):.2e}")
+        waited += t1 - t0
+        total += time.perf_counter() - t0
+        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(it, args):.2e}", data=f"{waited / total:.0%}")
         done = it + 1
         if done % args.ckpt_interval == 0 or done == args.max_iters:
             checkpoint(done)
         if args.stop_at is not None and done >= args.stop_at:
-            bar.close()
-            if world > 1:
-                dist.destroy_process_group()
-            return 0
+            break
     bar.close()
+    if main_proc and total:
+        print(f"rein-train: {waited / total:.0%} of the step time was spent waiting for data "
+              f"({args.workers} loader workers)")
+    return None
 
+
+def main(argv=None) -> int:
+    args = parse_args(argv, __doc__)
+    out = Path(args.out)
+    try:
+        validate(args)
+        rank, world, device = _setup_distributed(args)
+        train_set, val_sets = build_data(args)
+        ck = _load_resume(args, out)
+        if args.fused and not rein_kernels.is_available(torch.empty(0, device=device)):
+            if rank == 0:
+                print(f"rein-train: Rein's fused kernels need a CUDA GPU; on {device.type} this run uses the "
+                      "PyTorch reference path (same numbers, slower)")
+            args.fused = False
+        model = build_model(args, device)
+    except (UsageError, DataError) as e:
+        print(f"rein-train: {e}", file=sys.stderr)
+        return 2
+    main_proc = rank == 0
+    if main_proc:
+        for note in warnings_for(args):
+            print(f"rein-train: WARNING: {note}", file=sys.stderr)
+        out.mkdir(parents=True, exist_ok=True)
+        if args.synthetic:
+            print("rein-train: SYNTHETIC data (procedurally generated by this package, no downloads) and a "
+                  f"random-weight {args.backbone} (depth {SYNTHETIC['depth']}, patch {args.patch_size}): the "
+                  "numbers show the pipeline working, not Rein's accuracy.")
+        print(f"rein-train: {train_set.name} -> {', '.join(v.name for v in val_sets)}; {args.max_iters} iters, "
+              f"batch {args.batch_size}, crop {args.crop}, {args.backbone}, head {args.head}, "
+              f"{'fused' if args.fused else 'reference'} Rein, device {device}, {world} process(es), "
+              f"{args.workers} loader workers")
+
+    model.train()
+    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    start, losses = 0, []
+    if ck is not None:
+        model.backbone.load_rein_state_dict({k: v.to(device) for k, v in ck["rein"].items()})
+        model.head.load_state_dict(ck["head"])
+        opt.load_state_dict(ck["optimizer"])
+        start, losses = ck["iteration"], list(ck["losses"])
+    if world > 1:
+        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+    else:
+        ddp = model
+
+    def checkpoint(it):
+        if main_proc:
+            _save(out / "checkpoint.pth", {
+                "rein": model.backbone.rein_state_dict(), "head": model.head.state_dict(),
+                "optimizer": opt.state_dict(), "iteration": it, "losses": losses,
+                "config": {k: v for k, v in vars(args).items() if k not in ("resume", "force_resume", "stop_at")}})
+
+    t0 = time.time()
+    bad_file = _train(args, model, ddp, opt, train_set, rank, world, device, start, losses, checkpoint, main_proc)
+    if bad_file is not None:
+        if main_proc:
+            print(f"rein-train: {bad_file}. Saved a resumable checkpoint at iteration "
+                  f"{len(losses)} in {out / 'checkpoint.pth'}; fix the file, then run again with --resume",
+                  file=sys.stderr)
+        if world > 1:
+            dist.destroy_process_group()
+        return 2
+    if args.stop_at is not None and len(losses) < args.max_iters:
+        if world > 1:
+            dist.destroy_process_group()
+        return 0
+
+    failed = []
     if main_proc:
         metrics = {}
         for ds in val_sets:
-            metrics[ds.name] = evaluate(model, ds, args.crop, device, autocast=lambda: _autocast(args, device))
-            print(f"  {ds.name:28s} mIoU {metrics[ds.name]['mIoU']:6.2f}")
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1))
+            try:
+                metrics[ds.name] = evaluate(model, ds, args.crop, device, autocast=lambda: _autocast(args, device))
+                miou = metrics[ds.name]["mIoU"]
+                print(f"  {ds.name:28s} mIoU {'n/a' if miou is None else f'{miou:6.2f}'}")
+            except DataError as e:  # keep the finished training and every other domain's numbers
+                metrics[ds.name] = {"mIoU": None, "error": str(e)}
+                failed.append(str(e))
+        (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
         _plot_losses(losses, out / "loss.png")
         print(f"rein-train: {args.max_iters - start} iterations in {time.time() - t0:.0f} s; wrote "
               f"{out / 'checkpoint.pth'} (Rein + head only), {out / 'metrics.json'}, {out / 'loss.png'}")
+        for msg in failed:
+            print(f"rein-train: evaluation stopped on a bad file: {msg}. The other domains' metrics and the "
+                  "trained checkpoint are saved", file=sys.stderr)
     if world > 1:
         dist.barrier()
         dist.destroy_process_group()
-    return 0
+    return 2 if failed else 0

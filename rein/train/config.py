@@ -1,0 +1,123 @@
+"""The training command's flags: parsing, defaults (synthetic or the published recipe) and
+every check that can be made before anything is written."""
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+import torch
+
+RECIPE = dict(crop=512, batch_size=4, max_iters=40000, backbone="vit_large_patch14_dinov2", patch_size=16,
+              warmup_iters=1500)
+SYNTHETIC = dict(crop=128, batch_size=4, max_iters=300, backbone="vit_small_patch14_dinov2", patch_size=8,
+                 warmup_iters=20, depth=4, train_size=400, val_size=12)
+# Flags that change the model or the schedule: a resumed run must keep them.
+RESUME_KEYS = ("source", "backbone", "checkpoint", "conversion", "head", "crop", "batch_size", "max_iters", "lr",
+               "weight_decay", "warmup_iters", "seed", "amp", "patch_size")
+
+
+class UsageError(ValueError):
+    """A flag that cannot work: reported in one line, before anything is written."""
+
+
+def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
+    ap = argparse.ArgumentParser(prog="rein-train", description=description,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--source", metavar="KIND=PATH", help="source domain, e.g. gtav=/data/gtav")
+    ap.add_argument("--target", metavar="KIND=PATH", action="append", default=[],
+                    help="target domain (repeat): cityscapes=..., bdd100k=..., mapillary=...")
+    ap.add_argument("--out", default="runs/rein", help="output folder (checkpoint, metrics.json, loss.png)")
+    ap.add_argument("--max-iters", type=int, help="iterations (recipe 40000; synthetic 300)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    ap.add_argument("--backbone", help="timm model name (recipe vit_large_patch14_dinov2)")
+    ap.add_argument("--checkpoint", help="local backbone weights (timm or DINOv2/EVA02 release format)")
+    ap.add_argument("--conversion", choices=["official", "timm"], default="official",
+                    help="how a release checkpoint's 14-pixel patch kernel and position grid are resampled: "
+                         "as the official Rein converter (default; what released Rein weights were trained on) "
+                         "or as timm does")
+    ap.add_argument("--head", choices=["light", "query"], default="light")
+    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                    help="Rein's Triton kernels (default) or the PyTorch reference")
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast")
+    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
+    ap.add_argument("--force-resume", action="store_true",
+                    help="with --resume: continue even though flags that change the model or schedule differ "
+                         "from the checkpoint's (the run then is not the one the checkpoint started)")
+    ap.add_argument("--crop", type=int)
+    ap.add_argument("--batch-size", type=int, help="global batch")
+    ap.add_argument("--workers", type=int, help="data loading processes (default: from the CPU count)")
+    ap.add_argument("--lr", type=float, default=1e-4)
+    ap.add_argument("--weight-decay", type=float, default=0.05)
+    ap.add_argument("--warmup-iters", type=int, help="linear warm-up (default: 1500, at most max_iters / 10)")
+    ap.add_argument("--ckpt-interval", type=int, help="iterations between checkpoints (default: max_iters / 10)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--stop-at", type=int, help=argparse.SUPPRESS)  # tests: stop as if interrupted
+    args = ap.parse_args(argv)
+    args.synthetic = args.source is None
+    if args.synthetic and args.target:
+        ap.error("--target needs --source (without data flags the synthetic domains are used)")
+    defaults = SYNTHETIC if args.synthetic else RECIPE
+    for k in ("crop", "batch_size", "max_iters", "backbone"):
+        if getattr(args, k) is None:
+            setattr(args, k, defaults[k])
+    user_backbone = args.backbone != defaults["backbone"]
+    args.patch_size = RECIPE["patch_size"] if user_backbone else defaults["patch_size"]
+    args.timm_kwargs = {} if (user_backbone or not args.synthetic) else {"depth": SYNTHETIC["depth"]}
+    if args.warmup_iters is None:
+        args.warmup_iters = min(defaults["warmup_iters"], max(1, args.max_iters // 10))
+    args.ckpt_interval = args.ckpt_interval or max(1, args.max_iters // 10)
+    if args.workers is None:
+        args.workers = min(8, max(0, (os.cpu_count() or 1) - 1))
+    if args.max_iters < 1 or args.batch_size < 1 or args.crop < args.patch_size or args.workers < 0:
+        ap.error("--max-iters and --batch-size must be positive, --crop at least one patch, --workers >= 0")
+    return args
+
+
+def validate(args) -> None:
+    """Every check of the flags alone; raises UsageError naming the flag and the fix."""
+    out = Path(args.out)
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder (it will hold checkpoint.pth, metrics.json, loss.png)")
+    try:
+        device = torch.device(args.device) if args.device else None
+    except RuntimeError as e:
+        raise UsageError(f"--device {args.device!r} is not a device: {e}") from None
+    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but this machine has no CUDA GPU torch can use; use --device cpu")
+    import timm
+
+    if not timm.is_model(args.backbone):
+        near = timm.list_models(f"*{args.backbone.split('_')[0]}*")[:5]
+        hint = f" (similar: {', '.join(near)})" if near else ""
+        raise UsageError(f"--backbone {args.backbone!r} is not a timm model name{hint}")
+    stride = 32 if args.backbone.startswith("convnext") else args.patch_size
+    if args.crop % stride:
+        raise UsageError(f"--crop {args.crop} is not a multiple of the backbone's {stride}-pixel "
+                         f"{'stride' if stride == 32 else 'patch'}; e.g. --crop {max(stride, args.crop // stride * stride)}")
+    if args.checkpoint is not None and not Path(args.checkpoint).is_file():
+        raise UsageError(f"--checkpoint {args.checkpoint} does not exist (or is not a file)")
+    try:
+        import matplotlib  # noqa: F401  (loss.png is written after training: fail now, not then)
+    except ImportError:
+        raise UsageError("matplotlib is needed to write loss.png: pip install matplotlib "
+                         "(or pip install -e '.[train]')") from None
+
+
+def warnings_for(args) -> list[str]:
+    """Legal but probably unintended: the command prints these loudly at the start."""
+    notes = []
+    if not args.synthetic and args.checkpoint is None:
+        notes.append(f"no --checkpoint: the {args.backbone} backbone keeps its RANDOM initialisation, so the "
+                     "features Rein adapts mean nothing and the mIoU will be near chance; pass the pretrained "
+                     "weights (e.g. --checkpoint dinov2_vitl14_pretrain.pth)")
+    if not args.synthetic and not args.target:
+        notes.append("no --target: nothing will be evaluated and metrics.json will be empty")
+    return notes
+
+
+def resume_mismatches(saved: dict, args) -> list[str]:
+    """Flags that change the model or the schedule and differ from the checkpoint's."""
+    now = vars(args)
+    return [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now.get(k)!r}" for k in RESUME_KEYS
+            if k in saved and saved.get(k) != now.get(k)]

@@ -1,0 +1,184 @@
+"""The training command on bad input: one clear line naming the flag or file, exit code 2,
+nothing half-written, and nothing lost when a bad file turns up mid-run."""
+import json
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("timm")
+from PIL import Image  # noqa: E402
+
+from rein.train.loop import main  # noqa: E402
+from test_train import FAST, make_fixtures  # noqa: E402
+
+TINY = ["--backbone", "vit_small_patch14_dinov2"]
+
+
+def run(capsys, *argv):
+    rc = main(list(argv))
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
+
+
+def _one_line_error(err: str, *needles: str) -> None:
+    lines = [line for line in err.splitlines() if line.startswith("rein-train:") and "WARNING" not in line]
+    assert len(lines) == 1, err
+    assert "Traceback" not in err
+    for n in needles:
+        assert n in lines[0], lines[0]
+
+
+@pytest.mark.parametrize("argv,needles", [
+    (["--backbone", "vit_tiny_not_a_model"], ["--backbone", "not a timm model name"]),
+    (["--crop", "60"], ["--crop 60", "multiple", "8-pixel patch"]),
+    (["--checkpoint", "/nowhere/weights.pth"], ["--checkpoint /nowhere/weights.pth", "does not exist"]),
+])
+def test_bad_flags_fail_before_writing(tmp_path, capsys, argv, needles):
+    out = tmp_path / "o"
+    rc, _, err = run(capsys, "--max-iters", "1", "--out", str(out), *FAST, *argv)
+    assert rc == 2
+    _one_line_error(err, *needles)
+    assert not out.exists()
+
+
+def test_out_naming_a_file(tmp_path, capsys):
+    f = tmp_path / "results.txt"
+    f.write_text("keep me")
+    rc, _, err = run(capsys, "--max-iters", "1", "--out", str(f), *FAST)
+    assert rc == 2
+    _one_line_error(err, f"--out {f} is a file")
+    assert f.read_text() == "keep me"
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="checks the message on a machine without a GPU")
+def test_device_cuda_without_gpu(tmp_path, capsys):
+    rc, _, err = run(capsys, "--max-iters", "1", "--out", str(tmp_path / "o"), *FAST, "--device", "cuda")
+    assert rc == 2
+    _one_line_error(err, "--device cuda", "no CUDA GPU", "--device cpu")
+
+
+def test_checkpoint_that_is_text_or_has_wrong_keys(tmp_path, capsys):
+    roots = make_fixtures(tmp_path / "data")
+    base = ["--source", f"gtav={roots['gtav']}", *TINY, "--max-iters", "1", "--out", str(tmp_path / "o"), *FAST]
+    text = tmp_path / "weights.pth"
+    text.write_text("this is not a checkpoint")
+    rc, _, err = run(capsys, *base, "--checkpoint", str(text))
+    assert rc == 2
+    _one_line_error(err, f"--checkpoint {text}", "not a PyTorch checkpoint")
+    wrong = tmp_path / "wrong.pth"
+    torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, wrong)
+    rc, _, err = run(capsys, *base, "--checkpoint", str(wrong))
+    assert rc == 2
+    _one_line_error(err, f"--checkpoint {wrong}", "missing keys", "shape mismatches")
+    assert not (tmp_path / "o").exists()
+
+
+def test_matplotlib_missing_fails_at_start(tmp_path, capsys, monkeypatch):
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import matplotlib -> ImportError
+    rc, _, err = run(capsys, "--max-iters", "1", "--out", str(tmp_path / "o"), *FAST)
+    assert rc == 2
+    _one_line_error(err, "matplotlib is needed", "pip install")
+    assert not (tmp_path / "o").exists()
+
+
+def test_resume_refuses_flags_that_change_the_run(tmp_path, capsys):
+    out = str(tmp_path / "run")
+    common = ["--ckpt-interval", "1", *FAST, "--out", out]
+    assert main(["--max-iters", "4", "--stop-at", "2", *common]) == 0
+    rc, _, err = run(capsys, "--max-iters", "6", "--resume", *common)
+    assert rc == 2
+    _one_line_error(err, "--resume", "--max-iters 4 -> 6", "--force-resume")
+    rc, _, err = run(capsys, "--max-iters", "4", "--resume", "--head", "query", *common)
+    assert rc == 2
+    _one_line_error(err, "--head 'light' -> 'query'")
+    assert torch.load(Path(out) / "checkpoint.pth", weights_only=False)["iteration"] == 2  # untouched
+    assert main(["--max-iters", "6", "--resume", "--force-resume", *common]) == 0
+    assert torch.load(Path(out) / "checkpoint.pth", weights_only=False)["iteration"] == 6
+
+
+def test_real_data_warns_about_random_backbone_and_missing_target(tmp_path, capsys):
+    roots = make_fixtures(tmp_path / "data")
+    rc, _, err = run(capsys, "--source", f"gtav={roots['gtav']}", *TINY, "--max-iters", "1",
+                     "--out", str(tmp_path / "o"), *FAST)
+    assert rc == 0
+    assert "WARNING: no --checkpoint" in err and "RANDOM initialisation" in err
+    assert "WARNING: no --target" in err
+    assert json.loads((tmp_path / "o" / "metrics.json").read_text()) == {}
+
+
+def _truncate(path: Path) -> None:
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+
+
+def test_corrupt_training_image_saves_a_checkpoint_and_names_the_file(tmp_path, capsys):
+    roots = make_fixtures(tmp_path / "data")
+    for p in (roots["gtav"] / "images").glob("*.png"):
+        _truncate(p)  # headers intact: only decoding finds it, at iteration 0
+    out = tmp_path / "o"
+    args = ["--source", f"gtav={roots['gtav']}", *TINY, "--max-iters", "3", "--out", str(out), *FAST]
+    rc, _, err = run(capsys, *args)
+    assert rc == 2
+    _one_line_error(err, "cannot read image", str(roots["gtav"] / "images"), "--resume")
+    ck = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert ck["iteration"] == 0
+    make_fixtures(tmp_path / "data")  # the files are fixed: the run resumes and finishes
+    assert main([*args, "--resume"]) == 0
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["iteration"] == 3
+
+
+def test_unknown_label_found_mid_run(tmp_path, capsys):
+    """Ids are sampled before training (every other file here); the rest is checked as it loads."""
+    roots = make_fixtures(tmp_path / "data")
+    lbl = np.asarray(Image.open(roots["gtav"] / "labels" / "00000.png"))
+    img = Image.open(roots["gtav"] / "images" / "00000.png")
+    bad = lbl.copy()
+    bad[0, 0] = 200
+    for i in range(2, 70):
+        img.save(roots["gtav"] / "images" / f"{i:05d}.png")
+        Image.fromarray(bad if i % 2 else lbl, mode="L").save(roots["gtav"] / "labels" / f"{i:05d}.png")
+    out = tmp_path / "o"
+    rc, _, err = run(capsys, "--source", f"gtav={roots['gtav']}", *TINY, "--max-iters", "6", "--out", str(out),
+                     *FAST)
+    assert rc == 2
+    _one_line_error(err, "unknown ids [200]", "Saved a resumable checkpoint")
+    assert (out / "checkpoint.pth").exists()
+
+
+def test_bad_target_file_keeps_the_training_and_other_domains(tmp_path, capsys):
+    roots = make_fixtures(tmp_path / "data")
+    bad = next((roots["cityscapes"] / "leftImg8bit" / "val").glob("*/*.png"))
+    _truncate(bad)
+    out = tmp_path / "o"
+    rc, _, err = run(capsys, "--source", f"gtav={roots['gtav']}", "--target", f"cityscapes={roots['cityscapes']}",
+                     "--target", f"bdd100k={roots['bdd100k']}", *TINY, "--max-iters", "2", "--out", str(out), *FAST)
+    assert rc == 2
+    _one_line_error(err, "evaluation stopped on a bad file", str(bad))
+    metrics = json.loads((out / "metrics.json").read_text())  # strict JSON: json.loads would take NaN too,
+    assert "NaN" not in (out / "metrics.json").read_text()   # so check the text
+    assert metrics["cityscapes"]["mIoU"] is None and str(bad) in metrics["cityscapes"]["error"]
+    assert isinstance(metrics["bdd100k"]["mIoU"], float)
+    assert torch.load(out / "checkpoint.pth", weights_only=False)["iteration"] == 2
+
+
+def test_loader_workers_give_the_same_run(tmp_path):
+    """Batches are a function of (seed, iteration, rank) alone: 1 or 2 worker processes give
+    the same losses bit for bit, and a run interrupted and resumed with workers too. In the
+    main process (0 workers) torch's reductions use more threads, so the images differ in
+    the last bit: the losses agree to 1e-6."""
+    def losses(out):
+        return torch.load(out / "checkpoint.pth", weights_only=False)["losses"]
+
+    common = ["--max-iters", "4", "--ckpt-interval", "2", *FAST]
+    runs = {w: tmp_path / f"w{w}" for w in (0, 1, 2)}
+    for w, out in runs.items():
+        assert main([*common, "--out", str(out), "--workers", str(w)]) == 0
+    assert losses(runs[1]) == losses(runs[2])
+    assert losses(runs[0]) == pytest.approx(losses(runs[2]), rel=1e-6)
+    resumed = tmp_path / "resumed"
+    assert main([*common, "--out", str(resumed), "--workers", "2", "--stop-at", "2"]) == 0
+    assert main([*common, "--out", str(resumed), "--workers", "2", "--resume"]) == 0
+    assert losses(resumed) == losses(runs[2])
