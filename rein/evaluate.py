@@ -3,9 +3,12 @@
 ``ConfusionMatrix`` accumulates (label, prediction) counts over the 19 Cityscapes train
 classes (ignore 255) and reports IoU per class and their mean, as the DGSS literature.
 
-``slide_predict`` places windows the way mmseg's ``slide_inference`` does: a start every
+``slide_scores`` places windows the way mmseg's ``slide_inference`` does: a start every
 ``stride`` pixels, the last window clamped to the border, scores of overlapping windows
-averaged, so that every pixel is predicted by at least one window.
+averaged, so that every pixel is predicted by at least one window. ``evaluate`` follows
+the official test pipelines: each image resized keeping its ratio to fit (1024, 512)
+(Cityscapes, Mapillary) or (1280, 720) (GTAV, BDD100K), slide 512 / stride 341 there,
+scores resized back to the label's full resolution.
 """
 from __future__ import annotations
 
@@ -55,9 +58,23 @@ def window_starts(size: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, size - crop) for i in range(n)]
 
 
+# The official test pipelines resize each image, keeping its ratio, to fit this (long,
+# short) scale before the sliding window; labels stay at full resolution.
+EVAL_SCALE = {"cityscapes": (1024, 512), "mapillary": (1024, 512), "gtav": (1280, 720), "bdd100k": (1280, 720)}
+
+
+def fit_scale(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
+    """mmcv's keep-ratio rescale: the largest size with the image's ratio whose long edge is
+    at most scale[0] and short edge at most scale[1] (factor = min(long/long, short/short)),
+    rounded as mmcv does (int(x * factor + 0.5))."""
+    long_, short = max(scale), min(scale)
+    factor = min(long_ / max(h, w), short / min(h, w))
+    return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
 @torch.no_grad()
-def slide_predict(model: nn.Module, img: torch.Tensor, crop: int, stride: int | None = None) -> torch.Tensor:
-    """Per-pixel labels [B, H, W] for normalised images [B, 3, H, W]: windows of ``crop``
+def slide_scores(model: nn.Module, img: torch.Tensor, crop: int, stride: int | None = None) -> torch.Tensor:
+    """Class scores [B, K, H, W] for normalised images [B, 3, H, W]: windows of ``crop``
     every ``stride`` (default 2/3 crop: 341 for 512, the official test_cfg), scores of
     overlapping windows averaged. Images smaller than one window are padded at the
     bottom and right and the padding is cut off again."""
@@ -76,19 +93,46 @@ def slide_predict(model: nn.Module, img: torch.Tensor, crop: int, stride: int | 
             scores[:, :, y:y + crop, x0:x0 + crop] += out
             count[:, :, y:y + crop, x0:x0 + crop] += 1
     assert count.min() > 0, "a pixel no window covered"
-    return (scores / count)[:, :, :H, :W].argmax(1)
+    return (scores / count)[:, :, :H, :W]
 
 
-def evaluate(model: nn.Module, dataset, crop: int, device, autocast=None, stride: int | None = None) -> dict:
-    """mIoU and per-class IoU of ``model`` on every image of ``dataset`` (labels at full
-    resolution); ``autocast`` is a context-manager factory for the forward passes."""
+def slide_predict(model: nn.Module, img: torch.Tensor, crop: int, stride: int | None = None) -> torch.Tensor:
+    """Per-pixel labels [B, H, W]: the argmax of ``slide_scores``."""
+    return slide_scores(model, img, crop, stride).argmax(1)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, img: torch.Tensor, crop: int, scale: tuple[int, int] | None = None,
+            stride: int | None = None) -> torch.Tensor:
+    """Labels [B, H, W] at the image's own resolution, by the official test protocol: the
+    image (normalised, [B, 3, H, W]) resized keeping its ratio to fit ``scale`` (bilinear;
+    None: as it is), slide-window scores there, resized back bilinearly, argmax."""
+    H, W = img.shape[-2:]
+    if scale is not None:
+        size = fit_scale(H, W, scale)
+        if size != (H, W):
+            img = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
+    scores = slide_scores(model, img, crop, stride)
+    if scores.shape[-2:] != (H, W):
+        scores = F.interpolate(scores, size=(H, W), mode="bilinear", align_corners=False)
+    return scores.argmax(1)
+
+
+def evaluate(model: nn.Module, dataset, crop: int, device, autocast=None, stride: int | None = None,
+             scale: tuple[int, int] | None = None) -> dict:
+    """mIoU and per-class IoU of ``model`` on every image of ``dataset``, labels at full
+    resolution; ``scale``: the test resize (default: the official one for the dataset's
+    kind, ``EVAL_SCALE``; synthetic domains are used as they are); ``autocast``: a
+    context-manager factory for the forward passes."""
+    if scale is None:
+        scale = EVAL_SCALE.get(getattr(dataset, "kind", None))
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix()
     for i in range(len(dataset)):
         img, lbl = dataset[i]
         with autocast() if autocast else contextlib.nullcontext():
-            pred = slide_predict(model, normalize(img)[None].to(device), crop, stride)
+            pred = predict(model, normalize(img)[None].to(device), crop, scale, stride)
         cm.update(pred[0], lbl.to(device))
     model.train(was_training)
     return cm.summary()

@@ -74,3 +74,33 @@ def test_evaluate_through_the_dataset_path():
     metrics = evaluate(model, Images(), 512, "cpu")
     assert metrics["mIoU"] == 100.0
     assert all(v in (None, 100.0) for v in metrics["per_class"].values())
+
+
+def test_official_test_resize():
+    from rein.evaluate import EVAL_SCALE, fit_scale
+
+    assert fit_scale(1024, 2048, EVAL_SCALE["cityscapes"]) == (512, 1024)
+    assert fit_scale(1052, 1914, EVAL_SCALE["gtav"]) == (704, 1280)
+    assert fit_scale(720, 1280, EVAL_SCALE["bdd100k"]) == (720, 1280)
+    assert fit_scale(1512, 2016, EVAL_SCALE["mapillary"]) == (512, 683)
+
+
+def test_predict_resizes_then_returns_full_resolution_labels():
+    from rein.evaluate import predict
+
+    # two halves of different classes: exact at full resolution after a down- and up-resize
+    H, W = 1052, 1914
+    label = torch.zeros(1, H, W, dtype=torch.long)
+    label[:, :, W // 2:] = 7
+    img = ((label.float() / 255 - MEAN[0]) / STD[0])[:, None].expand(1, 3, H, W)
+    seen = []
+
+    class Counting(Oracle):
+        def forward(self, x):
+            seen.append(x.shape[-2:])
+            return super().forward(x)
+
+    pred = predict(Counting(), img, 512, scale=(1280, 720))
+    assert pred.shape == (1, H, W)
+    assert (pred == label).float().mean() > 0.999  # only the border column may blur
+    assert len(seen) == 2 * 4  # windows over 704 x 1280 (not 3 x 6 over 1052 x 1914)

@@ -134,8 +134,13 @@ def test_loaders_map_to_cityscapes_train_ids(tmp_path, kind, split):
     ds.check()
     assert len(ds) == 2
     img, lbl = ds[0]
-    assert img.shape == (3, 24, 40) and 0 <= img.min() and img.max() <= 1
-    assert lbl[0, :8].tolist() == EXPECTED[kind]
+    if kind == "mapillary":  # validated at half resolution, as the official protocol
+        assert img.shape == (3, 12, 20) and lbl.shape == (12, 20)
+        assert lbl[0, :4].tolist() == EXPECTED[kind][1::2]  # PIL nearest samples the pixel centres
+    else:
+        assert img.shape == (3, 24, 40) and lbl.shape == (24, 40)
+        assert lbl[0, :8].tolist() == EXPECTED[kind]
+    assert 0 <= img.min() and img.max() <= 1
 
 
 def test_train_on_real_layouts(tmp_path):
@@ -185,3 +190,57 @@ def test_ddp_two_processes_match_one(tmp_path):
     assert len(m1) == len(m2) > 10
     for a, b in zip(m1, m2):
         torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item() + 1e-12)
+
+
+# Mapillary Vistas v1.2 class names by id (config_v1.2.json's "readable" names, as listed by
+# detectron2/Mask2Former's MAPILLARY_VISTAS_SEM_SEG_CATEGORIES; 65 = Unlabeled).
+MAPILLARY_V12 = [
+    "Bird", "Ground Animal", "Curb", "Fence", "Guard Rail", "Barrier", "Wall", "Bike Lane", "Crosswalk - Plain",
+    "Curb Cut", "Parking", "Pedestrian Area", "Rail Track", "Road", "Service Lane", "Sidewalk", "Bridge", "Building",
+    "Tunnel", "Person", "Bicyclist", "Motorcyclist", "Other Rider", "Lane Marking - Crosswalk",
+    "Lane Marking - General", "Mountain", "Sand", "Sky", "Snow", "Terrain", "Vegetation", "Water", "Banner", "Bench",
+    "Bike Rack", "Billboard", "Catch Basin", "CCTV Camera", "Fire Hydrant", "Junction Box", "Mailbox", "Manhole",
+    "Phone Booth", "Pothole", "Street Light", "Pole", "Traffic Sign Frame", "Utility Pole", "Traffic Light",
+    "Traffic Sign (Back)", "Traffic Sign (Front)", "Trash Can", "Bicycle", "Boat", "Bus", "Car", "Caravan",
+    "Motorcycle", "On Rails", "Other Vehicle", "Trailer", "Truck", "Wheeled Slow", "Car Mount", "Ego Vehicle",
+    "Unlabeled",
+]
+
+
+def _official_mapillary_train_id(readable: str) -> int:
+    """The official mapillary2cityscape.py's rules, in its order, on a lower-cased name
+    with spaces and '-' removed."""
+    from rein.train.data import CLASSES
+
+    name = readable.lower().replace(" ", "").replace("-", "")
+    exact = {c.replace(" ", ""): i for i, c in enumerate(CLASSES)}
+    if name in exact:
+        return exact[name]
+    rules = [(("trafficsign", "front", "back"), 7), (("onrail",), 16), (("cyclist", "rider"), 12),
+             (("pole", "streetlight"), 5), (("curb", "pedestrianarea"), 1),
+             (("crosswalkplain", "parking", "bikelane", "servicelane", "lanemarking"), 0)]
+    for words, train_id in rules:
+        if any(w in name for w in words):
+            return train_id
+    return 255
+
+
+def test_mapillary_mapping_is_the_official_one():
+    from rein.train.data import LUTS
+
+    assert len(MAPILLARY_V12) == 66
+    got = {i: int(LUTS["mapillary"][i]) for i in range(66)}
+    want = {i: _official_mapillary_train_id(n) for i, n in enumerate(MAPILLARY_V12)}
+    assert got == want
+    # the eight ids this library mapped differently before (issue 11)
+    assert [got[i] for i in (7, 8, 10, 23, 26, 43, 46, 49)] == [0, 0, 0, 0, 255, 255, 7, 7]
+
+
+def test_gtav_accepts_the_official_train_id_labels(tmp_path):
+    roots = make_fixtures(tmp_path)
+    train_ids = np.tile(np.array([0, 1, 2, 13, 10, 255, 18, 255], dtype=np.uint8), (24, 5))
+    Image.fromarray(train_ids, mode="L").save(roots["gtav"] / "labels" / "00000_labelTrainIds.png")
+    ds = FolderDataset("gtav", roots["gtav"], "train")
+    ds.check()
+    assert ds.pairs[0][1].name == "00000_labelTrainIds.png" and ds.pairs[1][1].name == "00001.png"
+    assert ds[0][1][0, :8].tolist() == ds[1][1][0, :8].tolist() == EXPECTED["gtav"]

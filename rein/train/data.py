@@ -8,8 +8,9 @@
 * Loaders for the directory layouts the DGSS literature uses: GTAV, Cityscapes,
   BDD100K and Mapillary Vistas v1.2, all mapped to the 19 Cityscapes train classes with
   ignore index 255.
-* ``augment``: random resize, crop, flip and photometric jitter, driven by a
-  torch.Generator so that a resumed run sees exactly the same batches.
+* ``augment_official``: the official Rein training pipeline (random short-edge resize,
+  crop with cat_max_ratio, flip, mmseg's PhotoMetricDistortion), driven by a seed drawn
+  from a torch.Generator so that a resumed run sees exactly the same batches.
 """
 from __future__ import annotations
 
@@ -48,12 +49,18 @@ def _lut(pairs: dict[int, int], known: range | list[int]) -> np.ndarray:
 # Cityscapes label ids -> train ids; GTAV uses the same label ids.
 _CITYSCAPES_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 22: 9, 23: 10, 24: 11, 25: 12,
                    26: 13, 27: 14, 28: 15, 31: 16, 32: 17, 33: 18}
-# Mapillary Vistas v1.2 (66 classes) -> Cityscapes train ids, the mapping of the DGSS literature.
-_MAPILLARY_IDS = {2: 1, 3: 4, 6: 3, 7: 1, 9: 1, 11: 1, 13: 0, 14: 0, 15: 1, 17: 2, 19: 11, 20: 12, 21: 12, 22: 12,
-                  24: 0, 26: 9, 27: 10, 29: 9, 30: 8, 43: 0, 44: 5, 45: 5, 46: 5, 47: 5, 48: 6, 50: 7, 52: 18,
-                  54: 15, 55: 13, 57: 17, 58: 16, 61: 14}
+# Mapillary Vistas v1.2 (66 classes) -> Cityscapes train ids, exactly as the official Rein
+# code's tools/convert_datasets/mapillary2cityscape.py derives it from the v1.2 class names:
+# road <- bike lane, crosswalk (plain), parking, road, service lane, lane markings (crosswalk,
+# general); sidewalk <- curb, curb cut, pedestrian area, sidewalk; pole <- street light, pole,
+# utility pole; traffic sign <- frame, back, front; rider <- bicyclist, motorcyclist, other
+# rider; train <- on rails; the other 19 names as themselves; everything else ignored.
+_MAPILLARY_IDS = {2: 1, 3: 4, 6: 3, 7: 0, 8: 0, 9: 1, 10: 0, 11: 1, 13: 0, 14: 0, 15: 1, 17: 2, 19: 11, 20: 12,
+                  21: 12, 22: 12, 23: 0, 24: 0, 27: 10, 29: 9, 30: 8, 44: 5, 45: 5, 46: 7, 47: 5, 48: 6, 49: 7,
+                  50: 7, 52: 18, 54: 15, 55: 13, 57: 17, 58: 16, 61: 14}
 LUTS = {
     "gtav": _lut(_CITYSCAPES_IDS, range(34)),
+    "train_ids": _lut({i: i for i in range(19)}, range(19)),  # files that hold train ids already
     "cityscapes": _lut(_CITYSCAPES_IDS, range(34)),
     "bdd100k": _lut({i: i for i in range(19)}, range(19)),  # masks hold train ids already
     "mapillary": _lut(_MAPILLARY_IDS, range(66)),
@@ -66,9 +73,17 @@ LUTS = {
 def _pairs(kind: str, root: Path, split: str) -> list[tuple[Path, Path]]:
     """(image, label) paths in the dataset's standard layout."""
     if kind == "gtav":
+        # labels/NNNNN.png (Cityscapes label ids), or the official converter's
+        # labels/NNNNN_labelTrainIds.png (train ids) where it has been run
         img_dir, lbl_dir = root / "images", root / "labels"
         need = [img_dir, lbl_dir]
-        find = lambda: [(p, lbl_dir / p.name) for p in sorted(img_dir.glob("*.png"))]  # noqa: E731
+
+        def find():
+            pairs = []
+            for p in sorted(img_dir.glob("*.png")):
+                converted = lbl_dir / f"{p.stem}_labelTrainIds.png"
+                pairs.append((p, converted if converted.is_file() else lbl_dir / p.name))
+            return pairs
     elif kind == "cityscapes":
         img_dir, lbl_dir = root / "leftImg8bit" / split, root / "gtFine" / split
         need = [img_dir, lbl_dir]
@@ -98,7 +113,7 @@ def _pairs(kind: str, root: Path, split: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def read_image(path: Path, kind: str = "image") -> Tensor:
+def read_image(path: Path, kind: str = "image", half: bool = False) -> Tensor:
     """An RGB image file as a float tensor [3, H, W] in [0, 1]; a file that cannot be decoded
     (truncated, corrupt, not an image) raises DataError naming it. Decoded by PIL:
     torchvision.io was 15% faster on a 1914x1052 GTAV-sized PNG (29 vs 34 ms, the same
@@ -108,7 +123,10 @@ def read_image(path: Path, kind: str = "image") -> Tensor:
 
     try:
         with Image.open(path) as im:
-            arr = np.asarray(im.convert("RGB"))
+            im = im.convert("RGB")
+            if half:  # as the official mapillary_resize.py: PIL bicubic to (W // 2, H // 2)
+                im = im.resize((im.width // 2, im.height // 2), Image.BICUBIC)
+            arr = np.asarray(im)
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{kind}: cannot read image {path} ({e}); replace or remove the file") from None
     return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
@@ -124,6 +142,9 @@ class FolderDataset:
         self.pairs = _pairs(kind, self.root, split)
         self.lut = LUTS[kind]
         self.name = kind
+        # The official protocol evaluates Mapillary on half-resolution validation images
+        # and labels (its tools/convert_datasets/mapillary_resize.py): done here on load.
+        self.half = kind == "mapillary" and split == "val"
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -145,17 +166,22 @@ class FolderDataset:
         for i in range(0, len(self.pairs), step):
             self._label(self.pairs[i][1])
 
+    def _lut_for(self, path: Path) -> np.ndarray:
+        return LUTS["train_ids"] if path.name.endswith("_labelTrainIds.png") else self.lut
+
     def _label(self, path: Path) -> np.ndarray:
         from PIL import Image
 
         try:
             with Image.open(path) as im:
+                if self.half:
+                    im = im.resize((im.width // 2, im.height // 2), Image.NEAREST)
                 raw = np.asarray(im)
         except (OSError, ValueError, SyntaxError) as e:  # truncated, corrupt, not an image
             raise DataError(f"{self.kind}: cannot read label {path} ({e}); replace or remove the file") from None
         if raw.ndim != 2:
             raise DataError(f"{self.kind}: label {path} has shape {raw.shape}; expected one id per pixel")
-        mapped = self.lut[raw]
+        mapped = self._lut_for(path)[raw]
         if (mapped < 0).any():
             bad = sorted(set(np.unique(raw[mapped < 0]).tolist()))
             raise DataError(f"{self.kind}: label {path} holds unknown ids {bad[:10]}")
@@ -163,7 +189,7 @@ class FolderDataset:
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         img_path, lbl_path = self.pairs[i]
-        img = read_image(img_path, self.kind)
+        img = read_image(img_path, self.kind, self.half)
         lbl = torch.from_numpy(self._label(lbl_path))
         if img.shape[-2:] != lbl.shape:
             raise DataError(f"{self.kind}: image {img_path} and label {lbl_path} differ in size")
@@ -300,35 +326,97 @@ class SyntheticDomain:
 # ---------------------------------------------------------------------------- augmentation
 
 
-def _pad_to(img: Tensor, lbl: Tensor, crop: int) -> tuple[Tensor, Tensor]:
-    H, W = lbl.shape
-    ph, pw = max(0, crop - H), max(0, crop - W)
-    if ph or pw:
-        img = F.pad(img, (0, pw, 0, ph), value=0.0)
-        lbl = F.pad(lbl, (0, pw, 0, ph), value=IGNORE)
-    return img, lbl
+def official_scales(crop: int) -> list[int]:
+    """Short-edge choices of the official RandomChoiceResize: int(crop * 0.1 * k), k = 5..20
+    (256, 307, ..., 1024 for 512 crops)."""
+    return [int(crop * x * 0.1) for x in range(5, 21)]
 
 
-def augment(img: Tensor, lbl: Tensor, crop: int, gen: torch.Generator,
-            scale_range: tuple[float, float] = (0.5, 2.0)) -> tuple[Tensor, Tensor]:
-    """Random resize, random crop (padded with ignore), horizontal flip, photometric jitter."""
-    s = float(torch.empty(()).uniform_(*scale_range, generator=gen))
-    H, W = lbl.shape
-    size = (max(1, round(H * s)), max(1, round(W * s)))
-    img = F.interpolate(img[None], size=size, mode="bilinear", align_corners=False)[0]
-    lbl = F.interpolate(lbl[None, None].float(), size=size, mode="nearest")[0, 0].long()
-    img, lbl = _pad_to(img, lbl, crop)
-    H, W = lbl.shape
-    y = int(torch.randint(0, H - crop + 1, (), generator=gen))
-    x = int(torch.randint(0, W - crop + 1, (), generator=gen))
-    img, lbl = img[:, y:y + crop, x:x + crop], lbl[y:y + crop, x:x + crop]
-    if torch.rand((), generator=gen) < 0.5:
-        img, lbl = img.flip(-1), lbl.flip(-1)
-    b, c, sat = (torch.empty(()).uniform_(lo, hi, generator=gen) for lo, hi in ((-0.12, 0.12), (0.8, 1.2), (0.8, 1.2)))
-    grey = img.mean(0, keepdim=True)
-    img = grey + sat * (img - grey)
-    img = (img - img.mean()) * c + img.mean() + b
-    return img.clamp(0, 1), lbl
+def _short_edge_size(h: int, w: int, short: int, max_size: int) -> tuple[int, int]:
+    """mmcv's ResizeShortestEdge: short edge to ``short``, the ratio kept, the long edge
+    capped at ``max_size``; rounded with int(x + 0.5). Returns (new_h, new_w)."""
+    scale = short / min(h, w)
+    new_h, new_w = (short, scale * w) if h < w else (scale * h, short)
+    if max(new_h, new_w) > max_size:
+        f = max_size / max(new_h, new_w)
+        new_h, new_w = new_h * f, new_w * f
+    return int(new_h + 0.5), int(new_w + 0.5)
+
+
+def _crop_box(lbl: np.ndarray, crop: int, rng: np.random.Generator, cat_max_ratio: float = 0.75):
+    """mmseg's RandomCrop: a random crop box, redrawn up to 10 times until no class covers
+    ``cat_max_ratio`` or more of the crop's labelled pixels (the last draw stands)."""
+    h, w = lbl.shape
+    for _ in range(10):
+        y = int(rng.integers(0, max(h - crop, 0) + 1))
+        x = int(rng.integers(0, max(w - crop, 0) + 1))
+        ids, counts = np.unique(lbl[y:y + crop, x:x + crop], return_counts=True)
+        counts = counts[ids != IGNORE]
+        if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
+            break
+    return y, x
+
+
+def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """mmseg's PhotoMetricDistortion on a uint8 RGB image, its defaults: each step with
+    probability 1/2: brightness +-32, contrast x[0.5, 1.5] (before or after the colour
+    steps, at random), saturation x[0.5, 1.5] and hue +-18 (OpenCV's uint8 HSV, H in
+    [0, 180)); every step rounds back to uint8 as mmseg does."""
+    import cv2
+
+    def convert(a, alpha=1.0, beta=0.0):
+        return np.clip(a.astype(np.float32) * alpha + beta, 0, 255).astype(np.uint8)
+
+    if rng.integers(2):
+        img = convert(img, beta=rng.uniform(-32, 32))
+    contrast_first = rng.integers(2) == 1
+    if contrast_first and rng.integers(2):
+        img = convert(img, alpha=rng.uniform(0.5, 1.5))
+    if rng.integers(2):
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hsv[:, :, 1] = convert(hsv[:, :, 1], alpha=rng.uniform(0.5, 1.5))
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if rng.integers(2):
+        hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
+        hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + int(rng.integers(-18, 19))) % 180
+        img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
+    if not contrast_first and rng.integers(2):
+        img = convert(img, alpha=rng.uniform(0.5, 1.5))
+    return img
+
+
+def augment_official(img: Tensor, lbl: Tensor, crop: int, gen: torch.Generator) -> tuple[Tensor, Tensor]:
+    """The official Rein training pipeline (configs/dinov2/rein_dinov2_mask2former_512x512_bs1x4.py,
+    mmseg transforms): the short edge resized to a random choice of ``official_scales(crop)``
+    with the long edge at most 4 x crop (2048 for 512; bilinear image, nearest label), a
+    crop x crop random crop with cat_max_ratio 0.75, horizontal flip with probability 1/2,
+    PhotoMetricDistortion; then padded to crop x crop (image: the mean colour, 0 once
+    normalised; label 255), as the data preprocessor does. Works on uint8 pixels, as mmseg."""
+    import cv2
+
+    rng = np.random.default_rng(int(torch.randint(0, 2**62, (), generator=gen)))
+    im = (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)  # exact for decoded images
+    lb = lbl.numpy().astype(np.uint8)
+    scales = official_scales(crop)
+    h, w = lb.shape
+    new_h, new_w = _short_edge_size(h, w, scales[int(rng.integers(len(scales)))], 4 * crop)
+    im = cv2.resize(im, (new_w, new_h), interpolation=cv2.INTER_LINEAR)
+    lb = cv2.resize(lb, (new_w, new_h), interpolation=cv2.INTER_NEAREST)
+    y, x = _crop_box(lb, crop, rng)
+    im, lb = im[y:y + crop, x:x + crop], lb[y:y + crop, x:x + crop]
+    if rng.random() < 0.5:
+        im, lb = im[:, ::-1], lb[:, ::-1]
+    im = _photometric(np.ascontiguousarray(im), rng)
+    out_img = torch.from_numpy(np.ascontiguousarray(im)).permute(2, 0, 1).float() / 255
+    out_lbl = torch.from_numpy(np.ascontiguousarray(lb)).long()
+    ph, pw = crop - out_lbl.shape[0], crop - out_lbl.shape[1]
+    if ph or pw:  # the mean colour: 0 once normalised, what the preprocessor pads with
+        h, w = out_lbl.shape
+        out_img = F.pad(out_img, (0, pw, 0, ph))
+        out_img[:, h:, :] = MEAN
+        out_img[:, :, w:] = MEAN
+        out_lbl = F.pad(out_lbl, (0, pw, 0, ph), value=IGNORE)
+    return out_img, out_lbl
 
 
 def normalize(img: Tensor) -> Tensor:
@@ -361,7 +449,7 @@ class TrainBatches(torch.utils.data.Dataset):
         try:
             for i, s in zip(idx[lo:hi], seeds[lo:hi]):
                 img, lbl = self.dataset[i]
-                img, lbl = augment(img, lbl, self.crop, torch.Generator().manual_seed(s))
+                img, lbl = augment_official(img, lbl, self.crop, torch.Generator().manual_seed(s))
                 imgs.append(normalize(img))
                 lbls.append(lbl)
         except DataError as e:
