@@ -1,5 +1,10 @@
 """End-to-end training step: timm DINOv2 ViT-L/16 at 512x512, batch 4 (random weights),
-frozen backbone, Rein after every block, a light head, cross-entropy, AdamW step."""
+frozen backbone, Rein after every block, a light head, cross-entropy, AdamW step.
+
+Two kinds of rows (PERFORMANCE.md): like for like (eager vs fused Rein, everything else
+equal), and the headline, ``SETTINGS``: the official setting (fp32, the eager reference
+Rein, no compile, plain AdamW) against this library's defaults for a GPU (bf16 frozen
+weights under autocast, fused Rein, torch.compile, fused AdamW)."""
 from __future__ import annotations
 
 import contextlib
@@ -11,37 +16,51 @@ from bench import median_ms, peak_mem_mb
 from rein.heads import build_head, segmentation_loss
 
 
+SETTINGS = {
+    "official": dict(fused=False, dtype="fp32"),
+    "library": dict(fused=True, dtype="bf16", bf16_weights=True, compile=True, fused_adamw=True),
+}
+
+
 class TrainStep:
     def __init__(self, fused: bool, dtype: str, device: str, backbone: str = "vit_large_patch14_dinov2",
-                 img: int = 512, batch: int = 4, num_classes: int = 19, **timm_kwargs):
+                 img: int = 512, batch: int = 4, num_classes: int = 19, bf16_weights: bool = False,
+                 compile: bool = False, fused_adamw: bool = False, **timm_kwargs):
         torch.manual_seed(0)
         self.device, self.dtype = device, dtype
         self.model = rein.ReinBackbone.from_timm(backbone, img_size=img, patch_size=16, fused=fused,
                                                  **timm_kwargs).to(device)
         chans = [f.shape[1] for f in self.model(torch.zeros(1, 3, 32, 32, device=device))[0]]
         self.head = build_head("light", chans, num_classes).to(device)
+        if bf16_weights:
+            self.model.backbone.to(torch.bfloat16)
         self.model.train()
         self.head.train()
         params = [p for p in self.model.parameters() if p.requires_grad] + list(self.head.parameters())
-        self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05)
+        self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, **({"fused": True} if fused_adamw else {}))
+        self.forward = torch.compile(self._forward) if compile else self._forward
         self.images = torch.randn(batch, 3, img, img, device=device)
         self.labels = torch.randint(0, num_classes, (batch, img, img), device=device)
+
+    def _forward(self, images):
+        feats, _ = self.model(images)
+        return self.head(feats)
 
     def __call__(self):
         ctx = torch.autocast(self.device, dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
         with ctx:
-            feats, _ = self.model(self.images)
-            loss = segmentation_loss(self.head(feats).float(), self.labels, "logits")
+            loss = segmentation_loss(self.forward(self.images).float(), self.labels, "logits")
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         return loss
 
 
-def measure(fused: bool, dtype: str, device: str, **kw) -> dict:
+def measure(fused: bool, dtype: str, device: str, provider: str | None = None, **kw) -> dict:
     step = TrainStep(fused, dtype, device, **kw)
+    step()  # compile and autotune outside the timing
     # a training step takes a few hundred ms: a longer warm-up and window than one layer
-    row = dict(provider="fused" if fused else "eager", dtype=dtype,
+    row = dict(provider=provider or ("fused" if fused else "eager"), dtype=dtype,
                median_ms=median_ms(step, device, warmup_ms=1000, rep_ms=3000, cpu_runs=5),
                peak_mem_mb=peak_mem_mb(step, device, relative=False))
     row["median_ms_repeat"] = median_ms(step, device, warmup_ms=1000, rep_ms=3000, cpu_runs=5)

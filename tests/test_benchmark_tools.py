@@ -52,3 +52,21 @@ def test_results_md_and_plot_from_a_result_file(tmp_path):
     assert "| vitl-512 | bf16 | fwd+bwd | 3.000 | 2.000 | 1.000 | 0.500 | 2.00 | 3.00 | 2.00 |" in "\n".join(table)
     png = tmp_path / "speedup.png"
     assert make_results.plot(runs[0], png) and png.stat().st_size > 1000
+
+
+def test_e2e_headline_settings_build_and_step_on_cpu():
+    """The official setting and the library's one (bf16 frozen weights, compile, fused
+    AdamW; fused Rein is GPU-only, so the reference here) run a step on a tiny ViT."""
+    import torch
+
+    import e2e
+
+    kw = dict(backbone="vit_small_patch14_dinov2", img=32, batch=1, depth=2)
+    off = e2e.TrainStep(**e2e.SETTINGS["official"], device="cpu", **kw)
+    # CPU: no fused kernels or fused AdamW, and compiling is covered by tests/test_composability.py
+    lib_setting = dict(e2e.SETTINGS["library"], fused=False, fused_adamw=False, compile=False)
+    lib = e2e.TrainStep(**lib_setting, device="cpu", **kw)
+    assert next(lib.model.backbone.parameters()).dtype == torch.bfloat16
+    assert lib.model.rein.scale.dtype == torch.float32  # Rein keeps fp32 master weights
+    for step in (off, lib):
+        assert torch.isfinite(step())

@@ -182,3 +182,23 @@ def test_loader_workers_give_the_same_run(tmp_path):
     assert main([*common, "--out", str(resumed), "--workers", "2", "--stop-at", "2"]) == 0
     assert main([*common, "--out", str(resumed), "--workers", "2", "--resume"]) == 0
     assert losses(resumed) == losses(runs[2])
+
+
+def test_amp_keeps_frozen_weights_in_bf16_and_checkpointing_runs(tmp_path):
+    out = tmp_path / "o"
+    assert main(["--max-iters", "2", "--out", str(out), *FAST, "--amp", "--grad-checkpointing"]) == 0
+    ck = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert all(v.dtype == torch.float32 for k, v in ck["rein"].items() if v.is_floating_point())
+
+
+def test_model_compiles_without_graph_breaks():
+    """--compile: backbone, Rein's custom op (the fused kernels, through the interpreter
+    here) and the head in one graph."""
+    from rein.train.config import parse_args
+    from rein.train.loop import build_model
+
+    args = parse_args(["--crop", "64", "--fused"])
+    model = build_model(args, torch.device("cpu"))
+    explanation = torch._dynamo.explain(model)(torch.randn(1, 3, 64, 64))
+    assert explanation.graph_break_count == 0, explanation.break_reasons
+    assert explanation.graph_count == 1

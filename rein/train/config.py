@@ -40,7 +40,13 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     ap.add_argument("--head", choices=["light", "query"], default="light")
     ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                     help="Rein's Triton kernels (default) or the PyTorch reference")
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast")
+    ap.add_argument("--amp", action="store_true",
+                    help="bf16: autocast, and the frozen backbone's weights cast to bf16 once (Rein and the head "
+                         "keep fp32 master weights)")
+    ap.add_argument("--compile", action="store_true",
+                    help="torch.compile the model (backbone, Rein's custom op inside the graph, head)")
+    ap.add_argument("--grad-checkpointing", action="store_true",
+                    help="recompute each (backbone block + Rein) in the backward pass: less memory, more time")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
     ap.add_argument("--force-resume", action="store_true",
                     help="with --resume: continue even though flags that change the model or schedule differ "

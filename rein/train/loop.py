@@ -100,6 +100,14 @@ def param_groups(model: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
+def make_optimizer(model: nn.Module, args, device) -> torch.optim.Optimizer:
+    """AdamW as the recipe (betas 0.9/0.999, eps 1e-8), its fused CUDA kernel on a GPU and
+    the multi-tensor (foreach) one elsewhere."""
+    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
+                             **impl)
+
+
 def lr_at(it: int, args) -> float:
     """Linear warm-up over ``warmup_iters``, then poly decay to 0 with power 0.9 (the
     published config's PolyLR; it has no warm-up: ``--warmup-iters 0`` reproduces that)."""
@@ -260,7 +268,11 @@ def main(argv=None) -> int:
               f"{args.workers} loader workers")
 
     model.train()
-    opt = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8)
+    if args.amp:  # frozen weights in the compute dtype once, not recast by autocast at every step
+        model.backbone.backbone.to(torch.bfloat16)
+    if args.grad_checkpointing:
+        model.backbone.set_grad_checkpointing(True)
+    opt = make_optimizer(model, args, device)
     start, losses = 0, []
     if ck is not None:
         model.backbone.load_rein_state_dict({k: v.to(device) for k, v in ck["rein"].items()})
@@ -271,6 +283,8 @@ def main(argv=None) -> int:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         ddp = model
+    if args.compile:
+        ddp = torch.compile(ddp)
 
     def checkpoint(it):
         if main_proc:
