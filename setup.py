@@ -15,5 +15,5 @@ setup(
         "train": ["timm>=1.0", "matplotlib", "tqdm", "pillow", "opencv-python-headless"],
         "xformers": ["xformers"],
     },
-    entry_points={"console_scripts": ["rein-train=rein.train.loop:main"]},
+    entry_points={"console_scripts": ["rein-train=rein.train.loop:main", "rein-predict=rein.predict:main"]},
 )

@@ -119,11 +119,12 @@ def predict(model: nn.Module, img: torch.Tensor, crop: int, scale: tuple[int, in
 
 
 def evaluate(model: nn.Module, dataset, crop: int, device, autocast=None, stride: int | None = None,
-             scale: tuple[int, int] | None = None) -> dict:
+             scale: tuple[int, int] | None = None, samples: list | None = None, keep: int = 3) -> dict:
     """mIoU and per-class IoU of ``model`` on every image of ``dataset``, labels at full
     resolution; ``scale``: the test resize (default: the official one for the dataset's
     kind, ``EVAL_SCALE``; synthetic domains are used as they are); ``autocast``: a
-    context-manager factory for the forward passes."""
+    context-manager factory for the forward passes. With a ``samples`` list, the first
+    ``keep`` (image uint8 [H, W, 3], label, prediction) are appended to it."""
     if scale is None:
         scale = EVAL_SCALE.get(getattr(dataset, "kind", None))
     was_training = model.training
@@ -134,5 +135,8 @@ def evaluate(model: nn.Module, dataset, crop: int, device, autocast=None, stride
         with autocast() if autocast else contextlib.nullcontext():
             pred = predict(model, normalize(img)[None].to(device), crop, scale, stride)
         cm.update(pred[0], lbl.to(device))
+        if samples is not None and i < keep:
+            samples.append(((img.permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8"), lbl.numpy(),
+                            pred[0].cpu().numpy()))
     model.train(was_training)
     return cm.summary()

@@ -311,9 +311,15 @@ def main(argv=None) -> int:
     failed = []
     if main_proc:
         metrics = {}
+        from ..predict import save_samples
+
         for ds in val_sets:
             try:
-                metrics[ds.name] = evaluate(model, ds, args.crop, device, autocast=lambda: _autocast(args, device))
+                samples = []
+                metrics[ds.name] = evaluate(model, ds, args.crop, device, autocast=lambda: _autocast(args, device),
+                                            samples=samples)
+                save_samples(out / "samples" / f"{ds.name}.png", samples,
+                             f"{ds.name}: mIoU {metrics[ds.name]['mIoU']} (image | ground truth | prediction)")
                 miou = metrics[ds.name]["mIoU"]
                 print(f"  {ds.name:28s} mIoU {'n/a' if miou is None else f'{miou:6.2f}'}")
             except DataError as e:  # keep the finished training and every other domain's numbers
@@ -322,7 +328,8 @@ def main(argv=None) -> int:
         (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
         _plot_losses(losses, out / "loss.png")
         print(f"rein-train: {args.max_iters - start} iterations in {time.time() - t0:.0f} s; wrote "
-              f"{out / 'checkpoint.pth'} (Rein + head only), {out / 'metrics.json'}, {out / 'loss.png'}")
+              f"{out / 'checkpoint.pth'} (Rein + head only), {out / 'metrics.json'}, {out / 'loss.png'}, "
+              f"{out / 'samples'}/")
         for msg in failed:
             print(f"rein-train: evaluation stopped on a bad file: {msg}. The other domains' metrics and the "
                   "trained checkpoint are saved", file=sys.stderr)

@@ -1,0 +1,180 @@
+"""``python -m rein.predict``: segment images with a trained Rein checkpoint, and the
+pictures of predictions that training writes.
+
+    python -m rein.predict --checkpoint runs/gtav2city/checkpoint.pth --images DIR_OR_FILES --out DIR
+
+For every image it writes ``<name>_color.png`` (Cityscapes palette), ``<name>_overlay.png``
+(the colours over the image) and ``<name>_labelIds.png`` (Cityscapes label ids, what the
+benchmark servers take). The model is rebuilt from the checkpoint's own configuration;
+the frozen backbone's weights come from ``--backbone-checkpoint`` (default: the file the
+run was trained with). Sliding-window inference, fused kernels and bf16 on a GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .train.data import CLASSES, IGNORE, DataError, normalize, read_image
+
+# Cityscapes colours of the 19 train classes (cityscapesscripts' labels.py); ignore is black.
+PALETTE = np.array([
+    (128, 64, 128), (244, 35, 232), (70, 70, 70), (102, 102, 156), (190, 153, 153), (153, 153, 153),
+    (250, 170, 30), (220, 220, 0), (107, 142, 35), (152, 251, 152), (70, 130, 180), (220, 20, 60), (255, 0, 0),
+    (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)], dtype=np.uint8)
+# train id -> Cityscapes label id (the inverse of the loaders' label-id map); ignore -> 0 (unlabeled)
+LABEL_IDS = np.zeros(256, dtype=np.uint8)
+LABEL_IDS[:19] = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
+
+
+def colorize(labels: np.ndarray) -> np.ndarray:
+    """Train ids [H, W] -> RGB [H, W, 3] in the Cityscapes palette (ignore black)."""
+    lut = np.zeros((256, 3), dtype=np.uint8)
+    lut[:19] = PALETTE
+    return lut[np.asarray(labels, dtype=np.int64).clip(0, 255)]
+
+
+def overlay(image: np.ndarray, labels: np.ndarray, alpha: float = 0.5) -> np.ndarray:
+    """The prediction's colours blended over a uint8 RGB image."""
+    return (image * (1 - alpha) + colorize(labels) * alpha).round().astype(np.uint8)
+
+
+def save_samples(path: Path, samples: list[tuple[np.ndarray, np.ndarray, np.ndarray]], title: str) -> None:
+    """One figure: a row per sample, image | ground truth | prediction, and a class legend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.patches import Patch
+
+    n = len(samples)
+    fig, axes = plt.subplots(n, 3, figsize=(9, 2.6 * n + 0.9), squeeze=False)
+    for row, (img, gt, pred) in zip(axes, samples):
+        for ax, pic, name in zip(row, (img, colorize(gt), colorize(pred)), ("image", "ground truth", "prediction")):
+            ax.imshow(pic)
+            ax.set_axis_off()
+            ax.set_title(name, fontsize=9)
+    present = sorted({int(c) for _, gt, pred in samples for c in np.unique(np.concatenate([gt.ravel(), pred.ravel()]))
+                      if c != IGNORE})
+    fig.legend(handles=[Patch(color=PALETTE[c] / 255, label=CLASSES[c]) for c in present], loc="lower center",
+               ncol=min(len(present), 7), fontsize=7, frameon=False)
+    fig.suptitle(title, fontsize=10)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=80)
+    plt.close(fig)
+
+
+def _images(spec: list[str]) -> list[Path]:
+    files = []
+    for s in spec:
+        p = Path(s)
+        if p.is_dir():
+            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            files.append(p)
+        else:
+            raise DataError(f"--images {s}: no such file or folder")
+    if not files:
+        raise DataError(f"--images {' '.join(spec)}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
+    return files
+
+
+def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.device, fused: bool):
+    """The trained model (backbone + Rein + head) from a checkpoint this library's training
+    wrote, and the configuration it was trained with."""
+    from .train.config import UsageError
+    from .train.loop import build_model
+
+    path = Path(checkpoint)
+    if not path.is_file():
+        raise UsageError(f"--checkpoint {path} does not exist")
+    try:
+        ck = torch.load(path, map_location="cpu", weights_only=False)
+        config = dict(ck["config"])
+        rein_sd, head_sd = ck["rein"], ck["head"]
+    except Exception as e:
+        raise UsageError(f"--checkpoint {path} is not a checkpoint rein.train wrote ({type(e).__name__}: {e})") from None
+    config.setdefault("conversion", "timm")  # runs from before the flag existed used timm's
+    if backbone_checkpoint is not None:
+        config["checkpoint"] = backbone_checkpoint
+    if config.get("checkpoint") and not Path(config["checkpoint"]).is_file():
+        raise UsageError(f"the backbone weights {config['checkpoint']} are missing: pass --backbone-checkpoint")
+    config["fused"] = fused
+    args = argparse.Namespace(**config)
+    model = build_model(args, device)
+    model.backbone.load_rein_state_dict({k: v.to(device) for k, v in rein_sd.items()})
+    model.head.load_state_dict(head_sd)
+    return model.eval(), args
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="rein-predict", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True, help="OUT/checkpoint.pth of a rein.train run")
+    ap.add_argument("--backbone-checkpoint", help="the frozen backbone's weights (default: those of the run)")
+    ap.add_argument("--images", nargs="+", required=True, help="image files and/or folders (searched recursively)")
+    ap.add_argument("--out", required=True, help="output folder")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    ap.add_argument("--scale", help="resize each image keeping its ratio to fit LONGxSHORT first, e.g. 1024x512 "
+                                    "(default: its own resolution)")
+    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True)
+    args = ap.parse_args(argv)
+
+    from tqdm import tqdm
+
+    import rein_kernels
+
+    from .evaluate import predict
+    from .train.config import UsageError
+
+    try:
+        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        if device.type == "cuda" and not torch.cuda.is_available():
+            raise UsageError("--device cuda, but this machine has no CUDA GPU torch can use; use --device cpu")
+        scale = None
+        if args.scale:
+            try:
+                scale = tuple(int(v) for v in args.scale.lower().split("x"))
+                assert len(scale) == 2 and min(scale) > 0
+            except (ValueError, AssertionError):
+                raise UsageError(f"--scale {args.scale!r}: expected LONGxSHORT, e.g. 1024x512") from None
+        files = _images(args.images)
+        out = Path(args.out)
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file; give a folder")
+        fused = args.fused and rein_kernels.is_available(torch.empty(0, device=device))
+        model, config = load_model(args.checkpoint, args.backbone_checkpoint, device, fused)
+    except (UsageError, DataError) as e:
+        print(f"rein-predict: {e}", file=sys.stderr)
+        return 2
+    out.mkdir(parents=True, exist_ok=True)
+    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
+    from PIL import Image
+
+    failed = []
+    for f in tqdm(files, desc="predict", file=sys.stderr, dynamic_ncols=True):
+        try:
+            img = read_image(f)
+        except DataError as e:
+            failed.append(str(e))
+            continue
+        with amp:
+            labels = predict(model, normalize(img)[None].to(device), config.crop, scale)[0].cpu().numpy()
+        rgb = (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+        Image.fromarray(colorize(labels)).save(out / f"{f.stem}_color.png")
+        Image.fromarray(overlay(rgb, labels)).save(out / f"{f.stem}_overlay.png")
+        Image.fromarray(LABEL_IDS[labels.astype(np.int64)], mode="L").save(out / f"{f.stem}_labelIds.png")
+    print(f"rein-predict: {len(files) - len(failed)} image(s) -> {out}")
+    for msg in failed:
+        print(f"rein-predict: skipped {msg}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

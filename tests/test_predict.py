@@ -1,0 +1,68 @@
+"""rein.predict: label-id, colour and overlay PNGs from a trained checkpoint; the sample
+pictures training writes; clear errors."""
+import numpy as np
+import pytest
+
+pytest.importorskip("timm")
+from PIL import Image  # noqa: E402
+
+from rein.predict import LABEL_IDS, PALETTE, colorize, main  # noqa: E402
+from rein.train.loop import main as train  # noqa: E402
+from test_train import FAST  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    out = tmp_path_factory.mktemp("run")
+    assert train(["--max-iters", "2", "--out", str(out), *FAST]) == 0
+    return out
+
+
+def test_training_writes_sample_pictures(trained):
+    pics = sorted(p.name for p in (trained / "samples").glob("*.png"))
+    assert pics == ["synthetic-fog.png", "synthetic-night.png", "synthetic-overcast.png", "synthetic-source.png"]
+    assert all((trained / "samples" / p).stat().st_size > 5000 for p in pics)
+
+
+def test_predict_writes_label_ids_colours_and_overlays(trained, tmp_path, capsys):
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    rng = np.random.default_rng(0)
+    for name, size in (("a.png", (70, 90)), ("b.jpg", (64, 64))):
+        Image.fromarray(rng.integers(0, 255, (*size, 3), dtype=np.uint8)).save(imgs / name)
+    out = tmp_path / "pred"
+    assert main(["--checkpoint", str(trained / "checkpoint.pth"), "--images", str(imgs), "--out", str(out),
+                 "--device", "cpu", "--no-fused"]) == 0
+    for stem, size in (("a", (70, 90)), ("b", (64, 64))):
+        ids = np.asarray(Image.open(out / f"{stem}_labelIds.png"))
+        color = np.asarray(Image.open(out / f"{stem}_color.png"))
+        assert ids.shape == size and color.shape == (*size, 3)
+        assert set(np.unique(ids)) <= set(LABEL_IDS[:19].tolist())
+        train_ids = np.searchsorted(LABEL_IDS[:19], ids)  # label ids are sorted: invert them
+        assert np.array_equal(colorize(train_ids), color)
+        assert np.asarray(Image.open(out / f"{stem}_overlay.png")).shape == (*size, 3)
+    assert "2 image(s)" in capsys.readouterr().out
+
+
+def test_palette_and_label_ids_are_cityscapes():
+    assert PALETTE.shape == (19, 3) and tuple(PALETTE[0]) == (128, 64, 128) and tuple(PALETTE[13]) == (0, 0, 142)
+    assert LABEL_IDS[:19].tolist() == [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+
+
+@pytest.mark.parametrize("extra,needle", [
+    (["--images", "/nowhere"], "--images /nowhere: no such file or folder"),
+    (["--scale", "big"], "--scale 'big'"),
+])
+def test_predict_bad_input_is_one_line(trained, tmp_path, capsys, extra, needle):
+    argv = ["--checkpoint", str(trained / "checkpoint.pth"), "--images", str(tmp_path), "--out",
+            str(tmp_path / "o"), "--device", "cpu", *extra]
+    assert main(argv) == 2
+    err = capsys.readouterr().err
+    assert needle in err and "Traceback" not in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_missing_checkpoint(tmp_path, capsys):
+    (tmp_path / "x.png").write_bytes(b"")
+    assert main(["--checkpoint", str(tmp_path / "none.pth"), "--images", str(tmp_path), "--out",
+                 str(tmp_path / "o"), "--device", "cpu"]) == 2
+    assert "--checkpoint" in capsys.readouterr().err
