@@ -78,8 +78,8 @@ def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Ten
         try:
             state = torch.load(path_or_state, map_location="cpu", weights_only=True)
         except Exception as e:  # a text file, a truncated download, a pickle of something else
-            raise ValueError(f"{path_or_state} is not a PyTorch checkpoint torch.load can read "
-                             f"({type(e).__name__}: {str(e).splitlines()[0][:200]})") from e
+            raise ValueError(f"{path_or_state} is not a checkpoint of tensors that torch.load can read "
+                             f"with weights_only=True ({type(e).__name__})") from e
         if not isinstance(state, Mapping):
             raise ValueError(f"{path_or_state} holds a {type(state).__name__}, not a state dict")
     for wrapper in ("model", "state_dict", "module"):

@@ -97,8 +97,10 @@ def validate(args) -> None:
     import timm
 
     if not timm.is_model(args.backbone):
-        near = timm.list_models(f"*{args.backbone.split('_')[0]}*")[:5]
-        hint = f" (similar: {', '.join(near)})" if near else ""
+        import difflib
+
+        near = difflib.get_close_matches(args.backbone, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(near)}?)" if near else " (see timm.list_models())"
         raise UsageError(f"--backbone {args.backbone!r} is not a timm model name{hint}")
     stride = 32 if args.backbone.startswith("convnext") else args.patch_size
     if args.crop % stride:
