@@ -20,7 +20,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .train.data import CLASSES, IGNORE, normalize
+from .train.data import CLASSES, IGNORE, normalize, to_uint8
 
 
 class ConfusionMatrix:
@@ -96,11 +96,6 @@ def slide_scores(model: nn.Module, img: torch.Tensor, crop: int, stride: int | N
     return (scores / count)[:, :, :H, :W]
 
 
-def slide_predict(model: nn.Module, img: torch.Tensor, crop: int, stride: int | None = None) -> torch.Tensor:
-    """Per-pixel labels [B, H, W]: the argmax of ``slide_scores``."""
-    return slide_scores(model, img, crop, stride).argmax(1)
-
-
 @torch.no_grad()
 def predict(model: nn.Module, img: torch.Tensor, crop: int, scale: tuple[int, int] | None = None,
             stride: int | None = None) -> torch.Tensor:
@@ -136,7 +131,6 @@ def evaluate(model: nn.Module, dataset, crop: int, device, autocast=None, stride
             pred = predict(model, normalize(img)[None].to(device), crop, scale, stride)
         cm.update(pred[0], lbl.to(device))
         if samples is not None and i < keep:
-            samples.append(((img.permute(1, 2, 0).numpy() * 255 + 0.5).astype("uint8"), lbl.numpy(),
-                            pred[0].cpu().numpy()))
+            samples.append((to_uint8(img), lbl.numpy(), pred[0].cpu().numpy()))
     model.train(was_training)
     return cm.summary()

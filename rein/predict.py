@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .train.data import CLASSES, IGNORE, DataError, normalize, read_image
+from .train.data import CLASSES, IGNORE, DataError, normalize, read_image, to_uint8
 
 # Cityscapes colours of the 19 train classes (cityscapesscripts' labels.py); ignore is black.
 PALETTE = np.array([
@@ -70,37 +70,49 @@ def save_samples(path: Path, samples: list[tuple[np.ndarray, np.ndarray, np.ndar
     plt.close(fig)
 
 
-def _images(spec: list[str]) -> list[Path]:
+def _images(spec: list[str], out: Path) -> list[tuple[Path, str]]:
+    """(image file, output name) for every image named or found (recursively) in a folder,
+    skipping the output folder. Names keep a folder's relative path (a/b.png -> a__b) and
+    the extension where two files would otherwise share one, so no output overwrites
+    another."""
     files = []
+    out = out.resolve()
     for s in spec:
         p = Path(s)
         if p.is_dir():
-            files += sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES)
+            found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
+                           and out not in f.resolve().parents)
+            files += [(f, "__".join(f.relative_to(p).with_suffix("").parts)) for f in found]
         elif p.is_file():
-            files.append(p)
+            files.append((p, p.stem))
         else:
             raise DataError(f"--images {s}: no such file or folder")
     if not files:
         raise DataError(f"--images {' '.join(spec)}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    return files
+    counts = {}
+    for _, name in files:
+        counts[name] = counts.get(name, 0) + 1
+    named = [(f, f"{name}_{f.suffix[1:].lower()}" if counts[name] > 1 else name) for f, name in files]
+    if len({n for _, n in named}) < len(named):
+        raise DataError("--images: two inputs would write the same output name; name them apart")
+    return named
 
 
 def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.device, fused: bool):
     """The trained model (backbone + Rein + head) from a checkpoint this library's training
     wrote, and the configuration it was trained with."""
-    from .train.config import UsageError
+    from .train.config import UsageError, backfill
     from .train.loop import build_model
 
     path = Path(checkpoint)
     if not path.is_file():
         raise UsageError(f"--checkpoint {path} does not exist")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        config = dict(ck["config"])
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        config = backfill(ck["config"])
         rein_sd, head_sd = ck["rein"], ck["head"]
     except Exception as e:
         raise UsageError(f"--checkpoint {path} is not a checkpoint rein.train wrote ({type(e).__name__}: {e})") from None
-    config.setdefault("conversion", "timm")  # runs from before the flag existed used timm's
     if backbone_checkpoint is not None:
         config["checkpoint"] = backbone_checkpoint
     if config.get("checkpoint") and not Path(config["checkpoint"]).is_file():
@@ -144,10 +156,10 @@ def main(argv=None) -> int:
                 assert len(scale) == 2 and min(scale) > 0
             except (ValueError, AssertionError):
                 raise UsageError(f"--scale {args.scale!r}: expected LONGxSHORT, e.g. 1024x512") from None
-        files = _images(args.images)
         out = Path(args.out)
         if out.exists() and not out.is_dir():
             raise UsageError(f"--out {out} is a file; give a folder")
+        files = _images(args.images, out)
         fused = args.fused and rein_kernels.is_available(torch.empty(0, device=device))
         model, config = load_model(args.checkpoint, args.backbone_checkpoint, device, fused)
     except (UsageError, DataError) as e:
@@ -158,7 +170,7 @@ def main(argv=None) -> int:
     from PIL import Image
 
     failed = []
-    for f in tqdm(files, desc="predict", file=sys.stderr, dynamic_ncols=True):
+    for f, name in tqdm(files, desc="predict", file=sys.stderr, dynamic_ncols=True):
         try:
             img = read_image(f)
         except DataError as e:
@@ -166,10 +178,10 @@ def main(argv=None) -> int:
             continue
         with amp:
             labels = predict(model, normalize(img)[None].to(device), config.crop, scale)[0].cpu().numpy()
-        rgb = (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
-        Image.fromarray(colorize(labels)).save(out / f"{f.stem}_color.png")
-        Image.fromarray(overlay(rgb, labels)).save(out / f"{f.stem}_overlay.png")
-        Image.fromarray(LABEL_IDS[labels.astype(np.int64)], mode="L").save(out / f"{f.stem}_labelIds.png")
+        rgb = to_uint8(img)
+        Image.fromarray(colorize(labels)).save(out / f"{name}_color.png")
+        Image.fromarray(overlay(rgb, labels)).save(out / f"{name}_overlay.png")
+        Image.fromarray(LABEL_IDS[labels.astype(np.int64)], mode="L").save(out / f"{name}_labelIds.png")
     print(f"rein-predict: {len(files) - len(failed)} image(s) -> {out}")
     for msg in failed:
         print(f"rein-predict: skipped {msg}", file=sys.stderr)

@@ -95,7 +95,8 @@ def rein_layer_fused(
 
     ``scale`` is a 0-dim tensor (a parameter, or a constant buffer). Under
     ``torch.autocast`` the GEMMs run in the autocast dtype with fp32 accumulation
-    and the result keeps x's dtype, as the reference's type promotion gives.
+    and the result has the dtype the reference's type promotion gives,
+    promote(x, autocast dtype) (x's own without autocast).
     """
     check_inputs(x, T, num_prefix_tokens, batch_first)
     cdtype = compute_dtype(x, [T, W_t, b_t, W_d, b_d])

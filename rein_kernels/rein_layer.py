@@ -35,9 +35,11 @@ Backward, g = dL/dout, with p recomputed from the saved lse:
 Rows. The op takes x as a 3-D tensor [S0, S1, C] of any strides and ``seq_dim``, the
 dimension that holds the sequence; the first ``num_prefix`` positions of that dimension
 pass through (out = x, dx = g) and add nothing to any parameter gradient. The
-launchers order rows as memory does (the outer-strided dimension first), so that the
-row-major [rows, C] views the weight GEMMs need are free for dense inputs. Offsets are
-int64 so rows * C > 2^31 is fine.
+launchers order rows as memory does (the outer-strided dimension first) and view them as
+a [rows, C] matrix with one row stride: free when rows are evenly spaced in memory, one
+copy otherwise. The kernels read every operand as blocks of such matrices (block
+pointers, int64 strides; row offsets into [rows, m] buffers are int64 too), so
+rows * C > 2^31 is fine.
 
 Dtypes. The dot operands are cast to the parameters' dtype (the compute dtype, e.g.
 bf16 under autocast) and accumulate in fp32; softmax, lse and the epilogue are fp32.
@@ -74,7 +76,8 @@ GUARDS: list[Tensor] = []
 
 def _new(t: Tensor) -> Tensor:
     """``t`` (freshly allocated, dense) as is, or under POISON a NaN-filled copy of its
-    layout at the front of a buffer twice its size plus 4096 elements."""
+    layout at the front of a buffer twice its size plus 4096 elements (its guard region
+    is kept in GUARDS until the test that set POISON clears it)."""
     if not POISON:
         return t
     n = t.numel()
@@ -205,7 +208,7 @@ def _rein_logits_kernel(
         tl.store(PARTIAL + pid, tl.sum(tl.where(in_range, share, 0.0), axis=0))
         gz_bp = tl.make_block_ptr(GZ + 1, (R, M - 1), (M, 1), (r0, 0), (BLOCK_R, BLOCK_M), (1, 0))
         tl.store(gz_bp, gz, boundary_check=(0, 1))
-        tl.store(GZ + rows * M, gz0, mask=in_range)
+        tl.store(GZ + rows.to(tl.int64) * M, gz0, mask=in_range)
 
 
 @triton.jit
@@ -303,10 +306,6 @@ def _rows(t: Tensor) -> Tensor:
         return t.view(-1, t.shape[-1])
     except RuntimeError:
         return t.reshape(-1, t.shape[-1])
-
-
-def _prefix_rows(t: Tensor, seq_dim: int, num_prefix: int) -> Tensor:
-    return _rows(t.narrow(seq_dim, 0, num_prefix))
 
 
 def _precision(dtype: torch.dtype) -> str:
@@ -426,15 +425,15 @@ def _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax
         dx = dx.transpose(0, 1)
 
     # Weight gradients: plain GEMMs over all rows, in the compute dtype (T's), as autocast
-    # runs the reference's. Prefix rows are zero in P1 and GZ; for g^T x they are subtracted.
+    # runs the reference's. Prefix rows are zero in P1 and GZ, and in a copy of g: not
+    # subtracted afterwards, which would cancel badly when prefix tokens are large.
     cd = T.dtype
-    X2, G2 = x2.to(cd), g2.to(cd)
-    XtG = G2.t() @ X2                                    # [C, C]: sum_r g_r^T x_r
-    g_sum = g2.sum(0, dtype=torch.float32)
     if num_prefix:
-        Gp = _prefix_rows(gv, sd, num_prefix)
-        XtG = XtG - Gp.t().to(cd) @ _prefix_rows(xv, sd, num_prefix).to(cd)
-        g_sum = g_sum - Gp.sum(0, dtype=torch.float32)
+        g2 = g2.clone()
+        g2.view(xv.shape).narrow(sd, 0, num_prefix).zero_()
+    X2, G2 = x2.to(cd), g2.to(cd)
+    XtG = G2.t() @ X2                                    # [C, C]: sum over refined rows of g_r^T x_r
+    g_sum = g2.sum(0, dtype=torch.float32)
     PtG = P1.t() @ G2                                    # [m-1, C]
     dT = GZ.t() @ X2                                     # [m, C]
     s = scale.to(torch.float32)

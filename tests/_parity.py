@@ -49,6 +49,9 @@ class Case:
     # scaled logits of 100 and more.
     x_scale: float = 1.0
     token_scale: float | None = None
+    # the prefix positions (cls, registers) scaled by this: register tokens can be far
+    # larger than patch tokens, and must not leak into any gradient
+    prefix_scale: float = 1.0
 
 
 def make_layer(case: Case, seed: int) -> rein.ReinLayer:
@@ -72,7 +75,9 @@ def make_layer(case: Case, seed: int) -> rein.ReinLayer:
 def make_x(case: Case, seed: int, device=DEVICE) -> torch.Tensor:
     g = torch.Generator().manual_seed(seed + 1)
     shape = (case.B, case.N, case.C) if case.batch_first else (case.N, case.B, case.C)
-    return (torch.randn(shape, generator=g) * case.x_scale).to(device)
+    x = torch.randn(shape, generator=g) * case.x_scale
+    x.narrow(1 if case.batch_first else 0, 0, case.prefix).mul_(case.prefix_scale)
+    return x.to(device)
 
 
 def padded(t: torch.Tensor, seed: int = 0) -> torch.Tensor:
@@ -126,6 +131,7 @@ def check_case(case: Case, seed: int = 0) -> None:
     x = make_x(case, seed)
     torch.manual_seed(seed + 2)
     g = torch.randn(x.shape)
+    g.narrow(1 if case.batch_first else 0, 0, case.prefix).mul_(case.prefix_scale)
     args = (case.batch_first, case.prefix, case.layer)
 
     dt = DTYPE[case.dtype]

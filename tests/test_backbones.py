@@ -199,6 +199,24 @@ def test_official_conversion_is_the_official_converter_bit_for_bit(tmp_path, reg
     assert not torch.allclose(timm_bb.backbone.patch_embed.proj.weight.cpu(), w)
 
 
+@pytest.mark.parametrize("registers", [False, True])
+def test_official_conversion_of_timm_format_dinov2_files(registers):
+    """timm's own DINOv2 files (no mask_token) get the official resizes too; a register
+    model's file has no cls position in its grid."""
+    name = "vit_small_patch14_reg4_dinov2" if registers else "vit_small_patch14_dinov2"
+    torch.manual_seed(2)
+    src = timm.create_model(name, pretrained=False, img_size=70, depth=4).state_dict()  # 5 x 5 patches
+    bb = build("dinov2_reg" if registers else "dinov2", checkpoint=src)
+    got = {k: v.cpu() for k, v in bb.backbone.state_dict().items()}
+    w = F.interpolate(src["patch_embed.proj.weight"], size=(16, 16), mode="bicubic", align_corners=False)
+    assert torch.equal(got["patch_embed.proj.weight"], w)
+    pos = src["pos_embed"]
+    C, prefix = pos.shape[-1], 0 if registers else 1
+    grid = pos[:, prefix:].reshape(1, 5, 5, C).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 16, C)
+    assert torch.equal(got["pos_embed"], torch.cat([pos[:, :prefix], grid], dim=1))
+
+
 def test_conversion_flag_is_checked():
     with pytest.raises(ValueError, match="conversion must be one of"):
         build("dinov2", checkpoint=_dinov2_release_state(False), conversion="nearest")

@@ -43,6 +43,9 @@ CASES = {
     # row max overflows; and far past that, a softmax that is one-hot to fp32 precision
     "large_logits": Case(x_scale=100.0, token_scale=1.0),
     "one_hot": Case(x_scale=300.0, token_scale=1.0, m=5, prefix=2),
+    # register tokens 50x the patch tokens (their g too): subtracting their share from a
+    # GEMM over all rows would cancel catastrophically in fp16/bf16
+    "large_registers": Case(prefix=5, N=17, prefix_scale=50.0),
 }
 
 

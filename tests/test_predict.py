@@ -44,6 +44,36 @@ def test_predict_writes_label_ids_colours_and_overlays(trained, tmp_path, capsys
     assert "2 image(s)" in capsys.readouterr().out
 
 
+def test_reloaded_model_is_the_trained_one(trained):
+    """The model predict rebuilds from the checkpoint scores what training measured."""
+    import json
+
+    import torch
+
+    from rein.evaluate import evaluate
+    from rein.predict import load_model
+    from rein.train.config import SYNTHETIC
+    from rein.train.data import SyntheticDomain
+
+    model, config = load_model(str(trained / "checkpoint.pth"), None, torch.device("cpu"), fused=False)
+    val = SyntheticDomain("night", SYNTHETIC["val_size"], config.crop, seed=4)
+    assert evaluate(model, val, config.crop, "cpu") == json.loads((trained / "metrics.json").read_text())[val.name]
+
+
+def test_outputs_never_overwrite_each_other(trained, tmp_path):
+    imgs = tmp_path / "imgs"
+    (imgs / "sub").mkdir(parents=True)
+    rng = np.random.default_rng(1)
+    for rel in ("a.png", "a.jpg", "sub/a.png"):
+        Image.fromarray(rng.integers(0, 255, (40, 40, 3), dtype=np.uint8)).save(imgs / rel)
+    out = imgs / "pred"  # inside the input folder: a rerun must not read its own outputs
+    for _ in range(2):
+        assert main(["--checkpoint", str(trained / "checkpoint.pth"), "--images", str(imgs), "--out", str(out),
+                     "--device", "cpu", "--no-fused"]) == 0
+    assert sorted(p.name for p in out.glob("*_labelIds.png")) == ["a_jpg_labelIds.png", "a_png_labelIds.png",
+                                                                 "sub__a_labelIds.png"]
+
+
 def test_palette_and_label_ids_are_cityscapes():
     assert PALETTE.shape == (19, 3) and tuple(PALETTE[0]) == (128, 64, 128) and tuple(PALETTE[13]) == (0, 0, 142)
     assert LABEL_IDS[:19].tolist() == [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
@@ -65,4 +95,5 @@ def test_predict_missing_checkpoint(tmp_path, capsys):
     (tmp_path / "x.png").write_bytes(b"")
     assert main(["--checkpoint", str(tmp_path / "none.pth"), "--images", str(tmp_path), "--out",
                  str(tmp_path / "o"), "--device", "cpu"]) == 2
-    assert "--checkpoint" in capsys.readouterr().err
+    err = capsys.readouterr().err
+    assert f"--checkpoint {tmp_path / 'none.pth'} does not exist" in err and len(err.strip().splitlines()) == 1

@@ -94,9 +94,9 @@ def test_resume_refuses_flags_that_change_the_run(tmp_path, capsys):
     rc, _, err = run(capsys, "--max-iters", "4", "--resume", "--head", "query", *common)
     assert rc == 2
     _one_line_error(err, "--head 'light' -> 'query'")
-    assert torch.load(Path(out) / "checkpoint.pth", weights_only=False)["iteration"] == 2  # untouched
+    assert torch.load(Path(out) / "checkpoint.pth", weights_only=True)["iteration"] == 2  # untouched
     assert main(["--max-iters", "6", "--resume", "--force-resume", *common]) == 0
-    assert torch.load(Path(out) / "checkpoint.pth", weights_only=False)["iteration"] == 6
+    assert torch.load(Path(out) / "checkpoint.pth", weights_only=True)["iteration"] == 6
 
 
 def test_real_data_warns_about_random_backbone_and_missing_target(tmp_path, capsys):
@@ -123,11 +123,11 @@ def test_corrupt_training_image_saves_a_checkpoint_and_names_the_file(tmp_path, 
     rc, _, err = run(capsys, *args)
     assert rc == 2
     _one_line_error(err, "cannot read image", str(roots["gtav"] / "images"), "--resume")
-    ck = torch.load(out / "checkpoint.pth", weights_only=False)
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
     assert ck["iteration"] == 0
     make_fixtures(tmp_path / "data")  # the files are fixed: the run resumes and finishes
     assert main([*args, "--resume"]) == 0
-    assert torch.load(out / "checkpoint.pth", weights_only=False)["iteration"] == 3
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 3
 
 
 def test_unknown_label_found_mid_run(tmp_path, capsys):
@@ -161,7 +161,7 @@ def test_bad_target_file_keeps_the_training_and_other_domains(tmp_path, capsys):
     assert "NaN" not in (out / "metrics.json").read_text()   # so check the text
     assert metrics["cityscapes"]["mIoU"] is None and str(bad) in metrics["cityscapes"]["error"]
     assert isinstance(metrics["bdd100k"]["mIoU"], float)
-    assert torch.load(out / "checkpoint.pth", weights_only=False)["iteration"] == 2
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 2
 
 
 def test_loader_workers_give_the_same_run(tmp_path):
@@ -170,7 +170,7 @@ def test_loader_workers_give_the_same_run(tmp_path):
     main process (0 workers) torch's reductions use more threads, so the images differ in
     the last bit: the losses agree to 1e-6."""
     def losses(out):
-        return torch.load(out / "checkpoint.pth", weights_only=False)["losses"]
+        return torch.load(out / "checkpoint.pth", weights_only=True)["losses"]
 
     common = ["--max-iters", "4", "--ckpt-interval", "2", *FAST]
     runs = {w: tmp_path / f"w{w}" for w in (0, 1, 2)}
@@ -184,11 +184,45 @@ def test_loader_workers_give_the_same_run(tmp_path):
     assert losses(resumed) == losses(runs[2])
 
 
-def test_amp_keeps_frozen_weights_in_bf16_and_checkpointing_runs(tmp_path):
+def test_amp_keeps_frozen_weights_in_bf16_and_checkpointing_runs(tmp_path, monkeypatch):
+    import rein.train.loop as loop
+
+    seen = {}
+    real_optimizer = loop.make_optimizer
+
+    def spy(model, args, device):  # called once the model is ready to train
+        seen["backbone"] = {p.dtype for p in model.backbone.backbone.parameters()}
+        seen["trained"] = {p.dtype for p in model.parameters() if p.requires_grad}
+        seen["checkpointing"] = model.backbone.backbone.grad_checkpointing
+        return real_optimizer(model, args, device)
+
+    monkeypatch.setattr(loop, "make_optimizer", spy)
     out = tmp_path / "o"
     assert main(["--max-iters", "2", "--out", str(out), *FAST, "--amp", "--grad-checkpointing"]) == 0
-    ck = torch.load(out / "checkpoint.pth", weights_only=False)
+    assert seen == {"backbone": {torch.bfloat16}, "trained": {torch.float32}, "checkpointing": True}
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
     assert all(v.dtype == torch.float32 for k, v in ck["rein"].items() if v.is_floating_point())
+
+
+def test_resume_of_a_run_from_before_the_conversion_flag(tmp_path, capsys):
+    """Checkpoints written before --conversion existed were converted as timm does: resuming
+    one with the new default must be refused as a change, not silently switch."""
+    out = tmp_path / "run"
+    common = ["--ckpt-interval", "1", *FAST, "--out", str(out)]
+    assert main(["--max-iters", "4", "--stop-at", "2", *common]) == 0
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    del ck["config"]["conversion"]
+    torch.save(ck, out / "checkpoint.pth")
+    rc, _, err = run(capsys, "--max-iters", "4", "--resume", *common)
+    assert rc == 2
+    _one_line_error(err, "--conversion 'timm' -> 'official'")
+    assert main(["--max-iters", "4", "--resume", "--conversion", "timm", *common]) == 0
+
+
+def test_unsupported_backbone_family(tmp_path, capsys):
+    rc, _, err = run(capsys, "--max-iters", "1", "--out", str(tmp_path / "o"), *FAST, "--backbone", "resnet18")
+    assert rc == 2
+    _one_line_error(err, "--backbone resnet18", "not a backbone Rein can refine")
 
 
 def test_model_compiles_without_graph_breaks():
@@ -202,3 +236,24 @@ def test_model_compiles_without_graph_breaks():
     explanation = torch._dynamo.explain(model)(torch.randn(1, 3, 64, 64))
     assert explanation.graph_break_count == 0, explanation.break_reasons
     assert explanation.graph_count == 1
+
+
+@pytest.mark.slow
+def test_bad_file_under_torchrun_stops_every_process(tmp_path):
+    """Only one process's share of the batch holds the bad file: every process stops at the
+    same iteration (none waits in a collective), rank 0 names the file and saves."""
+    import os
+    import subprocess
+
+    roots = make_fixtures(tmp_path / "data")
+    _truncate(roots["gtav"] / "images" / "00001.png")
+    out = tmp_path / "o"
+    env = dict(os.environ, OMP_NUM_THREADS="1")
+    proc = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2",
+                           "--master_port=29519", "-m", "rein.train", "--source", f"gtav={roots['gtav']}", *TINY,
+                           "--max-iters", "20", "--out", str(out), *FAST, "--batch-size", "2"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode != 0
+    assert "cannot read image" in proc.stderr and "00001.png" in proc.stderr, proc.stderr[-2000:]
+    assert "Saved a resumable checkpoint" in proc.stderr
+    assert (out / "checkpoint.pth").exists()

@@ -40,13 +40,16 @@ def official_resize(state: dict[str, Tensor], patch: tuple[int, int], grid: tupl
                                                        align_corners=False)
     pos = out.get("pos_embed")
     if pos is not None:
-        n = pos.shape[1] - 1
-        side = math.isqrt(n)
-        if side * side != n:
-            raise ValueError(f"pos_embed has {pos.shape[1]} positions: expected 1 cls position and a square grid")
+        n = pos.shape[1]
+        # release files (and timm's own, for models with a cls position) carry one cls
+        # position before the grid; timm's files for register models carry none
+        prefix = 0 if math.isqrt(n) ** 2 == n else 1
+        side = math.isqrt(n - prefix)
+        if side * side != n - prefix:
+            raise ValueError(f"pos_embed has {n} positions: expected a square grid after at most one cls position")
         if (side, side) != tuple(grid):
             C = pos.shape[-1]
-            g = pos[:, 1:].reshape(1, side, side, C).permute(0, 3, 1, 2)
+            g = pos[:, prefix:].reshape(1, side, side, C).permute(0, 3, 1, 2)
             g = F.interpolate(g.float(), size=tuple(grid), mode="bicubic", align_corners=False)
-            out["pos_embed"] = torch.cat([pos[:, :1].float(), g.permute(0, 2, 3, 1).reshape(1, -1, C)], dim=1)
+            out["pos_embed"] = torch.cat([pos[:, :prefix].float(), g.permute(0, 2, 3, 1).reshape(1, -1, C)], dim=1)
     return out

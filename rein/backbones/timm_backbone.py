@@ -50,9 +50,11 @@ def default_out_indices(num_blocks: int) -> list[int]:
 
 
 def _official_applies(model: nn.Module, state: Mapping[str, Tensor]) -> bool:
-    """The official Rein converter exists for DINOv2 release files (they carry
-    ``mask_token``) and for EVA02; CLIP and SAM have none, so timm's conversion it is."""
-    return "mask_token" in state or type(model).__name__ == "Eva"
+    """The official Rein converter exists for DINOv2 (release files carry ``mask_token``;
+    timm's own files are known by the model's architecture) and for EVA02; CLIP and SAM
+    have none, so timm's conversion it is."""
+    arch = str(getattr(model, "pretrained_cfg", {}).get("architecture", ""))
+    return "mask_token" in state or "dinov2" in arch or type(model).__name__ == "Eva"
 
 
 def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Tensor],

@@ -127,6 +127,14 @@ def warnings_for(args) -> list[str]:
     return notes
 
 
+def backfill(saved: dict) -> dict:
+    """A saved run configuration with the flags added since it was written set to what
+    that run did: before --conversion existed, checkpoints were converted as timm does."""
+    saved = dict(saved)
+    saved.setdefault("conversion", "timm")
+    return saved
+
+
 def resume_mismatches(saved: dict, args) -> list[str]:
     """Flags that change the model or the schedule and differ from the checkpoint's."""
     now = vars(args)

@@ -326,6 +326,11 @@ class SyntheticDomain:
 # ---------------------------------------------------------------------------- augmentation
 
 
+def to_uint8(img: Tensor) -> np.ndarray:
+    """[3, H, W] in [0, 1] -> uint8 [H, W, 3]; exact for decoded images (multiples of 1/255)."""
+    return (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)
+
+
 def official_scales(crop: int) -> list[int]:
     """Short-edge choices of the official RandomChoiceResize: int(crop * 0.1 * k), k = 5..20
     (256, 307, ..., 1024 for 512 crops)."""
@@ -344,24 +349,30 @@ def _short_edge_size(h: int, w: int, short: int, max_size: int) -> tuple[int, in
 
 
 def _crop_box(lbl: np.ndarray, crop: int, rng: np.random.Generator, cat_max_ratio: float = 0.75):
-    """mmseg's RandomCrop: a random crop box, redrawn up to 10 times until no class covers
-    ``cat_max_ratio`` or more of the crop's labelled pixels (the last draw stands)."""
+    """mmseg's RandomCrop: a random crop box, checked up to 10 times and redrawn after each
+    failed check (no class may cover ``cat_max_ratio`` or more of the crop's labelled
+    pixels, and there must be two classes); after 10 failures the 11th draw stands."""
     h, w = lbl.shape
+
+    def draw():
+        return int(rng.integers(0, max(h - crop, 0) + 1)), int(rng.integers(0, max(w - crop, 0) + 1))
+
+    y, x = draw()
     for _ in range(10):
-        y = int(rng.integers(0, max(h - crop, 0) + 1))
-        x = int(rng.integers(0, max(w - crop, 0) + 1))
         ids, counts = np.unique(lbl[y:y + crop, x:x + crop], return_counts=True)
         counts = counts[ids != IGNORE]
         if len(counts) > 1 and counts.max() / counts.sum() < cat_max_ratio:
             break
+        y, x = draw()
     return y, x
 
 
 def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
-    """mmseg's PhotoMetricDistortion on a uint8 RGB image, its defaults: each step with
-    probability 1/2: brightness +-32, contrast x[0.5, 1.5] (before or after the colour
-    steps, at random), saturation x[0.5, 1.5] and hue +-18 (OpenCV's uint8 HSV, H in
-    [0, 180)); every step rounds back to uint8 as mmseg does."""
+    """mmseg's PhotoMetricDistortion on a uint8 RGB image, its defaults and its numpy
+    draws: each step with probability 1/2: brightness +-32, contrast x[0.5, 1.5] (before
+    or after the colour steps, at random), saturation x[0.5, 1.5] and hue by an integer
+    in [-18, 18) (numpy's randint excludes the top; OpenCV's uint8 HSV, H in [0, 180));
+    every step rounds back to uint8 as mmseg does."""
     import cv2
 
     def convert(a, alpha=1.0, beta=0.0):
@@ -378,7 +389,7 @@ def _photometric(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
         img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     if rng.integers(2):
         hsv = cv2.cvtColor(img, cv2.COLOR_RGB2HSV)
-        hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + int(rng.integers(-18, 19))) % 180
+        hsv[:, :, 0] = (hsv[:, :, 0].astype(int) + int(rng.integers(-18, 18))) % 180
         img = cv2.cvtColor(hsv, cv2.COLOR_HSV2RGB)
     if not contrast_first and rng.integers(2):
         img = convert(img, alpha=rng.uniform(0.5, 1.5))
@@ -395,7 +406,7 @@ def augment_official(img: Tensor, lbl: Tensor, crop: int, gen: torch.Generator) 
     import cv2
 
     rng = np.random.default_rng(int(torch.randint(0, 2**62, (), generator=gen)))
-    im = (img.permute(1, 2, 0).numpy() * 255 + 0.5).astype(np.uint8)  # exact for decoded images
+    im = to_uint8(img)
     lb = lbl.numpy().astype(np.uint8)
     scales = official_scales(crop)
     h, w = lb.shape

@@ -6,11 +6,12 @@ With no data flags it trains on the package's procedurally generated street scen
 runs anywhere in minutes; those numbers show the pipeline working, not Rein's accuracy.
 With ``--source gtav=PATH --target cityscapes=PATH ...`` it follows the published recipe:
 DINOv2-L/16, 512 crops, batch 4, 40k iterations, AdamW (lr 1e-4, weight decay 0.05, none
-on tokens, scale and norms), linear warm-up then poly decay (power 0.9), sliding-window
-evaluation.
+on tokens, scale and norms), poly decay (power 0.9) with no warm-up, the official data
+augmentation and sliding-window evaluation protocol.
 """
 from __future__ import annotations
 
+import datetime
 import json
 import math
 import os
@@ -26,7 +27,7 @@ import rein_kernels
 
 from ..evaluate import evaluate
 from ..heads import build_head, segmentation_loss
-from .config import SYNTHETIC, UsageError, parse_args, resume_mismatches, validate, warnings_for
+from .config import SYNTHETIC, UsageError, backfill, parse_args, resume_mismatches, validate, warnings_for
 from .data import CLASSES, DataError, FolderDataset, SyntheticDomain, TrainBatches, train_loader
 
 
@@ -74,12 +75,16 @@ def build_model(args, device) -> Segmentor:
         bb = ReinBackbone.from_timm(args.backbone, checkpoint=args.checkpoint, img_size=args.crop,
                                     patch_size=args.patch_size, fused=args.fused, conversion=args.conversion,
                                     link_token_to_query=args.head == "query", **args.timm_kwargs)
+    except TypeError as e:  # a timm model of a family ReinBackbone does not wrap (e.g. a ResNet)
+        raise UsageError(f"--backbone {args.backbone}: not a backbone Rein can refine here; use a ViT "
+                         f"(DINOv2, CLIP, EVA02), SAM or ConvNeXt model ({e})") from None
     except (FileNotFoundError, ValueError) as e:
         if args.checkpoint is None:
             raise
         raise UsageError(f"--checkpoint {args.checkpoint}: {e}") from None
-    with torch.no_grad():
-        feats, _ = _features_and_queries(bb(torch.zeros(1, 3, args.crop, args.crop)))
+    bb = bb.to(device)
+    with torch.no_grad():  # the head's input widths, from one small forward where training runs
+        feats, _ = _features_and_queries(bb(torch.zeros(1, 3, args.crop, args.crop, device=device)))
     head = build_head(args.head, [f.shape[1] for f in feats], len(CLASSES))
     return Segmentor(bb, head).to(device)
 
@@ -155,7 +160,9 @@ def _setup_distributed(args):
         dev = torch.device("cuda", local)
     else:
         dev = torch.device("cpu")
-    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo")
+    # Only rank 0 evaluates, the others wait at a barrier: a sliding-window evaluation of
+    # ViT-L on three targets outlasts the default 10-minute collective timeout.
+    dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=datetime.timedelta(hours=6))
     if args.batch_size % world:
         raise UsageError(f"--batch-size {args.batch_size} must be divisible by the {world} processes")
     return rank, world, dev
@@ -170,8 +177,8 @@ def _load_resume(args, out: Path):
     if not path.is_file():
         raise UsageError(f"--resume but no checkpoint at {path}")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=False)
-        saved = ck["config"]
+        ck = torch.load(path, map_location="cpu", weights_only=True)
+        saved = backfill(ck["config"])
     except Exception as e:
         raise UsageError(f"--resume: {path} is not a checkpoint this command wrote ({type(e).__name__}: {e})") from None
     diff = resume_mismatches(saved, args)
@@ -196,10 +203,11 @@ def _train(args, model, ddp, opt, train_set, rank, world, device, start, losses,
         t0 = time.perf_counter()
         batch = next(it_loader)
         t1 = time.perf_counter()
-        if isinstance(batch, dict):  # a file could not be read: keep what was trained
+        error = _agree_on_error(batch["error"] if isinstance(batch, dict) else None, world, device)
+        if error is not None:  # a file could not be read, on some process: keep what was trained
             checkpoint(it)
             bar.close()
-            return batch["error"]
+            return error
         images, labels = (t.to(device, non_blocking=True) for t in batch)
         for g in opt.param_groups:
             g["lr"] = lr_at(it, args)
@@ -234,6 +242,20 @@ def _train(args, model, ddp, opt, train_set, rank, world, device, start, losses,
         print(f"rein-train: {waited / total:.0%} of the step time was spent waiting for data "
               f"({args.workers} loader workers)")
     return None
+
+
+def _agree_on_error(error: str | None, world: int, device) -> str | None:
+    """A data error on any process, known to every process (so that all stop together and
+    rank 0, which saves and reports, can name the file): one collective per iteration."""
+    if world == 1:
+        return error
+    flag = torch.tensor([error is not None], dtype=torch.int32, device=device)
+    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+    if not flag.item():
+        return None
+    errors = [None] * world
+    dist.all_gather_object(errors, error)
+    return next(e for e in errors if e is not None)
 
 
 def main(argv=None) -> int:
