@@ -22,7 +22,7 @@ def fully_shard_rein_backbone(model: nn.Module, **fsdp_kwargs) -> nn.Module:
     from torch.distributed.fsdp import fully_shard
 
     scales = set(_scales(model.rein))
-    for block in model._blocks():
+    for _, block in model._blocks():
         fully_shard(block, **fsdp_kwargs)
     fully_shard(model, ignored_params=scales, **fsdp_kwargs)
     world = dist.get_world_size()

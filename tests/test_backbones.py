@@ -91,10 +91,13 @@ def test_only_rein_trains(family):
     assert all(p.grad is None for p in bb.backbone.parameters())
     for r in rein_layers(bb):
         tok_grad = r.learnable_tokens_a.grad
-        last = max(bb.out_indices) if family != "convnext" else 0
-        # every block up to the deepest output level gets a gradient on its own tokens
+        # every block up to the deepest output level (every block of every ConvNeXt stage,
+        # each with its own layer of its stage's ReinLayer) gets a gradient on its own tokens
+        last = max(bb.out_indices) if family != "convnext" else r.num_layers - 1
         assert all(tok_grad[l].abs().sum() > 0 for l in range(last + 1))
         assert r.mlp_delta_f.weight.grad.abs().sum() > 0
+    if family == "convnext":  # as the official ReinsConvNeXt: a layer per block of the stage
+        assert [r.num_layers for r in bb.rein] == [len(s.blocks) for s in bb.backbone.stages]
     opt.step()
     after = bb.backbone.state_dict()
     assert all(torch.equal(before[k], after[k]) for k in before)

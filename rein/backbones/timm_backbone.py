@@ -1,7 +1,7 @@
 """Rein on timm backbones: a frozen timm model with one shared ReinLayer after every block.
 
 timm builds and runs the backbone (``forward_intermediates``); Rein is a forward hook on
-each block (or each stage, for ConvNeXt) that refines the block's output in place of it.
+each block that refines the block's output in place of it.
 Because the hook is part of the block's call, timm's own activation checkpointing
 (``set_grad_checkpointing``) recomputes block + Rein together.
 
@@ -9,8 +9,10 @@ Layouts handled by the hooks:
   * ViT-like (DINOv2 with or without registers, CLIP, EVA02): [B, N, C] tokens, the
     model's prefix tokens (cls, registers) pass through;
   * SAM (``VisionTransformerSAM``): NHWC maps, no prefix tokens;
-  * ConvNeXt: NCHW stage outputs, one ReinLayer per stage (num_layers=1), their
-    queries summed.
+  * ConvNeXt: NCHW block outputs; as the official ReinsConvNeXt, one ReinLayer per
+    stage with one layer per block (the index counting within the stage), applied after
+    every block; their queries summed. (The official model also normalises each output
+    stage with mmpretrain's per-stage LayerNorm, which timm's ConvNeXt does not have.)
 """
 from __future__ import annotations
 
@@ -139,15 +141,16 @@ class ReinBackbone(nn.Module):
         self.backbone = backbone
         self.rein = rein
         self.family = _family(backbone)
-        blocks = self._blocks()
-        n = len(blocks)
+        # outputs: block indices (stage indices for ConvNeXt)
+        n = len(self.backbone.stages) if self.family == "convnext" else len(self.backbone.blocks)
         out_indices = [i + n if i < 0 else i for i in out_indices]
         if len(out_indices) != 4 or any(not 0 <= i < n for i in out_indices):
-            raise ValueError(f"out_indices must be 4 block indices in [0, {n}), got {list(out_indices)}")
+            raise ValueError(f"out_indices must be 4 {'stage' if self.family == 'convnext' else 'block'} "
+                             f"indices in [0, {n}), got {list(out_indices)}")
         self.out_indices = list(out_indices)
         self.backbone.requires_grad_(False)
         self.backbone.eval()
-        self._hooks = [blk.register_forward_hook(_RefineHook(self, i)) for i, blk in enumerate(blocks)]
+        self._hooks = [blk.register_forward_hook(_RefineHook(self, key)) for key, blk in self._blocks()]
 
     # ------------------------------------------------------------------ construction
 
@@ -188,8 +191,9 @@ class ReinBackbone(nn.Module):
         rein_kw = dict(token_length=token_length, lora_dim=lora_dim, query_dims=query_dims, fused=fused,
                        link_token_to_query=link_token_to_query)
         if family == "convnext":
+            # one ReinLayer per stage with a layer per block, as the official ReinsConvNeXt
             dims = [info["num_chs"] for info in model.feature_info]
-            rein = nn.ModuleList(ReinLayer(1, c, 4, **rein_kw) for c in dims)
+            rein = nn.ModuleList(ReinLayer(len(stage.blocks), c, 4, **rein_kw) for stage, c in zip(model.stages, dims))
             out_indices = list(range(len(dims))) if out_indices is None else out_indices
         else:
             C = model.embed_dim
@@ -197,8 +201,12 @@ class ReinBackbone(nn.Module):
             out_indices = default_out_indices(len(model.blocks)) if out_indices is None else out_indices
         return cls(model, rein, out_indices)
 
-    def _blocks(self) -> nn.ModuleList:
-        return self.backbone.stages if self.family == "convnext" else self.backbone.blocks
+    def _blocks(self) -> list:
+        """(hook key, block) for every block Rein refines: the block index, or for ConvNeXt
+        (stage, block index within the stage), as the official ReinsConvNeXt counts."""
+        if self.family == "convnext":
+            return [((s, b), blk) for s, stage in enumerate(self.backbone.stages) for b, blk in enumerate(stage.blocks)]
+        return list(enumerate(self.backbone.blocks))
 
     # ------------------------------------------------------------------ forward
 
@@ -208,8 +216,9 @@ class ReinBackbone(nn.Module):
         if self.family == "sam":  # NHWC
             B, H, W, C = x.shape
             return self.rein(x.reshape(B, H * W, C), i, batch_first=True, has_cls_token=False).reshape(B, H, W, C)
-        B, C, H, W = x.shape  # convnext stage: NCHW, its own ReinLayer
-        y = self.rein[i](x.flatten(2).transpose(1, 2), 0, batch_first=True, has_cls_token=False)
+        B, C, H, W = x.shape  # convnext block: NCHW, its stage's ReinLayer, its index in the stage
+        stage, block = i
+        y = self.rein[stage](x.flatten(2).transpose(1, 2), block, batch_first=True, has_cls_token=False)
         return y.transpose(1, 2).reshape(B, C, H, W)
 
     def queries(self) -> Tensor | None:
