@@ -14,12 +14,13 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from .train.data import CLASSES, IGNORE, DataError, normalize, read_image, to_uint8
+from .train.data import _CITYSCAPES_IDS, CLASSES, IGNORE, DataError, normalize, read_image, to_uint8
 
 # Cityscapes colours of the 19 train classes (cityscapesscripts' labels.py); ignore is black.
 PALETTE = np.array([
@@ -28,7 +29,8 @@ PALETTE = np.array([
     (0, 0, 142), (0, 0, 70), (0, 60, 100), (0, 80, 100), (0, 0, 230), (119, 11, 32)], dtype=np.uint8)
 # train id -> Cityscapes label id (the inverse of the loaders' label-id map); ignore -> 0 (unlabeled)
 LABEL_IDS = np.zeros(256, dtype=np.uint8)
-LABEL_IDS[:19] = [7, 8, 11, 12, 13, 17, 19, 20, 21, 22, 23, 24, 25, 26, 27, 28, 31, 32, 33]
+for _label_id, _train_id in _CITYSCAPES_IDS.items():
+    LABEL_IDS[_train_id] = _label_id
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
 
 
@@ -89,9 +91,7 @@ def _images(spec: list[str], out: Path) -> list[tuple[Path, str]]:
             raise DataError(f"--images {s}: no such file or folder")
     if not files:
         raise DataError(f"--images {' '.join(spec)}: no images found ({', '.join(sorted(IMAGE_SUFFIXES))})")
-    counts = {}
-    for _, name in files:
-        counts[name] = counts.get(name, 0) + 1
+    counts = Counter(name for _, name in files)
     named = [(f, f"{name}_{f.suffix[1:].lower()}" if counts[name] > 1 else name) for f, name in files]
     if len({n for _, n in named}) < len(named):
         raise DataError("--images: two inputs would write the same output name; name them apart")
@@ -143,12 +143,10 @@ def main(argv=None) -> int:
     import rein_kernels
 
     from .evaluate import predict
-    from .train.config import UsageError
+    from .train.config import UsageError, check_out_folder, device_from_flag
 
     try:
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise UsageError("--device cuda, but this machine has no CUDA GPU torch can use; use --device cpu")
+        device = device_from_flag(args.device)
         scale = None
         if args.scale:
             try:
@@ -157,8 +155,7 @@ def main(argv=None) -> int:
             except (ValueError, AssertionError):
                 raise UsageError(f"--scale {args.scale!r}: expected LONGxSHORT, e.g. 1024x512") from None
         out = Path(args.out)
-        if out.exists() and not out.is_dir():
-            raise UsageError(f"--out {out} is a file; give a folder")
+        check_out_folder(out, "the predicted PNGs")
         files = _images(args.images, out)
         fused = args.fused and rein_kernels.is_available(torch.empty(0, device=device))
         model, config = load_model(args.checkpoint, args.backbone_checkpoint, device, fused)

@@ -20,6 +20,18 @@ class Oracle(nn.Module):
         return F.one_hot(label, K).permute(0, 3, 1, 2).float()
 
 
+class Counting(Oracle):
+    """The oracle, noting the size of every window it is given in ``seen``."""
+
+    def __init__(self, seen: list):
+        super().__init__()
+        self.seen = seen
+
+    def forward(self, x):
+        self.seen.append(x.shape[-2:])
+        return super().forward(x)
+
+
 def test_window_starts_are_mmseg_grid():
     assert window_starts(720, 512, 341) == [0, 208]
     assert window_starts(1280, 512, 341) == [0, 341, 682, 768]
@@ -38,13 +50,7 @@ def test_perfect_predictor_scores_100(H, W, crop, stride):
     label = label.repeat_interleave(8, 1).repeat_interleave(8, 2)[:, :H, :W]
     img = ((label.float() / 255 - MEAN[0]) / STD[0])[:, None].expand(1, 3, H, W)
     seen = []
-
-    class Counting(Oracle):
-        def forward(self, x):
-            seen.append(x.shape[-2:])
-            return super().forward(x)
-
-    pred = slide_scores(Counting(), img, crop, stride).argmax(1)
+    pred = slide_scores(Counting(seen), img, crop, stride).argmax(1)
     assert pred.shape == (1, H, W)
     assert all(s == (crop, crop) for s in seen)
     cm = ConfusionMatrix()
@@ -94,13 +100,7 @@ def test_predict_resizes_then_returns_full_resolution_labels():
     label[:, :, W // 2:] = 7
     img = ((label.float() / 255 - MEAN[0]) / STD[0])[:, None].expand(1, 3, H, W)
     seen = []
-
-    class Counting(Oracle):
-        def forward(self, x):
-            seen.append(x.shape[-2:])
-            return super().forward(x)
-
-    pred = predict(Counting(), img, 512, scale=(1280, 720))
+    pred = predict(Counting(seen), img, 512, scale=(1280, 720))
     assert pred.shape == (1, H, W)
     assert (pred == label).float().mean() > 0.999  # only the border column may blur
     assert len(seen) == 2 * 4  # windows over 704 x 1280 (not 3 x 6 over 1052 x 1914)

@@ -83,17 +83,28 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     return args
 
 
+def check_out_folder(out: Path, holds: str) -> None:
+    """--out must be a folder (or not exist yet)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder (it will hold {holds})")
+
+
+def device_from_flag(flag: str | None) -> torch.device:
+    """--device as a torch.device (default: cuda if present, else cpu); a device that
+    cannot be used here is a UsageError."""
+    try:
+        device = torch.device(flag or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise UsageError(f"--device {flag!r} is not a device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but this machine has no CUDA GPU torch can use; use --device cpu")
+    return device
+
+
 def validate(args) -> None:
     """Every check of the flags alone; raises UsageError naming the flag and the fix."""
-    out = Path(args.out)
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder (it will hold checkpoint.pth, metrics.json, loss.png)")
-    try:
-        device = torch.device(args.device) if args.device else None
-    except RuntimeError as e:
-        raise UsageError(f"--device {args.device!r} is not a device: {e}") from None
-    if device is not None and device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but this machine has no CUDA GPU torch can use; use --device cpu")
+    check_out_folder(Path(args.out), "checkpoint.pth, metrics.json, loss.png")
+    device_from_flag(args.device)
     import timm
 
     if not timm.is_model(args.backbone):

@@ -58,11 +58,12 @@ _CITYSCAPES_IDS = {7: 0, 8: 1, 11: 2, 12: 3, 13: 4, 17: 5, 19: 6, 20: 7, 21: 8, 
 _MAPILLARY_IDS = {2: 1, 3: 4, 6: 3, 7: 0, 8: 0, 9: 1, 10: 0, 11: 1, 13: 0, 14: 0, 15: 1, 17: 2, 19: 11, 20: 12,
                   21: 12, 22: 12, 23: 0, 24: 0, 27: 10, 29: 9, 30: 8, 44: 5, 45: 5, 46: 7, 47: 5, 48: 6, 49: 7,
                   50: 7, 52: 18, 54: 15, 55: 13, 57: 17, 58: 16, 61: 14}
+_TRAIN_IDS = _lut({i: i for i in range(19)}, range(19))  # files that hold train ids already
 LUTS = {
     "gtav": _lut(_CITYSCAPES_IDS, range(34)),
-    "train_ids": _lut({i: i for i in range(19)}, range(19)),  # files that hold train ids already
+    "train_ids": _TRAIN_IDS,  # GTAV's *_labelTrainIds.png, from the official converter
     "cityscapes": _lut(_CITYSCAPES_IDS, range(34)),
-    "bdd100k": _lut({i: i for i in range(19)}, range(19)),  # masks hold train ids already
+    "bdd100k": _TRAIN_IDS,  # its masks hold train ids
     "mapillary": _lut(_MAPILLARY_IDS, range(66)),
 }
 

@@ -27,7 +27,8 @@ import rein_kernels
 
 from ..evaluate import evaluate
 from ..heads import build_head, segmentation_loss
-from .config import SYNTHETIC, UsageError, backfill, parse_args, resume_mismatches, validate, warnings_for
+from .config import (SYNTHETIC, UsageError, backfill, device_from_flag, parse_args, resume_mismatches, validate,
+                     warnings_for)
 from .data import CLASSES, DataError, FolderDataset, SyntheticDomain, TrainBatches, train_loader
 
 
@@ -149,12 +150,12 @@ def _plot_losses(losses: list[float], path: Path) -> None:
 
 
 def _setup_distributed(args):
-    dev_type = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    device = device_from_flag(args.device)
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world == 1:
-        return 0, 1, torch.device(dev_type)
+        return 0, 1, device
     rank = int(os.environ["RANK"])
-    if dev_type == "cuda":
+    if device.type == "cuda":
         local = int(os.environ.get("LOCAL_RANK", "0"))
         torch.cuda.set_device(local)
         dev = torch.device("cuda", local)
