@@ -13,7 +13,7 @@ import torch
 
 import rein
 from bench import median_ms, peak_mem_mb
-from rein.heads import build_head, segmentation_loss
+from rein.heads import build_head
 
 
 SETTINGS = {
@@ -49,7 +49,7 @@ class TrainStep:
     def __call__(self):
         ctx = torch.autocast(self.device, dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
         with ctx:
-            loss = segmentation_loss(self.forward(self.images).float(), self.labels, "logits")
+            loss = self.head.loss(self.forward(self.images), self.labels)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()

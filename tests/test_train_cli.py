@@ -91,9 +91,9 @@ def test_resume_refuses_flags_that_change_the_run(tmp_path, capsys):
     rc, _, err = run(capsys, "--max-iters", "6", "--resume", *common)
     assert rc == 2
     _one_line_error(err, "--resume", "--max-iters 4 -> 6", "--force-resume")
-    rc, _, err = run(capsys, "--max-iters", "4", "--resume", "--head", "query", *common)
+    rc, _, err = run(capsys, "--max-iters", "4", "--resume", "--head", "mask2former", *common)
     assert rc == 2
-    _one_line_error(err, "--head 'light' -> 'query'")
+    _one_line_error(err, "--head 'light' -> 'mask2former'")
     assert torch.load(Path(out) / "checkpoint.pth", weights_only=True)["iteration"] == 2  # untouched
     assert main(["--max-iters", "6", "--resume", "--force-resume", *common]) == 0
     assert torch.load(Path(out) / "checkpoint.pth", weights_only=True)["iteration"] == 6

@@ -10,11 +10,15 @@ import torch
 
 # The published GTAV config: no warm-up (PolyLR from the first iteration).
 RECIPE = dict(crop=512, batch_size=4, max_iters=40000, backbone="vit_large_patch14_dinov2", patch_size=16,
-              warmup_iters=0)
+              warmup_iters=0, head="mask2former", head_kwargs={})
+# The synthetic default: small enough for a 2-core CPU in minutes, the same pipeline.
 SYNTHETIC = dict(crop=128, batch_size=4, max_iters=300, backbone="vit_small_patch14_dinov2", patch_size=8,
-                 warmup_iters=20, depth=4, train_size=400, val_size=12)
+                 warmup_iters=20, depth=4, train_size=400, val_size=12, head="light", head_kwargs={})
+# Mask2Former scaled down for a CPU (the synthetic data with --head mask2former, and the tests)
+SMALL_MASK2FORMER = dict(query_dims=64, num_heads=4, encoder_layers=2, decoder_layers=3, encoder_ffn_dims=256,
+                         decoder_ffn_dims=256, num_points=1024)
 # Flags that change the model or the schedule: a resumed run must keep them.
-RESUME_KEYS = ("source", "backbone", "checkpoint", "conversion", "head", "crop", "batch_size", "max_iters", "lr",
+RESUME_KEYS = ("source", "backbone", "checkpoint", "conversion", "head", "head_kwargs", "crop", "batch_size", "max_iters", "lr",
                "weight_decay", "warmup_iters", "seed", "amp", "patch_size")
 
 
@@ -37,7 +41,9 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
                     help="how a release checkpoint's 14-pixel patch kernel and position grid are resampled: "
                          "as the official Rein converter (default; what released Rein weights were trained on) "
                          "or as timm does")
-    ap.add_argument("--head", choices=["light", "query"], default="light")
+    ap.add_argument("--head", choices=["mask2former", "light"],
+                    help="mask2former: the published head, Rein's tokens linked to its queries (default with "
+                         "--source); light: a small per-pixel head (default on the synthetic data)")
     ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                     help="Rein's Triton kernels (default) or the PyTorch reference")
     ap.add_argument("--amp", action="store_true",
@@ -67,9 +73,10 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     if args.synthetic and args.target:
         ap.error("--target needs --source (without data flags the synthetic domains are used)")
     defaults = SYNTHETIC if args.synthetic else RECIPE
-    for k in ("crop", "batch_size", "max_iters", "backbone"):
+    for k in ("crop", "batch_size", "max_iters", "backbone", "head"):
         if getattr(args, k) is None:
             setattr(args, k, defaults[k])
+    args.head_kwargs = dict(SMALL_MASK2FORMER if args.synthetic and args.head == "mask2former" else {})
     user_backbone = args.backbone != defaults["backbone"]
     args.patch_size = RECIPE["patch_size"] if user_backbone else defaults["patch_size"]
     args.timm_kwargs = {} if (user_backbone or not args.synthetic) else {"depth": SYNTHETIC["depth"]}
@@ -140,9 +147,11 @@ def warnings_for(args) -> list[str]:
 
 def backfill(saved: dict) -> dict:
     """A saved run configuration with the flags added since it was written set to what
-    that run did: before --conversion existed, checkpoints were converted as timm does."""
+    that run did: before --conversion existed, checkpoints were converted as timm does; before
+head_kwargs, every head had its default size."""
     saved = dict(saved)
     saved.setdefault("conversion", "timm")
+    saved.setdefault("head_kwargs", {})
     return saved
 
 

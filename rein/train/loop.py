@@ -26,7 +26,7 @@ import torch.nn as nn
 import rein_kernels
 
 from ..evaluate import evaluate
-from ..heads import build_head, segmentation_loss
+from ..heads import build_head
 from .config import (SYNTHETIC, UsageError, backfill, device_from_flag, parse_args, resume_mismatches, validate,
                      warnings_for)
 from .data import CLASSES, DataError, FolderDataset, SyntheticDomain, TrainBatches, train_loader
@@ -60,22 +60,30 @@ def _features_and_queries(out):
 
 
 class Segmentor(nn.Module):
+    """Backbone + head. In training mode ``forward`` gives the head's raw output (for
+    ``head.loss``), in eval mode the class scores [B, K, h, w] (``head.scores``)."""
+
     def __init__(self, backbone: nn.Module, head: nn.Module):
         super().__init__()
         self.backbone, self.head = backbone, head
 
     def forward(self, images):
-        return self.head(*_features_and_queries(self.backbone(images)))
+        out = self.head(*_features_and_queries(self.backbone(images)))
+        return out if self.training else self.head.scores(out, images.shape[-2:])
 
 
 def build_model(args, device) -> Segmentor:
     from ..backbones import ReinBackbone
 
     torch.manual_seed(args.seed)
+    head_kwargs = dict(args.head_kwargs)
+    rein_kwargs = {"link_token_to_query": args.head != "light"}
+    if args.head != "light":  # the head's width is Rein's query width
+        rein_kwargs["query_dims"] = head_kwargs.setdefault("query_dims", 256)
     try:
         bb = ReinBackbone.from_timm(args.backbone, checkpoint=args.checkpoint, img_size=args.crop,
                                     patch_size=args.patch_size, fused=args.fused, conversion=args.conversion,
-                                    link_token_to_query=args.head == "query", **args.timm_kwargs)
+                                    **rein_kwargs, **args.timm_kwargs)
     except TypeError as e:  # a timm model of a family ReinBackbone does not wrap (e.g. a ResNet)
         raise UsageError(f"--backbone {args.backbone}: not a backbone Rein can refine here; use a ViT "
                          f"(DINOv2, CLIP, EVA02), SAM or ConvNeXt model ({e})") from None
@@ -86,20 +94,26 @@ def build_model(args, device) -> Segmentor:
     bb = bb.to(device)
     with torch.no_grad():  # the head's input widths, from one small forward where training runs
         feats, _ = _features_and_queries(bb(torch.zeros(1, 3, args.crop, args.crop, device=device)))
-    head = build_head(args.head, [f.shape[1] for f in feats], len(CLASSES))
+    try:
+        head = build_head(args.head, [f.shape[1] for f in feats], len(CLASSES), **head_kwargs)
+    except ValueError as e:  # e.g. a checkpoint of a removed head
+        raise UsageError(f"--head {args.head}: {e}") from None
     return Segmentor(bb, head).to(device)
 
 
 def param_groups(model: nn.Module, weight_decay: float):
-    """AdamW groups as the recipe: no decay on Rein's tokens and scale, nor on normalisation
-    layers; everything else (weights and biases) decays."""
+    """AdamW groups as the recipe: no decay on Rein's tokens and scale, on normalisation
+    layers and on the Mask2Former decoder's level embedding; everything else (weights and
+    biases) decays. (The official custom key "level_embed" does not match the pixel
+    decoder's level encoding, so that one decays, there and here.)"""
     norm_types = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
     plain = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters()}
     decay, no_decay = [], []
     for name, p in model.named_parameters():
         if not p.requires_grad:
             continue
-        if id(p) in plain or "learnable_tokens" in name or name.rsplit(".", 1)[-1] == "scale":
+        if (id(p) in plain or "learnable_tokens" in name or name.rsplit(".", 1)[-1] == "scale"
+                or name == "head.transformer.level_embed.weight"):
             no_decay.append(p)
         else:
             decay.append(p)
@@ -210,17 +224,14 @@ def _train(args, model, ddp, opt, train_set, rank, world, device, start, losses,
             bar.close()
             return error
         images, labels = (t.to(device, non_blocking=True) for t in batch)
+        # like the batch, the step's own randomness (Mask2Former's point sampling) is a
+        # function of (seed, iteration, rank), so a resumed run repeats the uninterrupted one
+        torch.manual_seed((args.seed * 1_000_003 + it) * 4096 + rank)
         for g in opt.param_groups:
             g["lr"] = lr_at(it, args)
         with _autocast(args, device):
             head_out = ddp(images)
-        # Mean over the valid pixels of the whole global batch, so that DDP (which averages
-        # gradients over ranks) gives exactly the single-process gradient.
-        loss_sum = segmentation_loss(head_out.float(), labels, model.head.kind, reduction="sum")
-        n_valid = (labels != 255).sum().float()
-        if world > 1:
-            dist.all_reduce(n_valid)
-        loss = loss_sum * world / n_valid.clamp_min(1)
+        loss = model.head.loss(head_out, labels)  # this process's share; DDP averages the gradients
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
