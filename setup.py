@@ -15,5 +15,6 @@ setup(
         "train": ["timm>=1.0", "matplotlib", "tqdm", "pillow", "opencv-python-headless", "transformers>=5.24", "scipy"],
         "xformers": ["xformers"],
     },
-    entry_points={"console_scripts": ["rein-train=rein.train.loop:main", "rein-predict=rein.predict:main"]},
+    entry_points={"console_scripts": ["rein-train=rein.train.loop:main", "rein-predict=rein.predict:main",
+                                      "rein-evaluate=rein.evaluate:main"]},
 )

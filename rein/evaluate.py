@@ -8,19 +8,28 @@ classes (ignore 255) and reports IoU per class and their mean, as the DGSS liter
 averaged, so that every pixel is predicted by at least one window. ``evaluate`` follows
 the official test pipelines: each image resized keeping its ratio to fit (1024, 512)
 (Cityscapes, Mapillary) or (1280, 720) (GTAV, BDD100K), slide 512 / stride 341 there,
-scores resized back to the label's full resolution.
+scores resized back to the label's full resolution. ``evaluate_targets`` writes what
+training writes after its last iteration: ``metrics.json`` and sample pictures.
+
+``python -m rein.evaluate --checkpoint FILE --target cityscapes=PATH ... --out DIR``
+evaluates a checkpoint that ``rein.train`` wrote or an official Rein checkpoint (mmseg
+format; with ``--backbone-checkpoint`` for the frozen DINOv2 weights) by that protocol.
 """
 from __future__ import annotations
 
+import argparse
 import contextlib
+import json
 import math
+import sys
+from pathlib import Path
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from .train.data import CLASSES, IGNORE, normalize, to_uint8
+from .train.data import CLASSES, IGNORE, DataError, normalize, to_uint8
 
 
 class ConfusionMatrix:
@@ -134,3 +143,80 @@ def evaluate(model: nn.Module, dataset, crop: int, device, autocast=None, stride
             samples.append((to_uint8(img), lbl.numpy(), pred[0].cpu().numpy()))
     model.train(was_training)
     return cm.summary()
+
+
+def evaluate_targets(model: nn.Module, datasets, crop: int, device, out: Path, autocast=None,
+                     log=print) -> list[str]:
+    """Evaluate on every dataset; write ``out/metrics.json`` (``{domain: {"mIoU": ...,
+    "per_class": {...}}}``, strict JSON) and ``out/samples/<domain>.png``. A file that
+    cannot be read stops that domain only (its entry becomes ``{"mIoU": null, "error":
+    ...}``); returns those errors."""
+    from .predict import save_samples
+
+    metrics, failed = {}, []
+    for ds in datasets:
+        try:
+            samples = []
+            metrics[ds.name] = evaluate(model, ds, crop, device, autocast=autocast, samples=samples)
+            save_samples(out / "samples" / f"{ds.name}.png", samples,
+                         f"{ds.name}: mIoU {metrics[ds.name]['mIoU']} (image | ground truth | prediction)")
+            miou = metrics[ds.name]["mIoU"]
+            log(f"  {ds.name:28s} mIoU {'n/a' if miou is None else f'{miou:6.2f}'}")
+        except DataError as e:  # keep every other domain's numbers
+            metrics[ds.name] = {"mIoU": None, "error": str(e)}
+            failed.append(str(e))
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
+    return failed
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(prog="rein-evaluate", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--checkpoint", required=True,
+                    help="OUT/checkpoint.pth of a rein.train run, or an official Rein checkpoint (mmseg format)")
+    ap.add_argument("--backbone-checkpoint",
+                    help="the frozen backbone's weights (release or timm format; default: those of the run; "
+                         "needed for an official checkpoint unless it carries them)")
+    ap.add_argument("--backbone", default="vit_large_patch14_dinov2",
+                    help="official checkpoints: the timm backbone they were trained on (default DINOv2-L)")
+    ap.add_argument("--crop", type=int, default=512, help="official checkpoints: the training crop (default 512)")
+    ap.add_argument("--target", metavar="KIND=PATH", action="append", required=True,
+                    help="dataset to evaluate (repeat): cityscapes=..., bdd100k=..., mapillary=..., acdc-fog=...")
+    ap.add_argument("--out", required=True, help="output folder (metrics.json, samples/)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True)
+    ap.add_argument("--amp", action="store_true", help="bf16 autocast for the forward passes")
+    args = ap.parse_args(argv)
+
+    import torch
+
+    import rein_kernels
+
+    from .predict import load_model
+    from .train.config import UsageError, check_out_folder, device_from_flag
+    from .train.loop import _parse_domain
+
+    try:
+        device = device_from_flag(args.device)
+        out = Path(args.out)
+        check_out_folder(out, "metrics.json and samples/")
+        datasets = [_parse_domain(t, "val") for t in args.target]
+        for d in datasets:
+            d.check()
+        fused = args.fused and rein_kernels.is_available(torch.empty(0, device=device))
+        model, config = load_model(args.checkpoint, args.backbone_checkpoint, device, fused,
+                                   official=dict(backbone=args.backbone, crop=args.crop))
+    except (UsageError, DataError) as e:
+        print(f"rein-evaluate: {e}", file=sys.stderr)
+        return 2
+    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)  # noqa: E731
+    failed = evaluate_targets(model, datasets, config.crop, device, out, amp)
+    print(f"rein-evaluate: wrote {out / 'metrics.json'} and {out / 'samples'}/")
+    for msg in failed:
+        print(f"rein-evaluate: evaluation stopped on a bad file: {msg}", file=sys.stderr)
+    return 2 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

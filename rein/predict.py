@@ -98,10 +98,14 @@ def _images(spec: list[str], out: Path) -> list[tuple[Path, str]]:
     return named
 
 
-def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.device, fused: bool):
-    """The trained model (backbone + Rein + head) from a checkpoint this library's training
-    wrote, and the configuration it was trained with."""
-    from .train.config import UsageError, backfill
+def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.device, fused: bool,
+               official: dict | None = None):
+    """The trained model (backbone + Rein + head) and its configuration, from a checkpoint
+    ``rein.train`` wrote or, when ``official`` is given (``{"backbone": timm name, "crop":
+    ...}``), also from an official Rein checkpoint: the recipe's model (Mask2Former head,
+    official weight conversion) with that backbone."""
+    from .official import convert_official_state_dict, load_official_checkpoint, read_official_checkpoint
+    from .train.config import RECIPE, UsageError, backfill
     from .train.loop import build_model
 
     path = Path(checkpoint)
@@ -109,26 +113,50 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
         raise UsageError(f"--checkpoint {path} does not exist")
     try:
         ck = torch.load(path, map_location="cpu", weights_only=True)
-        config = backfill(ck["config"])
-        rein_sd, head_sd = ck["rein"], ck["head"]
     except Exception as e:
-        raise UsageError(f"--checkpoint {path} is not a checkpoint rein.train wrote ({type(e).__name__}: {e})") from None
+        raise UsageError(f"--checkpoint {path} is not a checkpoint torch.load can read ({type(e).__name__})") from None
+    is_ours = isinstance(ck, dict) and {"config", "rein", "head"} <= set(ck)
+    if is_ours:
+        config = backfill(ck["config"])
+    elif official is not None:
+        try:
+            state = read_official_checkpoint(path)
+            has_backbone = bool(convert_official_state_dict(state)["backbone"])
+        except ValueError as e:
+            raise UsageError(f"--checkpoint {path}: neither a rein.train checkpoint nor an official Rein one ({e})") \
+                from None
+        if backbone_checkpoint is None and not has_backbone:
+            raise UsageError(f"--checkpoint {path} is an official Rein checkpoint without the frozen backbone: "
+                             "pass its weights with --backbone-checkpoint (e.g. dinov2_vitl14_pretrain.pth)")
+        config = dict(backbone=official["backbone"], crop=official["crop"], patch_size=RECIPE["patch_size"],
+                      head="mask2former", head_kwargs={}, timm_kwargs={}, conversion="official", seed=0,
+                      checkpoint=None)
+    else:
+        raise UsageError(f"--checkpoint {path} is not a checkpoint rein.train wrote")
     if backbone_checkpoint is not None:
         config["checkpoint"] = backbone_checkpoint
     if config.get("checkpoint") and not Path(config["checkpoint"]).is_file():
         raise UsageError(f"the backbone weights {config['checkpoint']} are missing: pass --backbone-checkpoint")
     config["fused"] = fused
+    config["init_from_official"] = None  # the checkpoint's own weights replace those anyway
     args = argparse.Namespace(**config)
     model = build_model(args, device)
-    model.backbone.load_rein_state_dict({k: v.to(device) for k, v in rein_sd.items()})
-    model.head.load_state_dict(head_sd)
+    try:
+        if is_ours:
+            model.backbone.load_rein_state_dict({k: v.to(device) for k, v in ck["rein"].items()})
+            model.head.load_state_dict(ck["head"])
+        else:
+            load_official_checkpoint(state, model.backbone, model.head)
+    except (ValueError, RuntimeError) as e:
+        raise UsageError(f"--checkpoint {path} does not fit the model it describes: {e}") from None
     return model.eval(), args
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="rein-predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True, help="OUT/checkpoint.pth of a rein.train run")
+    ap.add_argument("--checkpoint", required=True,
+                    help="OUT/checkpoint.pth of a rein.train run, or an official Rein DINOv2-L checkpoint")
     ap.add_argument("--backbone-checkpoint", help="the frozen backbone's weights (default: those of the run)")
     ap.add_argument("--images", nargs="+", required=True, help="image files and/or folders (searched recursively)")
     ap.add_argument("--out", required=True, help="output folder")
@@ -158,7 +186,8 @@ def main(argv=None) -> int:
         check_out_folder(out, "the predicted PNGs")
         files = _images(args.images, out)
         fused = args.fused and rein_kernels.is_available(torch.empty(0, device=device))
-        model, config = load_model(args.checkpoint, args.backbone_checkpoint, device, fused)
+        model, config = load_model(args.checkpoint, args.backbone_checkpoint, device, fused,
+                                   official=dict(backbone="vit_large_patch14_dinov2", crop=512))
     except (UsageError, DataError) as e:
         print(f"rein-predict: {e}", file=sys.stderr)
         return 2

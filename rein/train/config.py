@@ -44,6 +44,8 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     ap.add_argument("--head", choices=["mask2former", "light"],
                     help="mask2former: the published head, Rein's tokens linked to its queries (default with "
                          "--source); light: a small per-pixel head (default on the synthetic data)")
+    ap.add_argument("--init-from-official", metavar="FILE",
+                    help="start Rein and the Mask2Former head from an official Rein checkpoint (mmseg format)")
     ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                     help="Rein's Triton kernels (default) or the PyTorch reference")
     ap.add_argument("--amp", action="store_true",
@@ -124,6 +126,12 @@ def validate(args) -> None:
     if args.crop % stride:
         raise UsageError(f"--crop {args.crop} is not a multiple of the backbone's {stride}-pixel "
                          f"{'stride' if stride == 32 else 'patch'}; e.g. --crop {max(stride, args.crop // stride * stride)}")
+    if args.init_from_official is not None:
+        if args.head != "mask2former":
+            raise UsageError(f"--init-from-official loads a Mask2Former head; it needs --head mask2former, "
+                             f"not {args.head}")
+        if not Path(args.init_from_official).is_file():
+            raise UsageError(f"--init-from-official {args.init_from_official} does not exist (or is not a file)")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise UsageError(f"--checkpoint {args.checkpoint} does not exist (or is not a file)")
     try:
@@ -148,7 +156,7 @@ def warnings_for(args) -> list[str]:
 def backfill(saved: dict) -> dict:
     """A saved run configuration with the flags added since it was written set to what
     that run did: before --conversion existed, checkpoints were converted as timm does; before
-head_kwargs, every head had its default size."""
+    head_kwargs, every head had its default size."""
     saved = dict(saved)
     saved.setdefault("conversion", "timm")
     saved.setdefault("head_kwargs", {})

@@ -12,7 +12,6 @@ augmentation and sliding-window evaluation protocol.
 from __future__ import annotations
 
 import datetime
-import json
 import math
 import os
 import sys
@@ -25,7 +24,7 @@ import torch.nn as nn
 
 import rein_kernels
 
-from ..evaluate import evaluate
+from ..evaluate import evaluate_targets
 from ..heads import build_head
 from .config import (SYNTHETIC, UsageError, backfill, device_from_flag, parse_args, resume_mismatches, validate,
                      warnings_for)
@@ -98,6 +97,13 @@ def build_model(args, device) -> Segmentor:
         head = build_head(args.head, [f.shape[1] for f in feats], len(CLASSES), **head_kwargs)
     except ValueError as e:  # e.g. a checkpoint of a removed head
         raise UsageError(f"--head {args.head}: {e}") from None
+    if getattr(args, "init_from_official", None):
+        from ..official import load_official_checkpoint
+
+        try:
+            load_official_checkpoint(args.init_from_official, bb, head)
+        except ValueError as e:
+            raise UsageError(f"--init-from-official {args.init_from_official}: {e}") from None
     return Segmentor(bb, head).to(device)
 
 
@@ -344,22 +350,7 @@ def main(argv=None) -> int:
 
     failed = []
     if main_proc:
-        metrics = {}
-        from ..predict import save_samples
-
-        for ds in val_sets:
-            try:
-                samples = []
-                metrics[ds.name] = evaluate(model, ds, args.crop, device, autocast=lambda: _autocast(args, device),
-                                            samples=samples)
-                save_samples(out / "samples" / f"{ds.name}.png", samples,
-                             f"{ds.name}: mIoU {metrics[ds.name]['mIoU']} (image | ground truth | prediction)")
-                miou = metrics[ds.name]["mIoU"]
-                print(f"  {ds.name:28s} mIoU {'n/a' if miou is None else f'{miou:6.2f}'}")
-            except DataError as e:  # keep the finished training and every other domain's numbers
-                metrics[ds.name] = {"mIoU": None, "error": str(e)}
-                failed.append(str(e))
-        (out / "metrics.json").write_text(json.dumps(metrics, indent=1, allow_nan=False))
+        failed = evaluate_targets(model, val_sets, args.crop, device, out, lambda: _autocast(args, device))
         _plot_losses(losses, out / "loss.png")
         print(f"rein-train: {args.max_iters - start} iterations in {time.time() - t0:.0f} s; wrote "
               f"{out / 'checkpoint.pth'} (Rein + head only), {out / 'metrics.json'}, {out / 'loss.png'}, "

@@ -1,0 +1,90 @@
+"""``python -m rein.evaluate``: the metrics training writes, for a rein.train checkpoint and
+for an official Rein checkpoint (mmseg names), and one-line errors for bad input."""
+import argparse
+import json
+
+import pytest
+import torch
+
+pytest.importorskip("timm")
+pytest.importorskip("transformers")
+
+from rein.evaluate import EVAL_SCALE, evaluate, main  # noqa: E402
+from rein.official import _head_key  # noqa: E402
+from rein.train.data import FolderDataset  # noqa: E402
+from rein.train.loop import build_model  # noqa: E402
+from rein.train.loop import main as train  # noqa: E402
+
+from test_official import official_keys  # noqa: E402
+from test_train import FAST, make_fixtures  # noqa: E402
+
+SMALL_VIT = "vit_small_patch14_dinov2"
+
+
+@pytest.fixture(autouse=True)
+def native_scale(monkeypatch):
+    """The fixtures' 40x24 images at their own size (the official test resize would blow
+    them up to 1024x512: hundreds of windows on a CPU); the resize has its own tests."""
+    for kind in ("cityscapes", "bdd100k"):
+        monkeypatch.setitem(EVAL_SCALE, kind, (40, 24))
+
+
+def _official_file(model, path):
+    """``model``'s weights under the official names (the fixture's), as an mmengine file
+    with the frozen backbone inside, as the official generate_full_weights.py writes."""
+    rein, head = model.backbone.rein.state_dict(), model.head.state_dict()
+    state = {}
+    for k in official_keys():
+        if k.startswith("backbone.reins."):
+            state[k] = rein[k.removeprefix("backbone.reins.")]
+        else:
+            names = list(_head_key(k.removeprefix("decode_head."), torch.zeros(3)))
+            state[k] = torch.cat([head[n] for n in names]) if len(names) == 3 else head[names[0]]
+    state.update({f"backbone.{k}": v for k, v in model.backbone.backbone.state_dict().items()})
+    torch.save({"meta": {"note": "test"}, "state_dict": state}, path)
+
+
+def test_official_checkpoint_evaluates_as_the_model_it_holds(tmp_path):
+    roots = make_fixtures(tmp_path / "data")
+    args = argparse.Namespace(backbone=SMALL_VIT, crop=64, patch_size=16, head="mask2former", head_kwargs={},
+                              timm_kwargs={}, conversion="official", seed=3, checkpoint=None, fused=False)
+    model = build_model(args, torch.device("cpu"))
+    with torch.no_grad():
+        model.backbone.rein.scale.fill_(0.5)  # Rein's refinement visible in the features
+    _official_file(model, tmp_path / "official.pth")
+    out = tmp_path / "eval"
+    assert main(["--checkpoint", str(tmp_path / "official.pth"), "--backbone", SMALL_VIT, "--crop", "64",
+                 "--target", f"cityscapes={roots['cityscapes']}", "--out", str(out), "--device", "cpu",
+                 "--no-fused"]) == 0
+    got = json.loads((out / "metrics.json").read_text())
+    want = evaluate(model.eval(), FolderDataset("cityscapes", roots["cityscapes"], "val"), 64, torch.device("cpu"))
+    assert got == {"cityscapes": json.loads(json.dumps(want))}
+    assert (out / "samples" / "cityscapes.png").stat().st_size > 1000
+
+
+def test_train_checkpoint_evaluates_and_bad_input_is_one_line(tmp_path, capsys):
+    roots = make_fixtures(tmp_path / "data")
+    run = tmp_path / "run"
+    assert train(["--max-iters", "1", "--out", str(run), *FAST]) == 0
+    out = tmp_path / "eval"
+    common = ["--target", f"cityscapes={roots['cityscapes']}", "--target", f"bdd100k={roots['bdd100k']}",
+              "--device", "cpu", "--no-fused"]
+    assert main(["--checkpoint", str(run / "checkpoint.pth"), "--out", str(out), *common]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"cityscapes", "bdd100k"} and all(0 <= m["mIoU"] <= 100 for m in metrics.values())
+    capsys.readouterr()
+
+    def fails(*argv, says):
+        assert main([*argv, "--out", str(tmp_path / "x"), *common]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and says in err, err
+
+    fails("--checkpoint", str(tmp_path / "none.pth"), says="does not exist")
+    (tmp_path / "text.pth").write_text("hello")
+    fails("--checkpoint", str(tmp_path / "text.pth"), says="not a checkpoint")
+    torch.save({"state_dict": {"backbone.reins.scale": torch.ones(()),
+                               "decode_head.querys2feat.weight": torch.ones(2, 2)}}, tmp_path / "bare.pth")
+    fails("--checkpoint", str(tmp_path / "bare.pth"), says="--backbone-checkpoint")
+    assert main(["--checkpoint", str(run / "checkpoint.pth"), "--out", str(tmp_path / "y"), "--device", "cpu",
+                 "--target", f"cityscapes={tmp_path / 'nowhere'}"]) == 2
+    assert "missing folder" in capsys.readouterr().err
