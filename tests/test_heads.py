@@ -149,3 +149,19 @@ def test_bad_configurations_are_clear():
         head(feats, torch.randn(5, 64))
     with pytest.raises(ValueError, match="replaced by the real 'mask2former'"):
         build_head("query", [48] * 4, 19)
+
+
+def _num_masks_worker(rank, path):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
+    head = Mask2FormerHead([48] * 4, 19, **SMALL)
+    labels = [torch.arange(3), torch.arange(0)] if rank == 0 else [torch.arange(1), torch.arange(0)]
+    n = head.criterion.get_num_masks(labels, torch.device("cpu"))
+    dist.destroy_process_group()
+    assert n.item() == 2.0, n  # (3 + 1) / 2, on both processes
+
+
+def test_number_of_masks_is_averaged_over_processes(tmp_path):
+    """mmdet's reduce_mean of the mask count (transformers does it only through accelerate)."""
+    torch.multiprocessing.spawn(_num_masks_worker, args=(str(tmp_path / "pg"),), nprocs=2)

@@ -14,7 +14,7 @@ from PIL import Image  # noqa: E402
 from rein.train.loop import main  # noqa: E402
 from test_train import FAST, make_fixtures  # noqa: E402
 
-TINY = ["--backbone", "vit_small_patch14_dinov2"]
+TINY = ["--backbone", "vit_small_patch14_dinov2", "--head", "light"]  # the flags are under test, not the head
 
 
 def run(capsys, *argv):
