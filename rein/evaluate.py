@@ -67,9 +67,22 @@ def window_starts(size: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, size - crop) for i in range(n)]
 
 
-# The official test pipelines resize each image, keeping its ratio, to fit this (long,
-# short) scale before the sliding window; labels stay at full resolution.
-EVAL_SCALE = {"cityscapes": (1024, 512), "mapillary": (1024, 512), "gtav": (1280, 720), "bdd100k": (1280, 720)}
+# The official test pipelines of the 512-crop configs resize each image, keeping its
+# ratio, to fit this (long, short) scale before the sliding window; labels stay at full
+# resolution. The 1024-crop configs (Cityscapes -> ACDC) use twice these scales.
+EVAL_SCALE = {"cityscapes": (1024, 512), "mapillary": (1024, 512), "gtav": (1280, 720), "bdd100k": (1280, 720),
+              **{f"acdc-{c}": (960, 540) for c in ("fog", "night", "rain", "snow")}}
+# The official sliding-window strides (test_cfg) by crop; other crops use 2/3 of the crop.
+SLIDE_STRIDE = {512: 341, 1024: 683}
+
+
+def eval_scale(kind: str | None, crop: int) -> tuple[int, int] | None:
+    """The official test resize for a dataset kind at a training crop (None: keep the
+    image as it is, e.g. the synthetic domains). Scaled with the crop: (2048, 1024) for
+    Cityscapes and (1920, 1080) for ACDC at 1024, as the official 1024 configs; for the
+    kinds no official 1024 config evaluates, the same rule."""
+    base = EVAL_SCALE.get(kind)
+    return None if base is None else (round(base[0] * crop / 512), round(base[1] * crop / 512))
 
 
 def fit_scale(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
@@ -84,10 +97,10 @@ def fit_scale(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
 @torch.no_grad()
 def slide_scores(model: nn.Module, img: torch.Tensor, crop: int, stride: int | None = None) -> torch.Tensor:
     """Class scores [B, K, H, W] for normalised images [B, 3, H, W]: windows of ``crop``
-    every ``stride`` (default 2/3 crop: 341 for 512, the official test_cfg), scores of
+    every ``stride`` (default: the official test_cfg, 341 for 512 and 683 for 1024), scores of
     overlapping windows averaged. Images smaller than one window are padded at the
     bottom and right and the padding is cut off again."""
-    stride = stride or max(1, crop * 2 // 3)
+    stride = stride or SLIDE_STRIDE.get(crop, max(1, crop * 2 // 3))
     _, _, H, W = img.shape
     x = F.pad(img, (0, max(0, crop - W), 0, max(0, crop - H)))
     Hp, Wp = x.shape[-2:]
@@ -126,11 +139,11 @@ def evaluate(model: nn.Module, dataset, crop: int, device, autocast=None, stride
              scale: tuple[int, int] | None = None, samples: list | None = None, keep: int = 3) -> dict:
     """mIoU and per-class IoU of ``model`` on every image of ``dataset``, labels at full
     resolution; ``scale``: the test resize (default: the official one for the dataset's
-    kind, ``EVAL_SCALE``; synthetic domains are used as they are); ``autocast``: a
+    kind at this crop, ``eval_scale``; synthetic domains are used as they are); ``autocast``: a
     context-manager factory for the forward passes. With a ``samples`` list, the first
     ``keep`` (image uint8 [H, W, 3], label, prediction) are appended to it."""
     if scale is None:
-        scale = EVAL_SCALE.get(getattr(dataset, "kind", None))
+        scale = eval_scale(getattr(dataset, "kind", None), crop)
     was_training = model.training
     model.eval()
     cm = ConfusionMatrix()

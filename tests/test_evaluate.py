@@ -104,3 +104,21 @@ def test_predict_resizes_then_returns_full_resolution_labels():
     assert pred.shape == (1, H, W)
     assert (pred == label).float().mean() > 0.999  # only the border column may blur
     assert len(seen) == 2 * 4  # windows over 704 x 1280 (not 3 x 6 over 1052 x 1914)
+
+
+def test_official_scales_and_strides_at_512_and_1024():
+    """The 512 configs' test resizes (ACDC at half resolution, 960x540) and stride 341; the
+    1024 Cityscapes -> ACDC config's (2048x1024, 1920x1080) and stride 683."""
+    from rein.evaluate import eval_scale, fit_scale
+
+    assert eval_scale("acdc-night", 512) == (960, 540) and eval_scale("cityscapes", 512) == (1024, 512)
+    assert eval_scale("cityscapes", 1024) == (2048, 1024) and eval_scale("acdc-fog", 1024) == (1920, 1080)
+    assert eval_scale("synthetic", 512) is None
+    assert fit_scale(1080, 1920, eval_scale("acdc-rain", 512)) == (540, 960)
+    for crop, stride in ((512, 341), (1024, 683)):
+        seen = []
+        slide_scores(Counting(seen), torch.zeros(1, 3, crop, crop + stride), crop)
+        assert len(seen) == 2  # exactly one stride apart: the second window ends at the border
+        seen.clear()
+        slide_scores(Counting(seen), torch.zeros(1, 3, crop, crop + stride + 1), crop)
+        assert len(seen) == 3

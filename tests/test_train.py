@@ -127,8 +127,17 @@ def make_fixtures(root: Path) -> dict:
         _write(root / f"bdd/images/10k/val/b{i}.jpg", root / f"bdd/labels/sem_seg/masks/val/b{i}.png", bdd)
         mp = np.tile(np.array([13, 15, 17, 55, 27, 52, 65, 0], dtype=np.uint8), (H, W // 8))
         _write(root / f"mapillary/validation/images/m{i}.jpg", root / f"mapillary/validation/labels/m{i}.png", mp)
+        _write(root / f"acdc/rgb_anon/fog/val/GOPR0475/GOPR0475_frame_{i:06d}_rgb_anon.png",
+               root / f"acdc/gt/fog/val/GOPR0475/GOPR0475_frame_{i:06d}_gt_labelIds.png", cs_ids)
+        _write(root / f"cityscapes/leftImg8bit/train/zurich/zurich_{i}_leftImg8bit.png",
+               root / f"cityscapes/gtFine/train/zurich/zurich_{i}_gtFine_labelIds.png", cs_ids)
+    # the official converters' train-id files, where present, are read instead
+    train_ids = np.tile(np.array([0, 1, 2, 13, 10, 255, 18, 255], dtype=np.uint8), (H, W // 8))
+    Image.fromarray(train_ids, mode="L").save(
+        root / "acdc/gt/fog/val/GOPR0475/GOPR0475_frame_000001_gt_labelTrainIds.png")
+    Image.fromarray(train_ids, mode="L").save(root / "cityscapes/gtFine/train/zurich/zurich_1_gtFine_labelTrainIds.png")
     return {"gtav": root / "gtav", "cityscapes": root / "cityscapes", "bdd100k": root / "bdd",
-            "mapillary": root / "mapillary"}
+            "mapillary": root / "mapillary", "acdc-fog": root / "acdc"}
 
 
 # train ids of the fixtures' first eight columns
@@ -137,16 +146,21 @@ EXPECTED = {
     "cityscapes": [0, 1, 2, 13, 10, 255, 18, 255],
     "bdd100k": [0, 1, 2, 13, 10, 18, 255, 5],        # already train ids
     "mapillary": [0, 1, 2, 13, 10, 18, 255, 255],    # road, sidewalk, building, car, sky, bicycle, unlabeled, bird
+    "acdc-fog": [0, 1, 2, 13, 10, 255, 18, 255],     # Cityscapes label ids, then train ids
 }
 
 
-@pytest.mark.parametrize("kind,split", [("gtav", "train"), ("cityscapes", "val"), ("bdd100k", "val"),
-                                        ("mapillary", "val")])
+@pytest.mark.parametrize("kind,split", [("gtav", "train"), ("cityscapes", "val"), ("cityscapes", "train"),
+                                        ("bdd100k", "val"), ("mapillary", "val"), ("acdc-fog", "val")])
 def test_loaders_map_to_cityscapes_train_ids(tmp_path, kind, split):
     roots = make_fixtures(tmp_path)
     ds = FolderDataset(kind, roots[kind], split)
     ds.check()
     assert len(ds) == 2
+    if kind == "acdc-fog" or (kind, split) == ("cityscapes", "train"):  # a train-id file beside label 2
+        names = [lbl.name for _, lbl in ds.pairs]
+        assert names[0].endswith("_labelIds.png") and names[1].endswith("_labelTrainIds.png")
+        assert ds[1][1][0, :8].tolist() == EXPECTED[kind]
     img, lbl = ds[0]
     if kind == "mapillary":  # validated at half resolution, as the official protocol
         assert img.shape == (3, 12, 20) and lbl.shape == (12, 20)

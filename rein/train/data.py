@@ -6,8 +6,8 @@
   colours, textures, lighting, fog and noise. The data is synthetic and made by this
   package; it needs no download.
 * Loaders for the directory layouts the DGSS literature uses: GTAV, Cityscapes,
-  BDD100K and Mapillary Vistas v1.2, all mapped to the 19 Cityscapes train classes with
-  ignore index 255.
+  BDD100K, Mapillary Vistas v1.2 and ACDC (fog, night, rain, snow), all mapped to the 19
+  Cityscapes train classes with ignore index 255.
 * ``augment_official``: the official Rein training pipeline (random short-edge resize,
   crop with cat_max_ratio, flip, mmseg's PhotoMetricDistortion), driven by a seed drawn
   from a torch.Generator so that a resumed run sees exactly the same batches.
@@ -65,10 +65,21 @@ LUTS = {
     "cityscapes": _lut(_CITYSCAPES_IDS, range(34)),
     "bdd100k": _TRAIN_IDS,  # its masks hold train ids
     "mapillary": _lut(_MAPILLARY_IDS, range(66)),
+    **{k: _lut(_CITYSCAPES_IDS, range(34)) for k in ("acdc-fog", "acdc-night", "acdc-rain", "acdc-snow")},
 }
 
 
 # ---------------------------------------------------------------------------- real datasets
+
+ACDC_KINDS = ("acdc-fog", "acdc-night", "acdc-rain", "acdc-snow")
+KINDS = ("gtav", "cityscapes", "bdd100k", "mapillary", *ACDC_KINDS)
+
+
+def _prefer_train_ids(label_ids: Path) -> Path:
+    """The ``*_labelTrainIds.png`` next to a ``*_labelIds.png`` when it exists (its ids are
+    train ids: ``FolderDataset`` reads each file by its suffix)."""
+    train_ids = label_ids.with_name(label_ids.name.replace("_labelIds.png", "_labelTrainIds.png"))
+    return train_ids if train_ids.is_file() else label_ids
 
 
 def _pairs(kind: str, root: Path, split: str) -> list[tuple[Path, Path]]:
@@ -86,11 +97,22 @@ def _pairs(kind: str, root: Path, split: str) -> list[tuple[Path, Path]]:
                 pairs.append((p, converted if converted.is_file() else lbl_dir / p.name))
             return pairs
     elif kind == "cityscapes":
+        # gtFine/<split>/<city>/*_gtFine_labelTrainIds.png (the official configs read these,
+        # made by cityscapesscripts) where present, else *_gtFine_labelIds.png
         img_dir, lbl_dir = root / "leftImg8bit" / split, root / "gtFine" / split
         need = [img_dir, lbl_dir]
         find = lambda: [  # noqa: E731
-            (p, lbl_dir / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"))
+            (p, _prefer_train_ids(lbl_dir / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")))
             for p in sorted(img_dir.glob("*/*_leftImg8bit.png"))]
+    elif kind in ACDC_KINDS:
+        # rgb_anon/<condition>/<split>/<sequence>/*_rgb_anon.png and gt/<condition>/<split>/
+        # <sequence>/*_gt_labelTrainIds.png (what the official configs read) or *_gt_labelIds.png
+        cond = kind.removeprefix("acdc-")
+        img_dir, lbl_dir = root / "rgb_anon" / cond / split, root / "gt" / cond / split
+        need = [img_dir, lbl_dir]
+        find = lambda: [  # noqa: E731
+            (p, _prefer_train_ids(lbl_dir / p.parent.name / p.name.replace("_rgb_anon.png", "_gt_labelIds.png")))
+            for p in sorted(img_dir.glob("*/*_rgb_anon.png"))]
     elif kind == "bdd100k":
         img_dir, lbl_dir = root / "images" / "10k" / split, root / "labels" / "sem_seg" / "masks" / split
         need = [img_dir, lbl_dir]
@@ -101,7 +123,7 @@ def _pairs(kind: str, root: Path, split: str) -> list[tuple[Path, Path]]:
         need = [img_dir, lbl_dir]
         find = lambda: [(p, lbl_dir / (p.stem + ".png")) for p in sorted(img_dir.glob("*.jpg"))]  # noqa: E731
     else:
-        raise DataError(f"unknown dataset kind {kind!r}: choose gtav, cityscapes, bdd100k or mapillary")
+        raise DataError(f"unknown dataset kind {kind!r}: choose one of {', '.join(KINDS)}")
     for d in need:
         if not d.is_dir():
             raise DataError(f"{kind}: missing folder {d} (expected the standard {kind} layout under {root})")
