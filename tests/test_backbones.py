@@ -220,6 +220,70 @@ def test_official_conversion_of_timm_format_dinov2_files(registers):
     assert torch.equal(got["pos_embed"], torch.cat([pos[:, :prefix], grid], dim=1))
 
 
+def test_official_conversion_of_eva02_release_files(tmp_path):
+    """An EVA02 file as released (wrapped in "model", with the MIM mask_token): the
+    official convert_eva2_512x512.py's resizes (plain bicubic kernel and grid, the cls
+    position kept), bit for bit; not timm's."""
+    torch.manual_seed(3)
+    src = timm.create_model("eva02_small_patch14_224", pretrained=False, img_size=70, depth=4).state_dict()
+    release = {**src, "mask_token": torch.randn(1, 1, src["cls_token"].shape[-1])}
+    torch.save({"model": release}, tmp_path / "eva02_S_pt.pt")
+    got = {k: v.cpu() for k, v in build("eva02", checkpoint=str(tmp_path / "eva02_S_pt.pt")).backbone.state_dict().items()}
+    w = F.interpolate(src["patch_embed.proj.weight"], size=(16, 16), mode="bicubic", align_corners=False)
+    pos = src["pos_embed"]
+    C = pos.shape[-1]
+    grid = pos[:, 1:].reshape(1, 5, 5, C).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(4, 4), mode="bicubic", align_corners=False).permute(0, 2, 3, 1).reshape(1, 16, C)
+    assert torch.equal(got["patch_embed.proj.weight"], w)
+    assert torch.equal(got["pos_embed"], torch.cat([pos[:, :1], grid], dim=1))
+    assert torch.equal(got["blocks.2.mlp.fc2.weight"], src["blocks.2.mlp.fc2.weight"])
+    timm_bb = build("eva02", checkpoint=str(tmp_path / "eva02_S_pt.pt"), conversion="timm")
+    assert not torch.allclose(timm_bb.backbone.patch_embed.proj.weight.cpu(), w)
+
+
+def _openai_clip_state(model) -> dict:
+    """A timm CLIP ViT's weights under OpenAI's names (the inverse of timm's
+    _convert_openai_clip), as in OpenAI's ViT-L-14.pt state dict."""
+    out = {}
+    for k, v in model.state_dict().items():
+        if k == "cls_token":
+            out["visual.class_embedding"] = v[0, 0]
+        elif k == "pos_embed":
+            out["visual.positional_embedding"] = v[0]
+        elif k == "head.weight":
+            out["visual.proj"] = v.t()
+        elif k == "head.bias":
+            continue
+        else:
+            k = (k.replace("patch_embed.proj", "conv1").replace("blocks.", "transformer.resblocks.")
+                 .replace("norm_pre", "ln_pre").replace("attn.qkv.", "attn.in_proj_").replace("attn.proj", "attn.out_proj")
+                 .replace("mlp.fc1", "mlp.c_fc").replace("mlp.fc2", "mlp.c_proj").replace(".norm1", ".ln_1")
+                 .replace(".norm2", ".ln_2"))
+            out["visual." + ("ln_post." + k[5:] if k.startswith("norm.") else k)] = v
+    return out
+
+
+def test_official_conversion_of_openai_clip_files():
+    """OpenAI CLIP weights as the official CLIP backbone loads them: conv1 bicubic 14 -> 16,
+    the position grid bilinear (class position kept), no antialias; bit for bit."""
+    name, kw = FAMILIES["clip"]
+    torch.manual_seed(4)
+    src_model = timm.create_model(name, pretrained=False, img_size=70, patch_size=14, **kw)
+    state = _openai_clip_state(src_model)
+    got = {k: v.cpu() for k, v in build("clip", checkpoint=state).backbone.state_dict().items()}
+    w = F.interpolate(state["visual.conv1.weight"], size=(16, 16), mode="bicubic", align_corners=False)
+    pos = state["visual.positional_embedding"]
+    C = pos.shape[-1]
+    grid = pos[1:].reshape(1, 5, 5, C).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(4, 4), mode="bilinear", align_corners=False).permute(0, 2, 3, 1).reshape(16, C)
+    assert torch.equal(got["patch_embed.proj.weight"], w)
+    assert torch.equal(got["pos_embed"][0], torch.cat([pos[:1], grid]))
+    assert torch.equal(got["cls_token"].flatten(), state["visual.class_embedding"])
+    assert torch.equal(got["blocks.1.attn.qkv.weight"], state["visual.transformer.resblocks.1.attn.in_proj_weight"])
+    timm_bb = build("clip", checkpoint=state, conversion="timm")
+    assert not torch.allclose(timm_bb.backbone.pos_embed.cpu(), got["pos_embed"])
+
+
 def test_conversion_flag_is_checked():
     with pytest.raises(ValueError, match="conversion must be one of"):
         build("dinov2", checkpoint=_dinov2_release_state(False), conversion="nearest")

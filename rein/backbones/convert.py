@@ -1,5 +1,6 @@
 """Weight conversion as the official Rein code does it (``tools/convert_models/`` of
-w1oves/Rein), for DINOv2 and EVA02 release-format checkpoints.
+w1oves/Rein for DINOv2 and EVA02 release-format checkpoints; the loading code of its
+``rein/models/backbones/clip.py`` for OpenAI CLIP weights).
 
 The released Rein models were trained on backbone weights converted by plain bicubic
 interpolation (``F.interpolate(mode="bicubic", align_corners=False)``, no antialias, no
@@ -16,6 +17,11 @@ inverse and the grid with antialiasing, which changes a ViT-L's features by 23-4
 features under the other. ``official_resize`` applies the official rules to a
 release-format state dict; timm's filter then only renames keys (the shapes already fit,
 so it resamples nothing).
+
+OpenAI CLIP weights (``visual.*`` keys) have no official converter; the official CLIP
+backbone resamples them when it loads them: the ``conv1`` kernel bicubic, the position
+grid *bilinear* (both without antialias, the class position kept). ``official_resize_clip``
+does the same.
 """
 from __future__ import annotations
 
@@ -52,4 +58,26 @@ def official_resize(state: dict[str, Tensor], patch: tuple[int, int], grid: tupl
             g = pos[:, prefix:].reshape(1, side, side, C).permute(0, 3, 1, 2)
             g = F.interpolate(g.float(), size=tuple(grid), mode="bicubic", align_corners=False)
             out["pos_embed"] = torch.cat([pos[:, :prefix].float(), g.permute(0, 2, 3, 1).reshape(1, -1, C)], dim=1)
+    return out
+
+
+def official_resize_clip(state: dict[str, Tensor], patch: tuple[int, int], grid: tuple[int, int]) -> dict[str, Tensor]:
+    """The official CLIP backbone's resizes (``CLIPVisionTransformer.init_weights``) on an
+    OpenAI-format state dict: ``visual.conv1.weight`` bicubic to ``patch``,
+    ``visual.positional_embedding`` [1 + n*n, C]: its class position kept, the n x n grid
+    resampled bilinearly to ``grid`` (align_corners=False, no antialias)."""
+    out = dict(state)
+    w = out.get("visual.conv1.weight")
+    if w is not None and tuple(w.shape[-2:]) != tuple(patch):
+        out["visual.conv1.weight"] = F.interpolate(w.float(), size=tuple(patch), mode="bicubic", align_corners=False)
+    pos = out.get("visual.positional_embedding")
+    if pos is not None:
+        side = math.isqrt(pos.shape[0] - 1)
+        if side * side != pos.shape[0] - 1:
+            raise ValueError(f"visual.positional_embedding has {pos.shape[0]} positions: expected 1 + a square grid")
+        if (side, side) != tuple(grid):
+            C = pos.shape[-1]
+            g = pos[1:].reshape(1, side, side, C).permute(0, 3, 1, 2)
+            g = F.interpolate(g.float(), size=tuple(grid), mode="bilinear", align_corners=False)
+            out["visual.positional_embedding"] = torch.cat([pos[:1].float(), g.permute(0, 2, 3, 1).reshape(-1, C)])
     return out

@@ -53,8 +53,9 @@ def default_out_indices(num_blocks: int) -> list[int]:
 
 def _official_applies(model: nn.Module, state: Mapping[str, Tensor]) -> bool:
     """The official Rein converter exists for DINOv2 (release files carry ``mask_token``;
-    timm's own files are known by the model's architecture) and for EVA02; CLIP and SAM
-    have none, so timm's conversion it is."""
+    timm's own files are known by the model's architecture) and for EVA02; OpenAI CLIP
+    files get the official CLIP backbone's resizes (``official_resize_clip``); other CLIP
+    files and SAM have no official counterpart, so timm's conversion it is."""
     arch = str(getattr(model, "pretrained_cfg", {}).get("architecture", ""))
     return "mask_token" in state or "dinov2" in arch or type(model).__name__ == "Eva"
 
@@ -66,11 +67,12 @@ def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Ten
     into a timm model. Patch kernel and position grid are resampled to the model's:
     ``conversion="official"`` (default) as the official Rein converter does for DINOv2
     and EVA02 (plain bicubic, see ``convert.py``), so that released Rein weights see the
-    features they were trained on; ``"timm"`` with timm's ``checkpoint_filter_fn``
+    features they were trained on, and as the official CLIP backbone does for OpenAI CLIP
+    files (``visual.*``: bicubic kernel, bilinear grid); ``"timm"`` with timm's ``checkpoint_filter_fn``
     (pseudo-inverse kernel resize, antialiased grid), which is also what other families
     get. timm's filter then maps the key names. Raises ValueError naming every missing,
     unexpected or mis-shaped key, and for a file that is not a checkpoint."""
-    from .convert import CONVERSIONS, official_resize
+    from .convert import CONVERSIONS, official_resize, official_resize_clip
 
     if conversion not in CONVERSIONS:
         raise ValueError(f"conversion must be one of {CONVERSIONS}, got {conversion!r}")
@@ -90,9 +92,12 @@ def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Ten
         if wrapper in state and isinstance(state[wrapper], Mapping):
             state = dict(state[wrapper])
     state = {k.removeprefix("module."): v for k, v in state.items()}
-    if conversion == "official" and _official_applies(model, state) and hasattr(model, "patch_embed"):
-        state = official_resize(state, tuple(model.patch_embed.proj.weight.shape[-2:]),
-                                tuple(model.patch_embed.grid_size))
+    if conversion == "official" and hasattr(model, "patch_embed"):
+        patch, grid = tuple(model.patch_embed.proj.weight.shape[-2:]), tuple(model.patch_embed.grid_size)
+        if "visual.conv1.weight" in state:
+            state = official_resize_clip(state, patch, grid)
+        elif _official_applies(model, state):
+            state = official_resize(state, patch, grid)
     filter_fn = getattr(sys.modules[type(model).__module__], "checkpoint_filter_fn", None)
     if filter_fn is not None:
         try:
