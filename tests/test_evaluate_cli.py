@@ -30,15 +30,17 @@ def native_scale(monkeypatch):
 
 
 def _official_file(model, path):
-    """``model``'s weights under the official names (the fixture's), as an mmengine file
-    with the frozen backbone inside, as the official generate_full_weights.py writes."""
+    """``model``'s weights under the official names (the fixture's; fewer layers for a
+    smaller head), as an mmengine file with the frozen backbone inside, as the official
+    generate_full_weights.py writes."""
     rein, head = model.backbone.rein.state_dict(), model.head.state_dict()
     state = {}
     for k in official_keys():
         if k.startswith("backbone.reins."):
             state[k] = rein[k.removeprefix("backbone.reins.")]
-        else:
-            names = list(_head_key(k.removeprefix("decode_head."), torch.zeros(3)))
+            continue
+        names = list(_head_key(k.removeprefix("decode_head."), torch.zeros(3)))
+        if all(n in head for n in names):
             state[k] = torch.cat([head[n] for n in names]) if len(names) == 3 else head[names[0]]
     state.update({f"backbone.{k}": v for k, v in model.backbone.backbone.state_dict().items()})
     torch.save({"meta": {"note": "test"}, "state_dict": state}, path)
@@ -88,3 +90,25 @@ def test_train_checkpoint_evaluates_and_bad_input_is_one_line(tmp_path, capsys):
     assert main(["--checkpoint", str(run / "checkpoint.pth"), "--out", str(tmp_path / "y"), "--device", "cpu",
                  "--target", f"cityscapes={tmp_path / 'nowhere'}"]) == 2
     assert "missing folder" in capsys.readouterr().err
+
+
+def test_init_from_official_starts_from_the_files_weights(tmp_path, capsys):
+    from rein.train.config import SMALL_MASK2FORMER, UsageError
+
+    args = argparse.Namespace(backbone=SMALL_VIT, crop=64, patch_size=8, head="mask2former",
+                              head_kwargs=dict(SMALL_MASK2FORMER), timm_kwargs={"depth": 2}, conversion="official",
+                              seed=5, checkpoint=None, fused=False)
+    source = build_model(args, torch.device("cpu"))
+    _official_file(source, tmp_path / "official.pth")
+    args.seed, args.init_from_official = 6, str(tmp_path / "official.pth")
+    started = build_model(args, torch.device("cpu"))
+    for part in ("head", "backbone"):
+        want, got = getattr(source, part).state_dict(), getattr(started, part).state_dict()
+        for k, v in want.items():
+            assert torch.equal(got[k], v), k
+    args.head_kwargs = dict(SMALL_MASK2FORMER, decoder_layers=2)  # a model the file does not fit
+    with pytest.raises(UsageError, match=r"--init-from-official .*unexpected: transformer.decoder.layers.2"):
+        build_model(args, torch.device("cpu"))
+    assert train(["--head", "light", "--init-from-official", str(tmp_path / "official.pth"),
+                  "--out", str(tmp_path / "o"), *FAST]) == 2
+    assert "needs --head mask2former" in capsys.readouterr().err
