@@ -16,6 +16,7 @@ The official key list this follows is ``tests/fixtures/official_rein_dinov2_keys
 from __future__ import annotations
 
 import os
+import pickle
 import re
 from collections.abc import Mapping
 
@@ -75,21 +76,60 @@ def _head_key(name: str, value: Tensor) -> dict[str, Tensor] | None:
     return None
 
 
-def read_official_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
-    """The flat state dict of an official checkpoint file (mmengine's ``state_dict``
-    wrapper removed, DDP's ``module.`` prefix dropped)."""
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"official checkpoint {path} does not exist (or is not a file)")
+class _Inert:
+    """Stands in for an object of another library (mmengine's message hub, numpy scalars
+    in the metadata) while a checkpoint is read: built from anything, does nothing."""
+
+    def __new__(cls, *args, **kwargs):
+        return object.__new__(cls)
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        self.state = state
+
+
+def load_tensors(path: str | os.PathLike):
+    """``torch.load`` of a checkpoint file without running any of its code
+    (``weights_only=True``). mmengine checkpoints also pickle the training's metadata,
+    message hub and schedulers, which weights_only refuses: their classes are read as
+    inert placeholders instead (the tensors are all this library uses). Raises
+    ValueError for a file that is not a torch checkpoint."""
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError:
+        pass
+    except Exception as e:  # not a zip/pickle torch wrote: text, truncated, TorchScript
+        raise ValueError(_unreadable(path, e)) from None
+    try:
+        foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        with torch.serialization.safe_globals([(_Inert, name) for name in foreign]):
+            return torch.load(path, map_location="cpu", weights_only=True)
     except Exception as e:
-        raise ValueError(f"{path} is not a checkpoint torch.load can read with weights_only=True "
-                         f"({type(e).__name__}: {e})") from None
+        raise ValueError(_unreadable(path, e)) from None
+
+
+def _unreadable(path, e: Exception) -> str:
+    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
+    return f"{path} is not a checkpoint torch.load can read ({type(e).__name__}: {first[:200]})"
+
+
+def official_state(ck) -> dict[str, Tensor]:
+    """The flat state dict of a loaded official checkpoint (mmengine's ``state_dict``
+    wrapper removed, DDP's ``module.`` prefix dropped)."""
     if isinstance(ck, Mapping) and isinstance(ck.get("state_dict"), Mapping):
         ck = ck["state_dict"]
     if not isinstance(ck, Mapping):
-        raise ValueError(f"{path} holds a {type(ck).__name__}, not a state dict")
-    return {k.removeprefix("module."): v for k, v in ck.items()}
+        raise ValueError(f"the file holds a {type(ck).__name__}, not a state dict")
+    return {k.removeprefix("module."): v for k, v in ck.items() if isinstance(v, Tensor)}
+
+
+def read_official_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
+    """``official_state`` of a file."""
+    if not os.path.isfile(path):
+        raise FileNotFoundError(f"official checkpoint {path} does not exist (or is not a file)")
+    return official_state(load_tensors(path))
 
 
 def convert_official_state_dict(state: Mapping[str, Tensor]) -> dict[str, dict[str, Tensor]]:
@@ -136,14 +176,15 @@ def _check_fits(state: Mapping[str, Tensor], module: torch.nn.Module, what: str)
         raise ValueError(f"the official checkpoint's {what} does not fit this model; " + "; ".join(problems))
 
 
-def load_official_checkpoint(path_or_state, backbone, head) -> None:
+def load_official_checkpoint(path_or_state, backbone, head, load_backbone: bool = True) -> bool:
     """Load an official Rein checkpoint (a file or its state dict) into a ``ReinBackbone``
     and a ``Mask2FormerHead`` built with the same sizes (for the published DINOv2-L
     checkpoints: ``ReinBackbone.from_timm("vit_large_patch14_dinov2", lora_dim=16)`` and
     ``Mask2FormerHead([1024] * 4, 19)``), strictly: every key is placed and every
     parameter filled, or a ValueError names what does not fit. Frozen backbone weights in
-    the file (``generate_full_weights.py``) are loaded too; otherwise load them from the
-    converted DINOv2 file with ``from_timm(checkpoint=...)``."""
+    the file (``generate_full_weights.py``) are loaded too (unless ``load_backbone=False``);
+    otherwise load them from the DINOv2 file with ``from_timm(checkpoint=...)``. Returns
+    whether the file carried the frozen backbone."""
     from .backbones.timm_backbone import load_timm_checkpoint
 
     state = path_or_state if isinstance(path_or_state, Mapping) else read_official_checkpoint(path_or_state)
@@ -151,7 +192,8 @@ def load_official_checkpoint(path_or_state, backbone, head) -> None:
     rein = {k.removeprefix("rein."): v for k, v in parts["rein"].items()}
     _check_fits(rein, backbone.rein, "Rein (backbone.reins.*)")
     _check_fits(parts["head"], head, "head (decode_head.*)")
-    if parts["backbone"]:
+    if parts["backbone"] and load_backbone:
         load_timm_checkpoint(backbone.backbone, parts["backbone"], conversion="official")
     backbone.load_rein_state_dict(parts["rein"], strict=True)
     head.load_state_dict(parts["head"], strict=True)
+    return bool(parts["backbone"])

@@ -104,23 +104,23 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
     ``rein.train`` wrote or, when ``official`` is given (``{"backbone": timm name, "crop":
     ...}``), also from an official Rein checkpoint: the recipe's model (Mask2Former head,
     official weight conversion) with that backbone."""
-    from .official import convert_official_state_dict, load_official_checkpoint, read_official_checkpoint
-    from .train.config import RECIPE, UsageError, backfill
+    from .official import convert_official_state_dict, load_official_checkpoint, load_tensors, official_state
+    from .train.config import RECIPE, UsageError, backfill, check_backbone
     from .train.loop import build_model
 
     path = Path(checkpoint)
     if not path.is_file():
         raise UsageError(f"--checkpoint {path} does not exist")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise UsageError(f"--checkpoint {path} is not a checkpoint torch.load can read ({type(e).__name__})") from None
+        ck = load_tensors(path)
+    except ValueError as e:
+        raise UsageError(f"--checkpoint {e}") from None
     is_ours = isinstance(ck, dict) and {"config", "rein", "head"} <= set(ck)
     if is_ours:
         config = backfill(ck["config"])
     elif official is not None:
         try:
-            state = read_official_checkpoint(path)
+            state = official_state(ck)
             has_backbone = bool(convert_official_state_dict(state)["backbone"])
         except ValueError as e:
             raise UsageError(f"--checkpoint {path}: neither a rein.train checkpoint nor an official Rein one ({e})") \
@@ -128,9 +128,10 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
         if backbone_checkpoint is None and not has_backbone:
             raise UsageError(f"--checkpoint {path} is an official Rein checkpoint without the frozen backbone: "
                              "pass its weights with --backbone-checkpoint (e.g. dinov2_vitl14_pretrain.pth)")
+        check_backbone(official["backbone"], RECIPE["patch_size"], official["crop"])
         config = dict(backbone=official["backbone"], crop=official["crop"], patch_size=RECIPE["patch_size"],
                       head="mask2former", head_kwargs={}, timm_kwargs={}, conversion="official", seed=0,
-                      checkpoint=None)
+                      checkpoint=None if backbone_checkpoint else str(path))
     else:
         raise UsageError(f"--checkpoint {path} is not a checkpoint rein.train wrote")
     if backbone_checkpoint is not None:
@@ -138,15 +139,16 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
     if config.get("checkpoint") and not Path(config["checkpoint"]).is_file():
         raise UsageError(f"the backbone weights {config['checkpoint']} are missing: pass --backbone-checkpoint")
     config["fused"] = fused
-    config["init_from_official"] = None  # the checkpoint's own weights replace those anyway
+    config["init_from_official"] = None  # Rein and the head come from the checkpoint itself
     args = argparse.Namespace(**config)
-    model = build_model(args, device)
+    model = build_model(args, device, checkpoint_flag="--backbone-checkpoint" if backbone_checkpoint else
+                        "the run's backbone --checkpoint")
     try:
         if is_ours:
             model.backbone.load_rein_state_dict({k: v.to(device) for k, v in ck["rein"].items()})
             model.head.load_state_dict(ck["head"])
-        else:
-            load_official_checkpoint(state, model.backbone, model.head)
+        else:  # the frozen backbone, when the file has it, was loaded by build_model already
+            load_official_checkpoint(state, model.backbone, model.head, load_backbone=False)
     except (ValueError, RuntimeError) as e:
         raise UsageError(f"--checkpoint {path} does not fit the model it describes: {e}") from None
     return model.eval(), args
@@ -156,8 +158,12 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="rein-predict", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True,
-                    help="OUT/checkpoint.pth of a rein.train run, or an official Rein DINOv2-L checkpoint")
+                    help="OUT/checkpoint.pth of a rein.train run, or an official Rein checkpoint (mmseg format)")
     ap.add_argument("--backbone-checkpoint", help="the frozen backbone's weights (default: those of the run)")
+    ap.add_argument("--backbone", default="vit_large_patch14_dinov2",
+                    help="official checkpoints: the timm backbone they were trained on (default DINOv2-L)")
+    ap.add_argument("--crop", type=int, default=512,
+                    help="official checkpoints: the training crop, 512 or 1024 (a rein.train run knows its own)")
     ap.add_argument("--images", nargs="+", required=True, help="image files and/or folders (searched recursively)")
     ap.add_argument("--out", required=True, help="output folder")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
@@ -187,7 +193,7 @@ def main(argv=None) -> int:
         files = _images(args.images, out)
         fused = args.fused and rein_kernels.is_available(torch.empty(0, device=device))
         model, config = load_model(args.checkpoint, args.backbone_checkpoint, device, fused,
-                                   official=dict(backbone="vit_large_patch14_dinov2", crop=512))
+                                   official=dict(backbone=args.backbone, crop=args.crop))
     except (UsageError, DataError) as e:
         print(f"rein-predict: {e}", file=sys.stderr)
         return 2

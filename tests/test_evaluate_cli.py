@@ -25,14 +25,15 @@ SMALL_VIT = "vit_small_patch14_dinov2"
 def native_scale(monkeypatch):
     """The fixtures' 40x24 images at their own size (the official test resize would blow
     them up to 1024x512: hundreds of windows on a CPU); the resize has its own tests."""
-    for kind in ("cityscapes", "bdd100k"):
-        monkeypatch.setitem(EVAL_SCALE, kind, (40, 24))
+    for kind in ("cityscapes", "bdd100k"):  # scaled by crop / 512 = 1/8 in these tests
+        monkeypatch.setitem(EVAL_SCALE, kind, (320, 192))
 
 
 def _official_file(model, path):
     """``model``'s weights under the official names (the fixture's; fewer layers for a
     smaller head), as an mmengine file with the frozen backbone inside, as the official
-    generate_full_weights.py writes."""
+    generate_full_weights.py writes. (Renamed by the mapping itself: these tests are about
+    the commands; tests/test_official.py checks the mapping against mmdet's layers.)"""
     rein, head = model.backbone.rein.state_dict(), model.head.state_dict()
     state = {}
     for k in official_keys():
@@ -87,6 +88,8 @@ def test_train_checkpoint_evaluates_and_bad_input_is_one_line(tmp_path, capsys):
     torch.save({"state_dict": {"backbone.reins.scale": torch.ones(()),
                                "decode_head.querys2feat.weight": torch.ones(2, 2)}}, tmp_path / "bare.pth")
     fails("--checkpoint", str(tmp_path / "bare.pth"), says="--backbone-checkpoint")
+    fails("--checkpoint", str(tmp_path / "bare.pth"), "--backbone-checkpoint", str(run / "checkpoint.pth"),
+          "--backbone", "vit_lrage_patch14_dinov2", says="did you mean vit_large_patch14_dinov2")
     assert main(["--checkpoint", str(run / "checkpoint.pth"), "--out", str(tmp_path / "y"), "--device", "cpu",
                  "--target", f"cityscapes={tmp_path / 'nowhere'}"]) == 2
     assert "missing folder" in capsys.readouterr().err
@@ -106,6 +109,14 @@ def test_init_from_official_starts_from_the_files_weights(tmp_path, capsys):
         want, got = getattr(source, part).state_dict(), getattr(started, part).state_dict()
         for k, v in want.items():
             assert torch.equal(got[k], v), k
+    # the frozen backbone came from the file: the run's configuration says so, and a
+    # rebuild from it (resume, prediction) loads the same weights
+    assert args.checkpoint == str(tmp_path / "official.pth")
+    args.init_from_official, args.seed = None, 7
+    rebuilt = build_model(args, torch.device("cpu"))
+    for k, v in source.backbone.backbone.state_dict().items():
+        assert torch.equal(rebuilt.backbone.backbone.state_dict()[k], v), k
+    args.checkpoint, args.init_from_official = None, str(tmp_path / "official.pth")
     args.head_kwargs = dict(SMALL_MASK2FORMER, decoder_layers=2)  # a model the file does not fit
     with pytest.raises(UsageError, match=r"--init-from-official .*unexpected: transformer.decoder.layers.2"):
         build_model(args, torch.device("cpu"))

@@ -86,6 +86,12 @@ def test_ground_truth_masks_as_mmseg():
     assert masks[1].shape == (0, 2, 3)
 
 
+def test_scores_are_fp32_under_autocast():
+    model = _model().eval()
+    with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16):
+        assert model(torch.randn(1, 3, 64, 64)).dtype == torch.float32
+
+
 def test_semantic_scores_as_mmseg_predict():
     """scores[b, k] = sum_q softmax(class_q)[k] * sigmoid(mask_q resized to the input),
     the no-object column dropped: written out here per query."""
@@ -119,6 +125,14 @@ def test_initialisation_as_mmdet():
     for name, p in head.named_parameters():
         assert torch.isfinite(p).all() and p.abs().max() < 100, name
     assert 0.5 < head.pixel_decoder.level_embed.std() < 2
+    # the decoder's self-attention as one nn.MultiheadAttention: xavier_normal over the packed
+    # [3C, C] projection (std sqrt(2 / 4C)), zero biases
+    big = Mask2FormerHead([64] * 4, 19)
+    sa = big.transformer.decoder.layers[0].self_attn
+    w = torch.cat([sa.q_proj.weight, sa.k_proj.weight, sa.v_proj.weight])
+    assert abs(w.std().item() / math.sqrt(2 / (4 * 256)) - 1) < 0.02
+    for proj in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj):
+        assert proj.bias.abs().sum() == 0
 
 
 def test_weight_decay_groups_as_the_official_optimizer():

@@ -166,12 +166,24 @@ def test_what_does_not_fit_is_named(tmp_path):
         convert_official_state_dict({"backbone.blocks.0.norm1.weight": torch.zeros(3)})
 
 
+class HistoryBuffer:
+    """Stands for mmengine's logging objects that its checkpoints pickle."""
+
+    def __init__(self):
+        self.data = [1.0, 2.0]
+
+
 def test_mmengine_file_with_frozen_backbone_is_split(tmp_path):
-    """A file as mmengine saves it ({"state_dict": ...}) from generate_full_weights.py: the
-    converted backbone weights go to the backbone, by their DINOv2 names."""
+    """A file as mmengine saves it from generate_full_weights.py: {"state_dict": ...} with
+    metadata that weights_only=True alone refuses (numpy scalars, mmengine's objects),
+    read without running its code; the converted backbone weights go to the backbone."""
+    np = pytest.importorskip("numpy")
     state = random_official_state()
     state["backbone.blocks.0.norm1.weight"] = torch.ones(1024)
-    torch.save({"meta": {}, "state_dict": state}, tmp_path / "full.pth")
+    meta = {"seed": np.int64(42), "lr": np.float64(1e-4), "hist": np.arange(3), "hub": HistoryBuffer()}
+    torch.save({"meta": meta, "message_hub": HistoryBuffer(), "state_dict": state}, tmp_path / "full.pth")
+    with pytest.raises(Exception):  # what plain torch.load(weights_only=True) does with it
+        torch.load(tmp_path / "full.pth", weights_only=True)
     from rein.official import read_official_checkpoint
 
     parts = convert_official_state_dict(read_official_checkpoint(tmp_path / "full.pth"))

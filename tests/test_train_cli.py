@@ -67,7 +67,7 @@ def test_checkpoint_that_is_text_or_has_wrong_keys(tmp_path, capsys):
     text.write_text("this is not a checkpoint")
     rc, _, err = run(capsys, *base, "--checkpoint", str(text))
     assert rc == 2
-    _one_line_error(err, f"--checkpoint {text}", "not a checkpoint of tensors")
+    _one_line_error(err, f"--checkpoint {text}", "not a checkpoint torch.load can read")
     wrong = tmp_path / "wrong.pth"
     torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, wrong)
     rc, _, err = run(capsys, *base, "--checkpoint", str(wrong))

@@ -63,8 +63,9 @@ def _official_applies(model: nn.Module, state: Mapping[str, Tensor]) -> bool:
 def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Tensor],
                          conversion: str = "official") -> None:
     """Load a checkpoint in timm's format or in the original release format (DINOv2's
-    ``dinov2_vit*14_pretrain.pth``, with ``mask_token`` / ``register_tokens``; EVA02's)
-    into a timm model. Patch kernel and position grid are resampled to the model's:
+    ``dinov2_vit*14_pretrain.pth``, with ``mask_token`` / ``register_tokens``; EVA02's;
+    OpenAI CLIP's state dict; the frozen backbone inside an official full-weights Rein
+    checkpoint) into a timm model. Patch kernel and position grid are resampled to the model's:
     ``conversion="official"`` (default) as the official Rein converter does for DINOv2
     and EVA02 (plain bicubic, see ``convert.py``), so that released Rein weights see the
     features they were trained on, and as the official CLIP backbone does for OpenAI CLIP
@@ -81,17 +82,20 @@ def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Ten
     else:
         if not os.path.isfile(path_or_state):
             raise FileNotFoundError(f"checkpoint {path_or_state} does not exist (or is not a file)")
-        try:
-            state = torch.load(path_or_state, map_location="cpu", weights_only=True)
-        except Exception as e:  # a text file, a truncated download, a pickle of something else
-            raise ValueError(f"{path_or_state} is not a checkpoint of tensors that torch.load can read "
-                             f"with weights_only=True ({type(e).__name__})") from e
+        from ..official import load_tensors
+
+        state = load_tensors(path_or_state)  # ValueError for a file that is not a checkpoint
         if not isinstance(state, Mapping):
             raise ValueError(f"{path_or_state} holds a {type(state).__name__}, not a state dict")
     for wrapper in ("model", "state_dict", "module"):
         if wrapper in state and isinstance(state[wrapper], Mapping):
             state = dict(state[wrapper])
     state = {k.removeprefix("module."): v for k, v in state.items()}
+    if any(k.startswith("decode_head.") for k in state):
+        # an official Rein checkpoint with the frozen backbone (generate_full_weights.py):
+        # its backbone.* weights, already converted, Rein's own left out
+        state = {k.removeprefix("backbone."): v for k, v in state.items()
+                 if k.startswith("backbone.") and not k.startswith("backbone.reins.")}
     if conversion == "official" and hasattr(model, "patch_embed"):
         patch, grid = tuple(model.patch_embed.proj.weight.shape[-2:]), tuple(model.patch_embed.grid_size)
         if "visual.conv1.weight" in state:

@@ -190,9 +190,19 @@ class Mask2FormerHead(nn.Module):
         for m in pd.encoder.modules():
             if isinstance(m, Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention):
                 _deformable_attention_init(m)
-        for p in self.transformer.decoder.layers.parameters():
-            if p.dim() > 1:
-                nn.init.xavier_normal_(p)
+        for layer in self.transformer.decoder.layers:
+            for p in layer.parameters():
+                if p.dim() > 1:
+                    nn.init.xavier_normal_(p)
+            # mmdet's self-attention is an nn.MultiheadAttention: one packed [3C, C]
+            # projection drawn at once (its xavier scale), every attention bias zero
+            sa = layer.self_attn
+            packed = torch.empty(3 * self.dims, self.dims)
+            nn.init.xavier_normal_(packed)
+            for proj, w in zip((sa.q_proj, sa.k_proj, sa.v_proj), packed.chunk(3)):
+                proj.weight.copy_(w)
+            for proj in (sa.q_proj, sa.k_proj, sa.v_proj, sa.out_proj):
+                nn.init.zeros_(proj.bias)
 
     def forward(self, features: list[Tensor], queries: Tensor | None) -> dict[str, tuple[Tensor, ...]]:
         """``{"class_logits": 10 x [B, m, K+1], "mask_logits": 10 x [B, m, H/4, W/4]}``, the
@@ -203,7 +213,9 @@ class Mask2FormerHead(nn.Module):
         if queries.dim() != 2 or queries.shape[-1] != self.dims:
             raise ValueError(f"Rein's queries must be [m, {self.dims}] (query_dims = the head's), "
                              f"got {tuple(queries.shape)}")
-        pd = self.pixel_decoder(list(features), return_dict=True)
+        # fp32 inputs: the sine position encodings are built in the features' dtype (under
+        # autocast the convolutions and attention still run in the autocast dtype)
+        pd = self.pixel_decoder([f.float() for f in features], return_dict=True)
         B = features[0].shape[0]
         query_pos = queries.unsqueeze(1).expand(-1, B, -1)  # [m, B, C]: transformers' layout
         dec = self.transformer(pd.multi_scale_features, pd.mask_features, query_pos, self.querys2feat(query_pos))
@@ -221,7 +233,9 @@ class Mask2FormerHead(nn.Module):
     def scores(self, out: dict, size) -> Tensor:
         """[B, K, H, W] at the input's ``size``: sum over queries of softmax(class)[:-1] x
         sigmoid(mask), the masks resized to ``size`` first (mmseg's predict)."""
-        cls = out["class_logits"][-1].float().softmax(-1)[..., :-1]
-        masks = F.interpolate(out["mask_logits"][-1].float(), size=tuple(size), mode="bilinear",
-                              align_corners=False).sigmoid()
-        return torch.einsum("bqk,bqhw->bkhw", cls, masks)
+        logits = out["class_logits"][-1]
+        with torch.autocast(logits.device.type, enabled=False):  # scores in fp32, under autocast too
+            cls = logits.float().softmax(-1)[..., :-1]
+            masks = F.interpolate(out["mask_logits"][-1].float(), size=tuple(size), mode="bilinear",
+                                  align_corners=False).sigmoid()
+            return torch.einsum("bqk,bqhw->bkhw", cls, masks)

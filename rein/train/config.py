@@ -110,22 +110,27 @@ def device_from_flag(flag: str | None) -> torch.device:
     return device
 
 
+def check_backbone(name: str, patch_size: int, crop: int) -> None:
+    """--backbone is a timm model name and --crop a multiple of its patch (or stride)."""
+    import timm
+
+    if not timm.is_model(name):
+        import difflib
+
+        near = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
+        hint = f" (did you mean {', '.join(near)}?)" if near else " (see timm.list_models())"
+        raise UsageError(f"--backbone {name!r} is not a timm model name{hint}")
+    stride = 32 if name.startswith("convnext") else patch_size
+    if crop < stride or crop % stride:
+        raise UsageError(f"--crop {crop} is not a multiple of the backbone's {stride}-pixel "
+                         f"{'stride' if stride == 32 else 'patch'}; e.g. --crop {max(stride, crop // stride * stride)}")
+
+
 def validate(args) -> None:
     """Every check of the flags alone; raises UsageError naming the flag and the fix."""
     check_out_folder(Path(args.out), "checkpoint.pth, metrics.json, loss.png")
     device_from_flag(args.device)
-    import timm
-
-    if not timm.is_model(args.backbone):
-        import difflib
-
-        near = difflib.get_close_matches(args.backbone, timm.list_models(), n=3, cutoff=0.6)
-        hint = f" (did you mean {', '.join(near)}?)" if near else " (see timm.list_models())"
-        raise UsageError(f"--backbone {args.backbone!r} is not a timm model name{hint}")
-    stride = 32 if args.backbone.startswith("convnext") else args.patch_size
-    if args.crop % stride:
-        raise UsageError(f"--crop {args.crop} is not a multiple of the backbone's {stride}-pixel "
-                         f"{'stride' if stride == 32 else 'patch'}; e.g. --crop {max(stride, args.crop // stride * stride)}")
+    check_backbone(args.backbone, args.patch_size, args.crop)
     if args.init_from_official is not None:
         if args.head != "mask2former":
             raise UsageError(f"--init-from-official loads a Mask2Former head; it needs --head mask2former, "

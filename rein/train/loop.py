@@ -71,7 +71,11 @@ class Segmentor(nn.Module):
         return out if self.training else self.head.scores(out, images.shape[-2:])
 
 
-def build_model(args, device) -> Segmentor:
+def build_model(args, device, checkpoint_flag: str = "--checkpoint") -> Segmentor:
+    """Backbone (from ``args.checkpoint``), Rein and head as the run's flags say; with
+    ``args.init_from_official``, Rein and the head (and, when the file carries it and no
+    --checkpoint was given, the frozen backbone: recorded in ``args.checkpoint`` so that
+    resumed runs and prediction rebuild the same one) from an official checkpoint."""
     from ..backbones import ReinBackbone
 
     torch.manual_seed(args.seed)
@@ -89,21 +93,24 @@ def build_model(args, device) -> Segmentor:
     except (FileNotFoundError, ValueError) as e:
         if args.checkpoint is None:
             raise
-        raise UsageError(f"--checkpoint {args.checkpoint}: {e}") from None
+        raise UsageError(f"{checkpoint_flag} {args.checkpoint}: {e}") from None
     bb = bb.to(device)
     with torch.no_grad():  # the head's input widths, from one small forward where training runs
         feats, _ = _features_and_queries(bb(torch.zeros(1, 3, args.crop, args.crop, device=device)))
     try:
         head = build_head(args.head, [f.shape[1] for f in feats], len(CLASSES), **head_kwargs)
-    except ValueError as e:  # e.g. a checkpoint of a removed head
+    except (ValueError, ImportError) as e:  # a checkpoint of a removed head; transformers missing
         raise UsageError(f"--head {args.head}: {e}") from None
     if getattr(args, "init_from_official", None):
         from ..official import load_official_checkpoint
 
         try:
-            load_official_checkpoint(args.init_from_official, bb, head)
+            had_backbone = load_official_checkpoint(args.init_from_official, bb, head,
+                                                    load_backbone=args.checkpoint is None)
         except ValueError as e:
             raise UsageError(f"--init-from-official {args.init_from_official}: {e}") from None
+        if had_backbone and args.checkpoint is None:
+            args.checkpoint = args.init_from_official
     return Segmentor(bb, head).to(device)
 
 
