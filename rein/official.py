@@ -176,7 +176,9 @@ def _check_fits(state: Mapping[str, Tensor], module: torch.nn.Module, what: str)
         raise ValueError(f"the official checkpoint's {what} does not fit this model; " + "; ".join(problems))
 
 
-def load_official_checkpoint(path_or_state, backbone, head, load_backbone: bool = True) -> bool:
+def load_official_checkpoint(path_or_state, backbone=None, head=None, load_backbone: bool = True, *,
+                             backbone_checkpoint: str | None = None, backbone_name: str = "vit_large_patch14_dinov2",
+                             crop: int = 512, device=None, fused: bool = True):
     """Load an official Rein checkpoint (a file or its state dict) into a ``ReinBackbone``
     and a ``Mask2FormerHead`` built with the same sizes (for the published DINOv2-L
     checkpoints: ``ReinBackbone.from_timm("vit_large_patch14_dinov2", lora_dim=16)`` and
@@ -184,7 +186,25 @@ def load_official_checkpoint(path_or_state, backbone, head, load_backbone: bool 
     parameter filled, or a ValueError names what does not fit. Frozen backbone weights in
     the file (``generate_full_weights.py``) are loaded too (unless ``load_backbone=False``);
     otherwise load them from the DINOv2 file with ``from_timm(checkpoint=...)``. Returns
-    whether the file carried the frozen backbone."""
+    whether the file carried the frozen backbone.
+
+    With a file and no modules, builds the model instead and returns it, in eval mode:
+    ``model = rein.load_official_checkpoint("dinov2_rein_and_head.pth",
+    backbone_checkpoint="dinov2_vitl14_pretrain.pth")``, the recipe's model
+    (``backbone_name``, ``crop``, the Mask2Former head, the official weight conversion);
+    ``model(images)`` gives class scores [B, 19, H, W] for one window."""
+    if backbone is None and head is None:
+        import rein_kernels
+
+        from .predict import load_model
+
+        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        model, _ = load_model(str(path_or_state), backbone_checkpoint, dev,
+                              fused and rein_kernels.is_available(torch.empty(0, device=dev)),
+                              official=dict(backbone=backbone_name, crop=crop))
+        return model
+    if backbone is None or head is None:
+        raise TypeError("load_official_checkpoint: give both backbone and head, or neither (to build the model)")
     from .backbones.timm_backbone import load_timm_checkpoint
 
     state = path_or_state if isinstance(path_or_state, Mapping) else read_official_checkpoint(path_or_state)

@@ -63,6 +63,14 @@ def test_official_checkpoint_evaluates_as_the_model_it_holds(tmp_path):
     want = evaluate(model.eval(), FolderDataset("cityscapes", roots["cityscapes"], "val"), 64, torch.device("cpu"))
     assert got == {"cityscapes": json.loads(json.dumps(want))}
     assert (out / "samples" / "cityscapes.png").stat().st_size > 1000
+    # the same in Python: rein.load_official_checkpoint(path) builds the model it holds
+    import rein
+
+    loaded = rein.load_official_checkpoint(tmp_path / "official.pth", backbone_name=SMALL_VIT, crop=64,
+                                           device="cpu", fused=False)
+    img = torch.randn(1, 3, 64, 64)
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(img), model(img), rtol=0, atol=0)
 
 
 def test_train_checkpoint_evaluates_and_bad_input_is_one_line(tmp_path, capsys):
