@@ -299,6 +299,8 @@ def main(argv=None) -> int:
         model = build_model(args, device)
     except (UsageError, DataError) as e:
         print(f"rein-train: {e}", file=sys.stderr)
+        if dist.is_available() and dist.is_initialized():  # every process stops here alike
+            dist.destroy_process_group()
         return 2
     main_proc = rank == 0
     if main_proc:
