@@ -3,9 +3,10 @@ pictures of predictions that training writes.
 
     python -m rein.predict --checkpoint runs/gtav2city/checkpoint.pth --images DIR_OR_FILES --out DIR
 
-For every image it writes ``<name>_color.png`` (Cityscapes palette), ``<name>_overlay.png``
-(the colours over the image) and ``<name>_labelIds.png`` (Cityscapes label ids, what the
-benchmark servers take). The model is rebuilt from the checkpoint's own configuration;
+For every image it writes ``labelIds/<name>.png`` (Cityscapes label ids: the folder the
+Cityscapes scripts and benchmark server take, one file per image), ``color/<name>.png``
+(Cityscapes palette) and ``overlay/<name>.png`` (the colours over the image); ``<name>``
+keeps an input folder's subfolders (``aachen/aachen_000000_000019_leftImg8bit``). The model is rebuilt from the checkpoint's own configuration;
 the frozen backbone's weights come from ``--backbone-checkpoint`` (default: the file the
 run was trained with). Sliding-window inference, fused kernels and bf16 on a GPU.
 """
@@ -74,9 +75,9 @@ def save_samples(path: Path, samples: list[tuple[np.ndarray, np.ndarray, np.ndar
 
 def _images(spec: list[str], out: Path) -> list[tuple[Path, str]]:
     """(image file, output name) for every image named or found (recursively) in a folder,
-    skipping the output folder. Names keep a folder's relative path (a/b.png -> a__b) and
-    the extension where two files would otherwise share one, so no output overwrites
-    another."""
+    skipping the output folder. Names keep a folder's relative path without the suffix
+    (a/b.png -> a/b), and the extension where two files would otherwise share one
+    (a_png, a_jpg), so no output overwrites another."""
     files = []
     out = out.resolve()
     for s in spec:
@@ -84,7 +85,7 @@ def _images(spec: list[str], out: Path) -> list[tuple[Path, str]]:
         if p.is_dir():
             found = sorted(f for f in p.rglob("*") if f.suffix.lower() in IMAGE_SUFFIXES
                            and out not in f.resolve().parents)
-            files += [(f, "__".join(f.relative_to(p).with_suffix("").parts)) for f in found]
+            files += [(f, f.relative_to(p).with_suffix("").as_posix()) for f in found]
         elif p.is_file():
             files.append((p, p.stem))
         else:
@@ -211,9 +212,12 @@ def main(argv=None) -> int:
         with amp:
             labels = predict(model, normalize(img)[None].to(device), config.crop, scale)[0].cpu().numpy()
         rgb = to_uint8(img)
-        Image.fromarray(colorize(labels)).save(out / f"{name}_color.png")
-        Image.fromarray(overlay(rgb, labels)).save(out / f"{name}_overlay.png")
-        Image.fromarray(LABEL_IDS[labels.astype(np.int64)], mode="L").save(out / f"{name}_labelIds.png")
+        for kind, picture in (("labelIds", Image.fromarray(LABEL_IDS[labels.astype(np.int64)], mode="L")),
+                              ("color", Image.fromarray(colorize(labels))),
+                              ("overlay", Image.fromarray(overlay(rgb, labels)))):
+            path = out / kind / f"{name}.png"
+            path.parent.mkdir(parents=True, exist_ok=True)
+            picture.save(path)
     print(f"rein-predict: {len(files) - len(failed)} image(s) -> {out}")
     for msg in failed:
         print(f"rein-predict: skipped {msg}", file=sys.stderr)

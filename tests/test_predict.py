@@ -34,13 +34,13 @@ def test_predict_writes_label_ids_colours_and_overlays(trained, tmp_path, capsys
     assert main(["--checkpoint", str(trained / "checkpoint.pth"), "--images", str(imgs), "--out", str(out),
                  "--device", "cpu", "--no-fused"]) == 0
     for stem, size in (("a", (70, 90)), ("b", (64, 64))):
-        ids = np.asarray(Image.open(out / f"{stem}_labelIds.png"))
-        color = np.asarray(Image.open(out / f"{stem}_color.png"))
+        ids = np.asarray(Image.open(out / "labelIds" / f"{stem}.png"))
+        color = np.asarray(Image.open(out / "color" / f"{stem}.png"))
         assert ids.shape == size and color.shape == (*size, 3)
         assert set(np.unique(ids)) <= set(LABEL_IDS[:19].tolist())
         train_ids = np.searchsorted(LABEL_IDS[:19], ids)  # label ids are sorted: invert them
         assert np.array_equal(colorize(train_ids), color)
-        assert np.asarray(Image.open(out / f"{stem}_overlay.png")).shape == (*size, 3)
+        assert np.asarray(Image.open(out / "overlay" / f"{stem}.png")).shape == (*size, 3)
     assert "2 image(s)" in capsys.readouterr().out
 
 
@@ -70,8 +70,28 @@ def test_outputs_never_overwrite_each_other(trained, tmp_path):
     for _ in range(2):
         assert main(["--checkpoint", str(trained / "checkpoint.pth"), "--images", str(imgs), "--out", str(out),
                      "--device", "cpu", "--no-fused"]) == 0
-    assert sorted(p.name for p in out.glob("*_labelIds.png")) == ["a_jpg_labelIds.png", "a_png_labelIds.png",
-                                                                 "sub__a_labelIds.png"]
+    got = sorted(p.relative_to(out / "labelIds").as_posix() for p in (out / "labelIds").rglob("*.png"))
+    assert got == ["a_jpg.png", "a_png.png", "sub/a.png"]
+
+
+def test_label_ids_as_the_cityscapes_scripts_find_them(trained, tmp_path):
+    """cityscapesscripts finds the prediction of city_seq_frame as the one file in the
+    prediction tree matching "city_seq_frame*.png": labelIds/ holds exactly one per image,
+    in the images' city folders."""
+    import fnmatch
+    import os
+
+    imgs = tmp_path / "leftImg8bit" / "val"
+    for city, frame in (("aachen", "000000_000019"), ("lindau", "000001_000019")):
+        (imgs / city).mkdir(parents=True)
+        Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(imgs / city / f"{city}_{frame}_leftImg8bit.png")
+    out = tmp_path / "pred"
+    assert main(["--checkpoint", str(trained / "checkpoint.pth"), "--images", str(imgs), "--out", str(out),
+                 "--device", "cpu", "--no-fused"]) == 0
+    walk = [(root, names) for root, _, names in os.walk(out / "labelIds")]
+    for pattern in ("aachen_000000_000019*.png", "lindau_000001_000019*.png"):
+        hits = [os.path.join(r, n) for r, names in walk for n in names if fnmatch.fnmatch(n, pattern)]
+        assert len(hits) == 1, hits
 
 
 def test_palette_and_label_ids_are_cityscapes():
