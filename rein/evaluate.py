@@ -184,8 +184,9 @@ def evaluate_targets(model: nn.Module, datasets, crop: int, device, out: Path, a
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="rein-evaluate", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .train.config import OneLineParser
+
+    ap = OneLineParser(prog="rein-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True,
                     help="OUT/checkpoint.pth of a rein.train run, or an official Rein checkpoint (mmseg format)")
     ap.add_argument("--backbone-checkpoint",

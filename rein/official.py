@@ -95,7 +95,7 @@ def load_tensors(path: str | os.PathLike):
     (``weights_only=True``). mmengine checkpoints also pickle the training's metadata,
     message hub and schedulers, which weights_only refuses: their classes are read as
     inert placeholders instead (the tensors are all this library uses). Raises
-    ValueError for a file that is not a torch checkpoint."""
+    ValueError, without the file's name, for a file that is not a torch checkpoint."""
     try:
         return torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError:
@@ -111,8 +111,11 @@ def load_tensors(path: str | os.PathLike):
 
 
 def _unreadable(path, e: Exception) -> str:
+    """Why a file is not a checkpoint, in one line (the caller names the file)."""
     first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    return f"{path} is not a checkpoint torch.load can read ({type(e).__name__}: {first[:200]})"
+    if isinstance(e, (KeyError, EOFError, pickle.UnpicklingError)) or not first:
+        return "not a checkpoint torch.load can read (not a file torch.save wrote, or truncated)"
+    return f"not a checkpoint torch.load can read ({type(e).__name__}: {first[:160]})"
 
 
 def official_state(ck) -> dict[str, Tensor]:
@@ -194,6 +197,9 @@ def load_official_checkpoint(path_or_state, backbone=None, head=None, load_backb
     (``backbone_name``, ``crop``, the Mask2Former head, the official weight conversion);
     ``model(images)`` gives class scores [B, 19, H, W] for one window."""
     if backbone is None and head is None:
+        if isinstance(path_or_state, Mapping):
+            raise TypeError("load_official_checkpoint: building the model needs the checkpoint file; to load a "
+                            "state dict, pass the backbone and head to load it into")
         import rein_kernels
 
         from .predict import load_model

@@ -110,12 +110,15 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
     from .train.loop import build_model
 
     path = Path(checkpoint)
+    if path.is_dir():
+        hint = f"; did you mean {path / 'checkpoint.pth'}?" if (path / "checkpoint.pth").is_file() else ""
+        raise UsageError(f"--checkpoint {path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
         raise UsageError(f"--checkpoint {path} does not exist")
     try:
         ck = load_tensors(path)
     except ValueError as e:
-        raise UsageError(f"--checkpoint {e}") from None
+        raise UsageError(f"--checkpoint {path}: {e}") from None
     is_ours = isinstance(ck, dict) and {"config", "rein", "head"} <= set(ck)
     if is_ours:
         config = backfill(ck["config"])
@@ -136,14 +139,20 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
     else:
         raise UsageError(f"--checkpoint {path} is not a checkpoint rein.train wrote")
     if backbone_checkpoint is not None:
+        if not Path(backbone_checkpoint).is_file():
+            raise UsageError(f"--backbone-checkpoint {backbone_checkpoint} does not exist (or is not a file)")
         config["checkpoint"] = backbone_checkpoint
     if config.get("checkpoint") and not Path(config["checkpoint"]).is_file():
-        raise UsageError(f"the backbone weights {config['checkpoint']} are missing: pass --backbone-checkpoint")
+        raise UsageError(f"the run's backbone weights {config['checkpoint']} are missing: pass them with "
+                         "--backbone-checkpoint")
     config["fused"] = fused
     config["init_from_official"] = None  # Rein and the head come from the checkpoint itself
     args = argparse.Namespace(**config)
-    model = build_model(args, device, checkpoint_flag="--backbone-checkpoint" if backbone_checkpoint else
-                        "the run's backbone --checkpoint")
+    try:
+        model = build_model(args, device, checkpoint_flag="--backbone-checkpoint" if backbone_checkpoint else
+                            "the backbone in --checkpoint" if not is_ours else "the run's backbone --checkpoint")
+    except UsageError as e:
+        raise UsageError(f"{e}{'' if is_ours else _other_backbone_hint(state, official['backbone'])}") from None
     try:
         if is_ours:
             model.backbone.load_rein_state_dict({k: v.to(device) for k, v in ck["rein"].items()})
@@ -151,13 +160,25 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
         else:  # the frozen backbone, when the file has it, was loaded by build_model already
             load_official_checkpoint(state, model.backbone, model.head, load_backbone=False)
     except (ValueError, RuntimeError) as e:
-        raise UsageError(f"--checkpoint {path} does not fit the model it describes: {e}") from None
+        hint = "" if is_ours else _other_backbone_hint(state, official["backbone"])
+        raise UsageError(f"--checkpoint {path} does not fit the model it describes: {e}{hint}") from None
     return model.eval(), args
 
 
+def _other_backbone_hint(state: dict, backbone: str) -> str:
+    """For an official checkpoint that does not fit: the size of the ViT its Rein was
+    trained on (from its tokens), so that the user can pick --backbone."""
+    b = state.get("backbone.reins.learnable_tokens_b", state.get("backbone.reins.learnable_tokens"))
+    if b is None or b.dim() != 3:
+        return ""
+    return (f". Its Rein refines a {b.shape[0]}-block, {b.shape[-1]}-wide backbone: if {backbone} is not that, "
+            "pass the right one with --backbone")
+
+
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="rein-predict", description=__doc__,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    from .train.config import OneLineParser
+
+    ap = OneLineParser(prog="rein-predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--checkpoint", required=True,
                     help="OUT/checkpoint.pth of a rein.train run, or an official Rein checkpoint (mmseg format)")
     ap.add_argument("--backbone-checkpoint", help="the frozen backbone's weights (default: those of the run)")

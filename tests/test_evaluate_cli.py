@@ -10,6 +10,7 @@ pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
 from rein.evaluate import EVAL_SCALE, evaluate, main  # noqa: E402
+from rein.train.config import SMALL_MASK2FORMER  # noqa: E402
 from rein.official import _head_key  # noqa: E402
 from rein.train.data import FolderDataset  # noqa: E402
 from rein.train.loop import build_model  # noqa: E402
@@ -91,11 +92,19 @@ def test_train_checkpoint_evaluates_and_bad_input_is_one_line(tmp_path, capsys):
         assert len(err.splitlines()) == 1 and says in err, err
 
     fails("--checkpoint", str(tmp_path / "none.pth"), says="does not exist")
+    fails("--checkpoint", str(run), says=f"is a folder, not a checkpoint file; did you mean {run / 'checkpoint.pth'}")
     (tmp_path / "text.pth").write_text("hello")
     fails("--checkpoint", str(tmp_path / "text.pth"), says="not a checkpoint")
     torch.save({"state_dict": {"backbone.reins.scale": torch.ones(()),
                                "decode_head.querys2feat.weight": torch.ones(2, 2)}}, tmp_path / "bare.pth")
     fails("--checkpoint", str(tmp_path / "bare.pth"), says="--backbone-checkpoint")
+    fails("--checkpoint", str(tmp_path / "bare.pth"), "--backbone-checkpoint", str(tmp_path / "nope.pth"),
+          says=f"--backbone-checkpoint {tmp_path / 'nope.pth'} does not exist")
+    with pytest.raises(SystemExit) as e:  # a required flag missing: one line too
+        main(["--checkpoint", "x", "--out", "y"])
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith("rein-evaluate: the following arguments are required: --target") and err.count("\n") == 1
     fails("--checkpoint", str(tmp_path / "bare.pth"), "--backbone-checkpoint", str(run / "checkpoint.pth"),
           "--backbone", "vit_lrage_patch14_dinov2", says="did you mean vit_large_patch14_dinov2")
     assert main(["--checkpoint", str(run / "checkpoint.pth"), "--out", str(tmp_path / "y"), "--device", "cpu",
@@ -104,13 +113,17 @@ def test_train_checkpoint_evaluates_and_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_init_from_official_starts_from_the_files_weights(tmp_path, capsys):
-    from rein.train.config import SMALL_MASK2FORMER, UsageError
+    from rein.train.config import UsageError
 
     args = argparse.Namespace(backbone=SMALL_VIT, crop=64, patch_size=8, head="mask2former",
                               head_kwargs=dict(SMALL_MASK2FORMER), timm_kwargs={"depth": 2}, conversion="official",
                               seed=5, checkpoint=None, fused=False)
     source = build_model(args, torch.device("cpu"))
     _official_file(source, tmp_path / "official.pth")
+    with pytest.raises(TypeError, match="needs the checkpoint file"):
+        import rein
+
+        rein.load_official_checkpoint({"backbone.reins.scale": torch.ones(())})
     args.seed, args.init_from_official = 6, str(tmp_path / "official.pth")
     started = build_model(args, torch.device("cpu"))
     for part in ("head", "backbone"):
@@ -131,3 +144,29 @@ def test_init_from_official_starts_from_the_files_weights(tmp_path, capsys):
     assert train(["--head", "light", "--init-from-official", str(tmp_path / "official.pth"),
                   "--out", str(tmp_path / "o"), *FAST]) == 2
     assert "needs --head mask2former" in capsys.readouterr().err
+
+
+def test_official_checkpoint_of_another_backbone_says_to_pass_backbone(tmp_path, capsys):
+    roots = make_fixtures(tmp_path / "data")
+    args = argparse.Namespace(backbone=SMALL_VIT, crop=64, patch_size=16, head="mask2former", head_kwargs={},
+                              timm_kwargs={}, conversion="official", seed=3, checkpoint=None, fused=False)
+    _official_file(build_model(args, torch.device("cpu")), tmp_path / "official.pth")
+    assert main(["--checkpoint", str(tmp_path / "official.pth"), "--backbone", "vit_base_patch14_dinov2",
+                 "--crop", "64", "--target", f"cityscapes={roots['cityscapes']}", "--out", str(tmp_path / "o"),
+                 "--device", "cpu", "--no-fused"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "12-block, 384-wide backbone" in err and "--backbone" in err, err
+
+
+def test_resume_after_init_from_official_with_the_same_command(tmp_path):
+    """The run took its frozen backbone from the official file: resuming with the command
+    that started it continues (nothing to add)."""
+    args = argparse.Namespace(backbone=SMALL_VIT, crop=64, patch_size=8, head="mask2former",
+                              head_kwargs=dict(SMALL_MASK2FORMER), timm_kwargs={"depth": 4}, conversion="official",
+                              seed=0, checkpoint=None, fused=False)
+    _official_file(build_model(args, torch.device("cpu")), tmp_path / "official.pth")
+    cmd = ["--head", "mask2former", "--init-from-official", str(tmp_path / "official.pth"), "--max-iters", "2",
+           "--ckpt-interval", "1", "--out", str(tmp_path / "run"), *FAST]
+    assert train([*cmd, "--stop-at", "1"]) == 0
+    assert train([*cmd, "--resume"]) == 0
+    assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["iteration"] == 2

@@ -257,3 +257,24 @@ def test_bad_file_under_torchrun_stops_every_process(tmp_path):
     assert "cannot read image" in proc.stderr and "00001.png" in proc.stderr, proc.stderr[-2000:]
     assert "Saved a resumable checkpoint" in proc.stderr
     assert (out / "checkpoint.pth").exists()
+
+
+def test_flag_errors_are_one_line(capsys):
+    """argparse's own errors too: one line naming the flag, exit 2, no usage block."""
+    for argv, says in ((["--target", "cityscapes=/x"], "--target needs --source"),
+                       (["--max-iters", "abc"], "argument --max-iters: invalid int value: 'abc'")):
+        with pytest.raises(SystemExit) as e:
+            run(capsys, *argv)
+        assert e.value.code == 2
+        err = capsys.readouterr().err
+        assert err.startswith("rein-train: ") and says in err and err.count("\n") == 1, err
+
+
+def test_dataset_specs_name_their_flag(tmp_path, capsys):
+    out = ["--out", str(tmp_path / "o"), *FAST]
+    rc, _, err = run(capsys, "--source", "acdc=/x", *out)
+    assert rc == 2
+    _one_line_error(err, "--source acdc=/x: unknown dataset kind 'acdc'", "acdc-fog")
+    rc, _, err = run(capsys, "--source", "gtav=/x", "--target", "/data/cityscapes", *out)
+    assert rc == 2
+    _one_line_error(err, "--target /data/cityscapes: expected KIND=PATH")

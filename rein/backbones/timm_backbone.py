@@ -84,7 +84,7 @@ def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Ten
             raise FileNotFoundError(f"checkpoint {path_or_state} does not exist (or is not a file)")
         from ..official import load_tensors
 
-        state = load_tensors(path_or_state)  # ValueError for a file that is not a checkpoint
+        state = load_tensors(path_or_state)  # ValueError: "not a checkpoint torch.load can read (...)"
         if not isinstance(state, Mapping):
             raise ValueError(f"{path_or_state} holds a {type(state).__name__}, not a state dict")
     for wrapper in ("model", "state_dict", "module"):

@@ -26,9 +26,16 @@ class UsageError(ValueError):
     """A flag that cannot work: reported in one line, before anything is written."""
 
 
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``prog: message (see --help)``, exit 2)
+    rather than the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
 def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
-    ap = argparse.ArgumentParser(prog="rein-train", description=description,
-                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = OneLineParser(prog="rein-train", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--source", metavar="KIND=PATH", help="source domain, e.g. gtav=/data/gtav")
     ap.add_argument("--target", metavar="KIND=PATH", action="append", default=[],
                     help="target domain (repeat): cityscapes=..., bdd100k=..., mapillary=...")
@@ -171,5 +178,6 @@ def backfill(saved: dict) -> dict:
 def resume_mismatches(saved: dict, args) -> list[str]:
     """Flags that change the model or the schedule and differ from the checkpoint's."""
     now = vars(args)
-    return [f"--{k.replace('_', '-')} {saved.get(k)!r} -> {now.get(k)!r}" for k in RESUME_KEYS
+    name = {"head_kwargs": "the head's sizes (set by --head and the data)"}
+    return [f"{name.get(k, '--' + k.replace('_', '-'))} {saved.get(k)!r} -> {now.get(k)!r}" for k in RESUME_KEYS
             if k in saved and saved.get(k) != now.get(k)]

@@ -28,14 +28,23 @@ from ..evaluate import evaluate_targets
 from ..heads import build_head
 from .config import (SYNTHETIC, UsageError, backfill, device_from_flag, parse_args, resume_mismatches, validate,
                      warnings_for)
-from .data import CLASSES, DataError, FolderDataset, SyntheticDomain, TrainBatches, train_loader
+from .data import CLASSES, KINDS, DataError, FolderDataset, SyntheticDomain, TrainBatches, train_loader
 
 
-def _parse_domain(spec: str, split: str):
+def _kind_and_path(spec: str, flag: str) -> tuple[str, str]:
+    """``KIND=PATH`` split and checked; a spec that names no dataset is a DataError naming
+    the flag."""
     if "=" not in spec:
-        raise DataError(f"expected KIND=PATH, got {spec!r}")
+        raise DataError(f"{flag} {spec}: expected KIND=PATH, e.g. cityscapes=/data/cityscapes")
     kind, path = spec.split("=", 1)
-    return FolderDataset(kind.strip().lower(), path, split)
+    kind = kind.strip().lower()
+    if kind not in KINDS:
+        raise DataError(f"{flag} {spec}: unknown dataset kind {kind!r}; choose one of {', '.join(KINDS)}")
+    return kind, path
+
+
+def _parse_domain(spec: str, split: str, flag: str = "--target"):
+    return FolderDataset(*_kind_and_path(spec, flag), split)
 
 
 def build_data(args):
@@ -46,7 +55,9 @@ def build_data(args):
             SyntheticDomain(s, SYNTHETIC["val_size"], size, seed=3 + i) for i, s in
             enumerate(["overcast", "night", "fog"])]
         return train, vals
-    train = _parse_domain(args.source, "train")
+    for spec, flag in [(args.source, "--source"), *((t, "--target") for t in args.target)]:
+        _kind_and_path(spec, flag)  # every spec before any folder is looked at
+    train = _parse_domain(args.source, "train", "--source")
     vals = [_parse_domain(t, "val") for t in args.target]
     for d in [train, *vals]:
         d.check()
@@ -209,6 +220,10 @@ def _load_resume(args, out: Path):
         saved = backfill(ck["config"])
     except Exception as e:
         raise UsageError(f"--resume: {path} is not a checkpoint this command wrote ({type(e).__name__}: {e})") from None
+    if (args.checkpoint is None and args.init_from_official is not None
+            and saved.get("init_from_official") == args.init_from_official
+            and saved.get("checkpoint") == args.init_from_official):
+        args.checkpoint = saved["checkpoint"]  # the run took its backbone from that file
     diff = resume_mismatches(saved, args)
     if diff and not args.force_resume:
         raise UsageError(f"--resume with flags that change the run: {'; '.join(diff)}. Use the checkpoint's "
