@@ -16,12 +16,13 @@ The official key list this follows is ``tests/fixtures/official_rein_dinov2_keys
 from __future__ import annotations
 
 import os
-import pickle
 import re
 from collections.abc import Mapping
 
 import torch
 from torch import Tensor
+
+from .checkpoints import listing, load_tensors, misfit
 
 # mmdet/mmcv name (after "decode_head.") -> this library's Mask2FormerHead name; each
 # pattern is followed by the parameter's own name (weight, bias), kept as it is.
@@ -76,48 +77,6 @@ def _head_key(name: str, value: Tensor) -> dict[str, Tensor] | None:
     return None
 
 
-class _Inert:
-    """Stands in for an object of another library (mmengine's message hub, numpy scalars
-    in the metadata) while a checkpoint is read: built from anything, does nothing."""
-
-    def __new__(cls, *args, **kwargs):
-        return object.__new__(cls)
-
-    def __init__(self, *args, **kwargs):
-        pass
-
-    def __setstate__(self, state):
-        self.state = state
-
-
-def load_tensors(path: str | os.PathLike):
-    """``torch.load`` of a checkpoint file without running any of its code
-    (``weights_only=True``). mmengine checkpoints also pickle the training's metadata,
-    message hub and schedulers, which weights_only refuses: their classes are read as
-    inert placeholders instead (the tensors are all this library uses). Raises
-    ValueError, without the file's name, for a file that is not a torch checkpoint."""
-    try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except pickle.UnpicklingError:
-        pass
-    except Exception as e:  # not a zip/pickle torch wrote: text, truncated, TorchScript
-        raise ValueError(_unreadable(path, e)) from None
-    try:
-        foreign = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        with torch.serialization.safe_globals([(_Inert, name) for name in foreign]):
-            return torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:
-        raise ValueError(_unreadable(path, e)) from None
-
-
-def _unreadable(path, e: Exception) -> str:
-    """Why a file is not a checkpoint, in one line (the caller names the file)."""
-    first = str(e).strip().splitlines()[0] if str(e).strip() else ""
-    if isinstance(e, (KeyError, EOFError, pickle.UnpicklingError)) or not first:
-        return "not a checkpoint torch.load can read (not a file torch.save wrote, or truncated)"
-    return f"not a checkpoint torch.load can read ({type(e).__name__}: {first[:160]})"
-
-
 def official_state(ck) -> dict[str, Tensor]:
     """The flat state dict of a loaded official checkpoint (mmengine's ``state_dict``
     wrapper removed, DDP's ``module.`` prefix dropped)."""
@@ -156,25 +115,15 @@ def convert_official_state_dict(state: Mapping[str, Tensor]) -> dict[str, dict[s
             unplaced.append(k)
     if unplaced:
         raise ValueError(f"{len(unplaced)} key(s) of the official checkpoint have no place in this library's Rein "
-                         f"backbone and Mask2Former head: {_listing(sorted(unplaced))}")
+                         f"backbone and Mask2Former head: {listing(sorted(unplaced), 12)}")
     if not out["rein"] or not out["head"]:
         raise ValueError("not an official Rein checkpoint: it needs backbone.reins.* and decode_head.* keys, found "
                          f"{len(out['rein'])} and {len(out['head'])}")
     return out
 
 
-def _listing(keys: list[str], n: int = 12) -> str:
-    return ", ".join(keys[:n]) + (f" (+{len(keys) - n} more)" if len(keys) > n else "")
-
-
 def _check_fits(state: Mapping[str, Tensor], module: torch.nn.Module, what: str) -> None:
-    expected = module.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-                   for k in set(state) & set(expected) if state[k].shape != expected[k].shape)
-    problems = [f"{label}: {_listing(keys)}" for label, keys in
-                (("missing", missing), ("unexpected", unexpected), ("shape mismatch", wrong)) if keys]
+    problems = misfit(state, module.state_dict(), ("missing", "unexpected", "shape mismatch"), n=12)
     if problems:
         raise ValueError(f"the official checkpoint's {what} does not fit this model; " + "; ".join(problems))
 

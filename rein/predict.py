@@ -105,7 +105,8 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
     ``rein.train`` wrote or, when ``official`` is given (``{"backbone": timm name, "crop":
     ...}``), also from an official Rein checkpoint: the recipe's model (Mask2Former head,
     official weight conversion) with that backbone."""
-    from .official import convert_official_state_dict, load_official_checkpoint, load_tensors, official_state
+    from .checkpoints import load_tensors
+    from .official import convert_official_state_dict, load_official_checkpoint, official_state
     from .train.config import RECIPE, UsageError, backfill, check_backbone
     from .train.loop import build_model
 

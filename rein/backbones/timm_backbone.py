@@ -25,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
+from ..checkpoints import load_tensors, misfit
 from ..layer import ReinLayer
 
 TARGET_STRIDES = (4, 8, 16, 32)
@@ -82,8 +83,6 @@ def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Ten
     else:
         if not os.path.isfile(path_or_state):
             raise FileNotFoundError(f"checkpoint {path_or_state} does not exist (or is not a file)")
-        from ..official import load_tensors
-
         state = load_tensors(path_or_state)  # ValueError: "not a checkpoint torch.load can read (...)"
         if not isinstance(state, Mapping):
             raise ValueError(f"{path_or_state} holds a {type(state).__name__}, not a state dict")
@@ -108,20 +107,9 @@ def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Ten
             state = filter_fn(state, model)
         except Exception as e:  # a foreign file can break the converter itself
             raise ValueError(f"checkpoint does not fit {type(model).__name__}: conversion failed ({e})") from e
-    expected = model.state_dict()
-    missing = sorted(set(expected) - set(state))
-    unexpected = sorted(set(state) - set(expected))
-    wrong = sorted(
-        f"{k}: file {tuple(state[k].shape)} vs model {tuple(expected[k].shape)}"
-        for k in set(state) & set(expected) if state[k].shape != expected[k].shape
-    )
-    if missing or unexpected or wrong:
-        parts = []
-        for label, keys in (("missing keys", missing), ("unexpected keys", unexpected), ("shape mismatches", wrong)):
-            if keys:
-                more = f" (+{len(keys) - 10} more)" if len(keys) > 10 else ""
-                parts.append(f"{label}: {', '.join(keys[:10])}{more}")
-        raise ValueError(f"checkpoint does not fit {type(model).__name__}; " + "; ".join(parts))
+    problems = misfit(state, model.state_dict(), ("missing keys", "unexpected keys", "shape mismatches"), n=10)
+    if problems:
+        raise ValueError(f"checkpoint does not fit {type(model).__name__}; " + "; ".join(problems))
     model.load_state_dict(state, strict=True)
 
 

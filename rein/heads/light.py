@@ -3,7 +3,6 @@ resampled to stride 4 and summed; one 3x3 conv and a per-pixel classifier follow
 trained with per-pixel cross-entropy; its scores are the logits at stride 4."""
 from __future__ import annotations
 
-import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
