@@ -34,6 +34,28 @@ from torch import Tensor
 CONVERSIONS = ("official", "timm")
 
 
+def _resize_kernel(w: Tensor, patch: tuple[int, int]) -> Tensor:
+    """A patch-embedding kernel resampled to ``patch`` as the official code does: bicubic
+    on the weights as they are (align_corners=False, no antialias, no gain correction)."""
+    return F.interpolate(w.float(), size=tuple(patch), mode="bicubic", align_corners=False)
+
+
+def _resize_grid(key: str, pos: Tensor, prefix: int, grid: tuple[int, int], mode: str, expected: str) -> Tensor:
+    """Positions [N, C] (the state dict's ``key``): the first ``prefix`` kept, the square
+    grid after them resampled to ``grid`` by ``mode`` (align_corners=False, no antialias);
+    ``pos`` itself when the grid already has that size. ``expected`` says what the layout
+    should have been."""
+    n, C = pos.shape
+    side = math.isqrt(n - prefix)
+    if side * side != n - prefix:
+        raise ValueError(f"{key} has {n} positions: expected {expected}")
+    if (side, side) == tuple(grid):
+        return pos
+    g = pos[prefix:].reshape(1, side, side, C).permute(0, 3, 1, 2)
+    g = F.interpolate(g.float(), size=tuple(grid), mode=mode, align_corners=False)
+    return torch.cat([pos[:prefix].float(), g.permute(0, 2, 3, 1).reshape(-1, C)])
+
+
 def official_resize(state: dict[str, Tensor], patch: tuple[int, int], grid: tuple[int, int]) -> dict[str, Tensor]:
     """The official converter's two resizes on a release-format state dict: the patch
     kernel to ``patch`` and the position grid (after its one cls position) to ``grid``,
@@ -42,22 +64,15 @@ def official_resize(state: dict[str, Tensor], patch: tuple[int, int], grid: tupl
     out = dict(state)
     w = out.get("patch_embed.proj.weight")
     if w is not None and tuple(w.shape[-2:]) != tuple(patch):
-        out["patch_embed.proj.weight"] = F.interpolate(w.float(), size=tuple(patch), mode="bicubic",
-                                                       align_corners=False)
+        out["patch_embed.proj.weight"] = _resize_kernel(w, patch)
     pos = out.get("pos_embed")
     if pos is not None:
-        n = pos.shape[1]
         # release files (and timm's own, for models with a cls position) carry one cls
         # position before the grid; timm's files for register models carry none
+        n = pos.shape[1]
         prefix = 0 if math.isqrt(n) ** 2 == n else 1
-        side = math.isqrt(n - prefix)
-        if side * side != n - prefix:
-            raise ValueError(f"pos_embed has {n} positions: expected a square grid after at most one cls position")
-        if (side, side) != tuple(grid):
-            C = pos.shape[-1]
-            g = pos[:, prefix:].reshape(1, side, side, C).permute(0, 3, 1, 2)
-            g = F.interpolate(g.float(), size=tuple(grid), mode="bicubic", align_corners=False)
-            out["pos_embed"] = torch.cat([pos[:, :prefix].float(), g.permute(0, 2, 3, 1).reshape(1, -1, C)], dim=1)
+        out["pos_embed"] = _resize_grid("pos_embed", pos[0], prefix, grid, "bicubic",
+                                        "a square grid after at most one cls position")[None]
     return out
 
 
@@ -69,15 +84,9 @@ def official_resize_clip(state: dict[str, Tensor], patch: tuple[int, int], grid:
     out = dict(state)
     w = out.get("visual.conv1.weight")
     if w is not None and tuple(w.shape[-2:]) != tuple(patch):
-        out["visual.conv1.weight"] = F.interpolate(w.float(), size=tuple(patch), mode="bicubic", align_corners=False)
+        out["visual.conv1.weight"] = _resize_kernel(w, patch)
     pos = out.get("visual.positional_embedding")
     if pos is not None:
-        side = math.isqrt(pos.shape[0] - 1)
-        if side * side != pos.shape[0] - 1:
-            raise ValueError(f"visual.positional_embedding has {pos.shape[0]} positions: expected 1 + a square grid")
-        if (side, side) != tuple(grid):
-            C = pos.shape[-1]
-            g = pos[1:].reshape(1, side, side, C).permute(0, 3, 1, 2)
-            g = F.interpolate(g.float(), size=tuple(grid), mode="bilinear", align_corners=False)
-            out["visual.positional_embedding"] = torch.cat([pos[:1].float(), g.permute(0, 2, 3, 1).reshape(-1, C)])
+        out["visual.positional_embedding"] = _resize_grid("visual.positional_embedding", pos, 1, grid, "bilinear",
+                                                          "1 + a square grid")
     return out
