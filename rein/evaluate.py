@@ -7,9 +7,10 @@ classes (ignore 255) and reports IoU per class and their mean, as the DGSS liter
 ``stride`` pixels, the last window clamped to the border, scores of overlapping windows
 averaged, so that every pixel is predicted by at least one window. ``evaluate`` follows
 the official test pipelines: each image resized keeping its ratio to fit (1024, 512)
-(Cityscapes, Mapillary) or (1280, 720) (GTAV, BDD100K), slide 512 / stride 341 there,
-scores resized back to the label's full resolution. ``evaluate_targets`` writes what
-training writes after its last iteration: ``metrics.json`` and sample pictures.
+(Cityscapes, Mapillary), (1280, 720) (GTAV, BDD100K) or (960, 540) (ACDC), slide 512 /
+stride 341 there (twice the sizes, 1024 / 683, at crop 1024), scores resized back to
+the label's full resolution. ``evaluate_targets`` writes what training writes after its
+last iteration: ``metrics.json`` and sample pictures.
 
 ``python -m rein.evaluate --checkpoint FILE --target cityscapes=PATH ... --out DIR``
 evaluates a checkpoint that ``rein.train`` wrote or an official Rein checkpoint (mmseg
@@ -158,8 +159,7 @@ def evaluate(model: nn.Module, dataset, crop: int, device, autocast=None, stride
     return cm.summary()
 
 
-def evaluate_targets(model: nn.Module, datasets, crop: int, device, out: Path, autocast=None,
-                     log=print) -> list[str]:
+def evaluate_targets(model: nn.Module, datasets, crop: int, device, out: Path, autocast=None) -> list[str]:
     """Evaluate on every dataset; write ``out/metrics.json`` (``{domain: {"mIoU": ...,
     "per_class": {...}}}``, strict JSON) and ``out/samples/<domain>.png``. A file that
     cannot be read stops that domain only (its entry becomes ``{"mIoU": null, "error":
@@ -174,7 +174,7 @@ def evaluate_targets(model: nn.Module, datasets, crop: int, device, out: Path, a
             save_samples(out / "samples" / f"{ds.name}.png", samples,
                          f"{ds.name}: mIoU {metrics[ds.name]['mIoU']} (image | ground truth | prediction)")
             miou = metrics[ds.name]["mIoU"]
-            log(f"  {ds.name:28s} mIoU {'n/a' if miou is None else f'{miou:6.2f}'}")
+            print(f"  {ds.name:28s} mIoU {'n/a' if miou is None else f'{miou:6.2f}'}")
         except DataError as e:  # keep every other domain's numbers
             metrics[ds.name] = {"mIoU": None, "error": str(e)}
             failed.append(str(e))
@@ -184,42 +184,26 @@ def evaluate_targets(model: nn.Module, datasets, crop: int, device, out: Path, a
 
 
 def main(argv=None) -> int:
+    from .predict import add_model_flags, load_model
     from .train.config import OneLineParser
 
     ap = OneLineParser(prog="rein-evaluate", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True,
-                    help="OUT/checkpoint.pth of a rein.train run, or an official Rein checkpoint (mmseg format)")
-    ap.add_argument("--backbone-checkpoint",
-                    help="the frozen backbone's weights (release or timm format; default: those of the run; "
-                         "needed for an official checkpoint unless it carries them)")
-    ap.add_argument("--backbone", default="vit_large_patch14_dinov2",
-                    help="official checkpoints: the timm backbone they were trained on (default DINOv2-L)")
-    ap.add_argument("--crop", type=int, default=512, help="official checkpoints: the training crop (default 512)")
+    add_model_flags(ap)
     ap.add_argument("--target", metavar="KIND=PATH", action="append", required=True,
                     help="dataset to evaluate (repeat): cityscapes=..., bdd100k=..., mapillary=..., acdc-fog=...")
     ap.add_argument("--out", required=True, help="output folder (metrics.json, samples/)")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True)
     ap.add_argument("--amp", action="store_true", help="bf16 autocast for the forward passes")
     args = ap.parse_args(argv)
 
-    import torch
-
-    import rein_kernels
-
-    from .predict import load_model
     from .train.config import UsageError, check_out_folder, device_from_flag
-    from .train.loop import _parse_domain
+    from .train.loop import datasets_from
 
     try:
         device = device_from_flag(args.device)
         out = Path(args.out)
         check_out_folder(out, "metrics.json and samples/")
-        datasets = [_parse_domain(t, "val") for t in args.target]
-        for d in datasets:
-            d.check()
-        fused = args.fused and rein_kernels.is_available(torch.empty(0, device=device))
-        model, config = load_model(args.checkpoint, args.backbone_checkpoint, device, fused,
+        datasets = datasets_from([(t, "val", "--target") for t in args.target])
+        model, config = load_model(args.checkpoint, args.backbone_checkpoint, device, args.fused,
                                    official=dict(backbone=args.backbone, crop=args.crop))
     except (UsageError, DataError) as e:
         print(f"rein-evaluate: {e}", file=sys.stderr)

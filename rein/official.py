@@ -149,15 +149,11 @@ def load_official_checkpoint(path_or_state, backbone=None, head=None, load_backb
         if isinstance(path_or_state, Mapping):
             raise TypeError("load_official_checkpoint: building the model needs the checkpoint file; to load a "
                             "state dict, pass the backbone and head to load it into")
-        import rein_kernels
-
         from .predict import load_model
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        model, _ = load_model(str(path_or_state), backbone_checkpoint, dev,
-                              fused and rein_kernels.is_available(torch.empty(0, device=dev)),
-                              official=dict(backbone=backbone_name, crop=crop))
-        return model
+        return load_model(str(path_or_state), backbone_checkpoint, dev, fused,
+                          official=dict(backbone=backbone_name, crop=crop))[0]
     if backbone is None or head is None:
         raise TypeError("load_official_checkpoint: give both backbone and head, or neither (to build the model)")
     from .backbones.timm_backbone import load_timm_checkpoint

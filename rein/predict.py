@@ -99,12 +99,32 @@ def _images(spec: list[str], out: Path) -> list[tuple[Path, str]]:
     return named
 
 
+def add_model_flags(ap: argparse.ArgumentParser) -> None:
+    """The flags that name a trained model (``load_model``'s arguments), for the commands
+    that use one."""
+    ap.add_argument("--checkpoint", required=True,
+                    help="OUT/checkpoint.pth of a rein.train run, or an official Rein checkpoint (mmseg format)")
+    ap.add_argument("--backbone-checkpoint",
+                    help="the frozen backbone's weights (release or timm format; default: those of the run; "
+                         "needed for an official checkpoint unless it carries them)")
+    ap.add_argument("--backbone", default="vit_large_patch14_dinov2",
+                    help="official checkpoints: the timm backbone they were trained on (default DINOv2-L)")
+    ap.add_argument("--crop", type=int, default=512,
+                    help="official checkpoints: the training crop, 512 or 1024 (a rein.train run knows its own)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                    help="Rein's Triton kernels where they can run (default) or the PyTorch reference")
+
+
 def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.device, fused: bool,
                official: dict | None = None):
     """The trained model (backbone + Rein + head) and its configuration, from a checkpoint
     ``rein.train`` wrote or, when ``official`` is given (``{"backbone": timm name, "crop":
     ...}``), also from an official Rein checkpoint: the recipe's model (Mask2Former head,
-    official weight conversion) with that backbone."""
+    official weight conversion) with that backbone. ``fused``: Rein's kernels where they
+    can run on ``device``."""
+    import rein_kernels
+
     from .checkpoints import load_tensors
     from .official import convert_official_state_dict, load_official_checkpoint, official_state
     from .train.config import RECIPE, UsageError, backfill, check_backbone
@@ -134,9 +154,10 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
             raise UsageError(f"--checkpoint {path} is an official Rein checkpoint without the frozen backbone: "
                              "pass its weights with --backbone-checkpoint (e.g. dinov2_vitl14_pretrain.pth)")
         check_backbone(official["backbone"], RECIPE["patch_size"], official["crop"])
+        # the frozen backbone from --backbone-checkpoint, or from the file already read
         config = dict(backbone=official["backbone"], crop=official["crop"], patch_size=RECIPE["patch_size"],
                       head="mask2former", head_kwargs={}, timm_kwargs={}, conversion="official", seed=0,
-                      checkpoint=None if backbone_checkpoint else str(path))
+                      checkpoint=None)
     else:
         raise UsageError(f"--checkpoint {path} is not a checkpoint rein.train wrote")
     if backbone_checkpoint is not None:
@@ -146,20 +167,20 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
     if config.get("checkpoint") and not Path(config["checkpoint"]).is_file():
         raise UsageError(f"the run's backbone weights {config['checkpoint']} are missing: pass them with "
                          "--backbone-checkpoint")
-    config["fused"] = fused
+    config["fused"] = fused and rein_kernels.is_available(torch.empty(0, device=device))
     config["init_from_official"] = None  # Rein and the head come from the checkpoint itself
     args = argparse.Namespace(**config)
     try:
         model = build_model(args, device, checkpoint_flag="--backbone-checkpoint" if backbone_checkpoint else
-                            "the backbone in --checkpoint" if not is_ours else "the run's backbone --checkpoint")
+                            "the run's backbone --checkpoint")
     except UsageError as e:
         raise UsageError(f"{e}{'' if is_ours else _other_backbone_hint(state, official['backbone'])}") from None
     try:
         if is_ours:
             model.backbone.load_rein_state_dict({k: v.to(device) for k, v in ck["rein"].items()})
             model.head.load_state_dict(ck["head"])
-        else:  # the frozen backbone, when the file has it, was loaded by build_model already
-            load_official_checkpoint(state, model.backbone, model.head, load_backbone=False)
+        else:
+            load_official_checkpoint(state, model.backbone, model.head, load_backbone=backbone_checkpoint is None)
     except (ValueError, RuntimeError) as e:
         hint = "" if is_ours else _other_backbone_hint(state, official["backbone"])
         raise UsageError(f"--checkpoint {path} does not fit the model it describes: {e}{hint}") from None
@@ -180,24 +201,14 @@ def main(argv=None) -> int:
     from .train.config import OneLineParser
 
     ap = OneLineParser(prog="rein-predict", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--checkpoint", required=True,
-                    help="OUT/checkpoint.pth of a rein.train run, or an official Rein checkpoint (mmseg format)")
-    ap.add_argument("--backbone-checkpoint", help="the frozen backbone's weights (default: those of the run)")
-    ap.add_argument("--backbone", default="vit_large_patch14_dinov2",
-                    help="official checkpoints: the timm backbone they were trained on (default DINOv2-L)")
-    ap.add_argument("--crop", type=int, default=512,
-                    help="official checkpoints: the training crop, 512 or 1024 (a rein.train run knows its own)")
+    add_model_flags(ap)
     ap.add_argument("--images", nargs="+", required=True, help="image files and/or folders (searched recursively)")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     ap.add_argument("--scale", help="resize each image keeping its ratio to fit LONGxSHORT first, e.g. 1024x512 "
                                     "(default: its own resolution)")
-    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True)
     args = ap.parse_args(argv)
 
     from tqdm import tqdm
-
-    import rein_kernels
 
     from .evaluate import predict
     from .train.config import UsageError, check_out_folder, device_from_flag
@@ -214,8 +225,7 @@ def main(argv=None) -> int:
         out = Path(args.out)
         check_out_folder(out, "the predicted PNGs")
         files = _images(args.images, out)
-        fused = args.fused and rein_kernels.is_available(torch.empty(0, device=device))
-        model, config = load_model(args.checkpoint, args.backbone_checkpoint, device, fused,
+        model, config = load_model(args.checkpoint, args.backbone_checkpoint, device, args.fused,
                                    official=dict(backbone=args.backbone, crop=args.crop))
     except (UsageError, DataError) as e:
         print(f"rein-predict: {e}", file=sys.stderr)

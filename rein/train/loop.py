@@ -43,8 +43,14 @@ def _kind_and_path(spec: str, flag: str) -> tuple[str, str]:
     return kind, path
 
 
-def _parse_domain(spec: str, split: str, flag: str = "--target"):
-    return FolderDataset(*_kind_and_path(spec, flag), split)
+def datasets_from(specs: list[tuple[str, str, str]]) -> list[FolderDataset]:
+    """Datasets from (``KIND=PATH``, split, flag) triples, checked on disk: every spec is
+    parsed before any folder is looked at."""
+    parsed = [(*_kind_and_path(spec, flag), split) for spec, split, flag in specs]
+    datasets = [FolderDataset(*p) for p in parsed]
+    for d in datasets:
+        d.check()
+    return datasets
 
 
 def build_data(args):
@@ -55,12 +61,7 @@ def build_data(args):
             SyntheticDomain(s, SYNTHETIC["val_size"], size, seed=3 + i) for i, s in
             enumerate(["overcast", "night", "fog"])]
         return train, vals
-    for spec, flag in [(args.source, "--source"), *((t, "--target") for t in args.target)]:
-        _kind_and_path(spec, flag)  # every spec before any folder is looked at
-    train = _parse_domain(args.source, "train", "--source")
-    vals = [_parse_domain(t, "val") for t in args.target]
-    for d in [train, *vals]:
-        d.check()
+    train, *vals = datasets_from([(args.source, "train", "--source"), *((t, "val", "--target") for t in args.target)])
     return train, vals
 
 
