@@ -30,6 +30,19 @@ def native_scale(monkeypatch):
         monkeypatch.setitem(EVAL_SCALE, kind, (320, 192))
 
 
+def _recipe_args():
+    """build_model's flags for the recipe's model (full Mask2Former head) on a ViT-S."""
+    return argparse.Namespace(backbone=SMALL_VIT, crop=64, patch_size=16, head="mask2former", head_kwargs={},
+                              timm_kwargs={}, conversion="official", seed=3, checkpoint=None, fused=False)
+
+
+def _small_args(depth: int, seed: int):
+    """build_model's flags for a shallow ViT-S with the CPU-sized Mask2Former."""
+    return argparse.Namespace(backbone=SMALL_VIT, crop=64, patch_size=8, head="mask2former",
+                              head_kwargs=dict(SMALL_MASK2FORMER), timm_kwargs={"depth": depth},
+                              conversion="official", seed=seed, checkpoint=None, fused=False)
+
+
 def _official_file(model, path):
     """``model``'s weights under the official names (the fixture's; fewer layers for a
     smaller head), as an mmengine file with the frozen backbone inside, as the official
@@ -50,9 +63,7 @@ def _official_file(model, path):
 
 def test_official_checkpoint_evaluates_as_the_model_it_holds(tmp_path):
     roots = make_fixtures(tmp_path / "data")
-    args = argparse.Namespace(backbone=SMALL_VIT, crop=64, patch_size=16, head="mask2former", head_kwargs={},
-                              timm_kwargs={}, conversion="official", seed=3, checkpoint=None, fused=False)
-    model = build_model(args, torch.device("cpu"))
+    model = build_model(_recipe_args(), torch.device("cpu"))
     with torch.no_grad():
         model.backbone.rein.scale.fill_(0.5)  # Rein's refinement visible in the features
     _official_file(model, tmp_path / "official.pth")
@@ -115,9 +126,7 @@ def test_train_checkpoint_evaluates_and_bad_input_is_one_line(tmp_path, capsys):
 def test_init_from_official_starts_from_the_files_weights(tmp_path, capsys):
     from rein.train.config import UsageError
 
-    args = argparse.Namespace(backbone=SMALL_VIT, crop=64, patch_size=8, head="mask2former",
-                              head_kwargs=dict(SMALL_MASK2FORMER), timm_kwargs={"depth": 2}, conversion="official",
-                              seed=5, checkpoint=None, fused=False)
+    args = _small_args(depth=2, seed=5)
     source = build_model(args, torch.device("cpu"))
     _official_file(source, tmp_path / "official.pth")
     with pytest.raises(TypeError, match="needs the checkpoint file"):
@@ -148,9 +157,7 @@ def test_init_from_official_starts_from_the_files_weights(tmp_path, capsys):
 
 def test_official_checkpoint_of_another_backbone_says_to_pass_backbone(tmp_path, capsys):
     roots = make_fixtures(tmp_path / "data")
-    args = argparse.Namespace(backbone=SMALL_VIT, crop=64, patch_size=16, head="mask2former", head_kwargs={},
-                              timm_kwargs={}, conversion="official", seed=3, checkpoint=None, fused=False)
-    _official_file(build_model(args, torch.device("cpu")), tmp_path / "official.pth")
+    _official_file(build_model(_recipe_args(), torch.device("cpu")), tmp_path / "official.pth")
     assert main(["--checkpoint", str(tmp_path / "official.pth"), "--backbone", "vit_base_patch14_dinov2",
                  "--crop", "64", "--target", f"cityscapes={roots['cityscapes']}", "--out", str(tmp_path / "o"),
                  "--device", "cpu", "--no-fused"]) == 2
@@ -161,10 +168,7 @@ def test_official_checkpoint_of_another_backbone_says_to_pass_backbone(tmp_path,
 def test_resume_after_init_from_official_with_the_same_command(tmp_path):
     """The run took its frozen backbone from the official file: resuming with the command
     that started it continues (nothing to add)."""
-    args = argparse.Namespace(backbone=SMALL_VIT, crop=64, patch_size=8, head="mask2former",
-                              head_kwargs=dict(SMALL_MASK2FORMER), timm_kwargs={"depth": 4}, conversion="official",
-                              seed=0, checkpoint=None, fused=False)
-    _official_file(build_model(args, torch.device("cpu")), tmp_path / "official.pth")
+    _official_file(build_model(_small_args(depth=4, seed=0), torch.device("cpu")), tmp_path / "official.pth")
     cmd = ["--head", "mask2former", "--init-from-official", str(tmp_path / "official.pth"), "--max-iters", "2",
            "--ckpt-interval", "1", "--out", str(tmp_path / "run"), *FAST]
     assert train([*cmd, "--stop-at", "1"]) == 0
