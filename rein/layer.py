@@ -8,6 +8,7 @@ reference path.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import warnings
 
@@ -102,6 +103,8 @@ class ReinLayer(nn.Module):
             self.merge.requires_grad_(False)
         # A constant 1 as a tensor for the kernels; not part of the state_dict.
         self.register_buffer("_scale_one", torch.tensor(1.0), persistent=False)
+        # The fused path's operands of all layers while ``prepared()`` is open, else None.
+        self._prepared: dict | None = None
         if zero_mlp_delta_f:
             del self.scale
             self.scale = 1.0
@@ -132,8 +135,45 @@ class ReinLayer(nn.Module):
             return self.learnable_tokens_a @ self.learnable_tokens_b
         return self.learnable_tokens_a[layer] @ self.learnable_tokens_b[layer]
 
+    def _token_params(self) -> list[Tensor]:
+        if self.lora_dim is None:
+            return [self.learnable_tokens]
+        return [self.learnable_tokens_a, self.learnable_tokens_b]
+
     def _scale_tensor(self) -> Tensor:
         return self._scale_one if self.zero_mlp_delta_f else self.scale
+
+    @contextlib.contextmanager
+    def prepared(self):
+        """Open around one forward pass of the backbone (``rein.ReinBackbone`` does): the
+        fused path then casts the parameters and forms U = (T[1:] W_t^T + b_t) W_d^T for all
+        layers at its first call, as one batched GEMM, and every layer takes its slice,
+        instead of each layer's call doing that work again (per layer: five casts and two
+        GEMMs fewer, and their backward; one cast of W_d shared by all layers, as autocast
+        shares the reference's). Results are those of the unprepared calls up to rounding.
+
+        One forward pass per ``with``: the operands' autograd graph is shared by its layers,
+        so a second forward inside the same block could not be backpropagated separately.
+        Not for blocks recomputed under activation checkpointing (the recomputation runs
+        outside the block and must repeat the original forward's ops)."""
+        outer, self._prepared = self._prepared, {}
+        try:
+            yield self
+        finally:
+            self._prepared = outer
+
+    def _operands(self, layer: int, cdtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(T, U, W_d, b_d) of one layer for the kernels (rein_kernels.prepare)."""
+        W = (self.mlp_token2feat.weight, self.mlp_token2feat.bias,
+             self.mlp_delta_f.weight, self.mlp_delta_f.bias)
+        if self._prepared is None or torch.compiler.is_compiling():
+            return rein_kernels.prepare(self.get_tokens(layer), *W, cdtype)
+        key = (cdtype, torch.is_grad_enabled())
+        if key not in self._prepared:
+            T, U, W_d, b_d = rein_kernels.prepare(self.get_tokens(-1), *W, cdtype)
+            self._prepared[key] = (T.unbind(0), U.unbind(0), W_d, b_d)
+        Ts, Us, W_d, b_d = self._prepared[key]
+        return Ts[layer], Us[layer], W_d, b_d
 
     def forward(
         self,
@@ -145,21 +185,22 @@ class ReinLayer(nn.Module):
     ) -> Tensor:
         if num_prefix_tokens is None:
             num_prefix_tokens = 1 if has_cls_token else 0
-        T = self.get_tokens(layer)
-        check_inputs(x, T, num_prefix_tokens, batch_first)
-        args = (
-            x, T, self.mlp_token2feat.weight, self.mlp_token2feat.bias,
-            self.mlp_delta_f.weight, self.mlp_delta_f.bias,
-        )
-        kw = dict(batch_first=batch_first, num_prefix_tokens=num_prefix_tokens,
-                  use_softmax=self.use_softmax)
-        cdtype = rein_kernels.compute_dtype(x, list(args[1:]))
+        if not (isinstance(layer, int) and 0 <= layer < self.num_layers):
+            raise IndexError(f"layer index {layer!r} out of range [0, {self.num_layers})")
+        W_d = self.mlp_delta_f.weight
+        check_inputs(x, W_d, num_prefix_tokens, batch_first)
+        params = [*self._token_params(), self.mlp_token2feat.weight, self.mlp_token2feat.bias,
+                  W_d, self.mlp_delta_f.bias]
+        cdtype = rein_kernels.compute_dtype(x, params)
         if self.fused:
             if rein_kernels.is_available(x, cdtype):
-                return rein_kernels.apply_fused(*args, self._scale_tensor(), cdtype, batch_first,
-                                                num_prefix_tokens, self.use_softmax)
+                return rein_kernels.apply_fused(x, *self._operands(layer, cdtype), self._scale_tensor(),
+                                                batch_first, num_prefix_tokens, self.use_softmax)
             _warn_fallback_once(x.device)
-        return rein_layer_reference(*args, self.scale, **kw)
+        return rein_layer_reference(
+            x, self.get_tokens(layer), *params[-4:], self.scale,
+            batch_first=batch_first, num_prefix_tokens=num_prefix_tokens, use_softmax=self.use_softmax,
+        )
 
     def queries(self) -> Tensor:
         """Queries [m, Q] for a query-based head, from the tokens of all layers."""

@@ -5,6 +5,9 @@
         result as ``rein_layer_reference``.
     is_available(x)       whether the kernels can run on x's device.
     check_inputs(...)     the argument checks both paths share.
+    prepare(T, ...), apply_fused(x, ...)
+                          the two halves of rein_layer_fused: the parameter operands
+                          (for one layer or all at once), then the op on them.
 """
 from __future__ import annotations
 
@@ -23,6 +26,8 @@ __all__ = [
     "is_available",
     "check_inputs",
     "compute_dtype",
+    "prepare",
+    "apply_fused",
 ]
 
 
@@ -100,17 +105,27 @@ def rein_layer_fused(
     """
     check_inputs(x, T, num_prefix_tokens, batch_first)
     cdtype = compute_dtype(x, [T, W_t, b_t, W_d, b_d])
-    return apply_fused(x, T, W_t, b_t, W_d, b_d, scale, cdtype, batch_first, num_prefix_tokens, use_softmax)
+    return apply_fused(x, *prepare(T, W_t, b_t, W_d, b_d, cdtype), scale, batch_first,
+                       num_prefix_tokens, use_softmax)
 
 
-def apply_fused(x, T, W_t, b_t, W_d, b_d, scale, cdtype, batch_first, num_prefix_tokens, use_softmax) -> Tensor:
-    """:func:`rein_layer_fused` for inputs already checked, with the compute dtype known
-    (``rein.ReinLayer`` checks once for both of its paths)."""
+def prepare(T: Tensor, W_t: Tensor, b_t: Tensor, W_d: Tensor, b_d: Tensor,
+            cdtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """The parameter operands the kernels read, in the compute dtype: (T, U, W_d, b_d) with
+    U = (T[1:] W_t^T + b_t) W_d^T, the value path folded through ``mlp_delta_f``.
+
+    T is one layer's tokens [m, C] (U is then [m-1, C]) or all L layers' [L, m, C]
+    (U [L, m-1, C]): one batched GEMM and one cast per parameter for a whole forward pass
+    (``rein.ReinLayer.prepared``)."""
+    T, W_t, b_t, W_d, b_d = (t.to(cdtype).contiguous() for t in (T, W_t, b_t, W_d, b_d))
+    U = F.linear(F.linear(T[..., 1:, :], W_t, b_t), W_d).contiguous()
+    return T, U, W_d, b_d
+
+
+def apply_fused(x, T, U, W_d, b_d, scale, batch_first, num_prefix_tokens, use_softmax) -> Tensor:
+    """The fused layer on checked input and :func:`prepare`'d operands of one layer."""
     from .rein_layer import rein_layer_fwd  # triton loads here, after TRITON_INTERPRET is set
 
-    T, W_t, b_t, W_d, b_d = (t.to(cdtype).contiguous() for t in (T, W_t, b_t, W_d, b_d))
-    # U = mlp_token2feat(T[1:]) W_d^T: the value path folded through mlp_delta_f.
-    U = F.linear(F.linear(T[1:], W_t, b_t), W_d).contiguous()
     out, _ = rein_layer_fwd(
         x, T, U, W_d, b_d, scale, num_prefix_tokens, 1 if batch_first else 0, use_softmax
     )

@@ -321,9 +321,22 @@ def _block_m(M: int) -> int:
     return max(16, triton.next_power_of_2(M - 1))
 
 
-def _partials(n: int, device) -> Tensor:
-    # zeros: a config with fewer programs leaves the other slots at 0
-    return torch.zeros(max(n, 1), device=device, dtype=torch.float32)
+_UNREAD: dict[torch.device, Tensor] = {}
+
+
+def _unread_slot(device) -> Tensor:
+    """The forward launches' PARTIAL: a kernel argument they never write or read (only
+    autotuning zeroes it), one per device for the life of the process rather than an
+    allocation per call."""
+    slot = _UNREAD.get(device)
+    if slot is None:
+        slot = _UNREAD[device] = torch.zeros(1, device=device, dtype=torch.float32)
+    return slot
+
+
+def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """t in dtype; the same tensor without a dispatcher call when it already is."""
+    return t if t.dtype == dtype else t.to(dtype)
 
 
 def _path(precision: str) -> str:
@@ -347,8 +360,8 @@ def _launch_logits(x2, g2, S1, seq_dim, T, U, lse, P1, GZ, num_prefix, use_softm
     def grid(meta):
         return (triton.cdiv(R, meta["BLOCK_R"]),)
 
-    if partial is None:  # forward: a slot nobody reads (autotuning zeroes it)
-        partial = _partials(1, x2.device)
+    if partial is None:
+        partial = _unread_slot(x2.device)
     precision = _precision(T.dtype)
     _LOGITS[_path(precision)][grid](
         x2, g, T, U, lse, P1, GZ if backward else P1, partial,
@@ -370,8 +383,8 @@ def _launch_gemm(A, S1, seq_dim, A2, B1, B2, bias, scale, out, num_prefix, x=Non
         return (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_N"]))
 
     xs = x if x is not None else A
-    if partial is None:  # forward: a slot nobody reads (autotuning zeroes it)
-        partial = _partials(1, A.device)
+    if partial is None:
+        partial = _unread_slot(A.device)
     precision = _precision(B2.dtype)
     _GEMM[_path(precision)][grid](
         A, A2, B1, B2, bias if bias is not None else B2, scale, out, xs, partial,
@@ -414,39 +427,45 @@ def _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax
     dx = _new(torch.empty(R, C, device=x.device, dtype=x.dtype))
     P1 = _new(torch.empty(R, M - 1, device=x.device, dtype=T.dtype))
     GZ = _new(torch.empty(R, M, device=x.device, dtype=T.dtype))
-    part_rows = _partials(triton.cdiv(R, _min_block(_LOGITS, "BLOCK_R")), x.device)
-    part_gemm = _partials(triton.cdiv(R, _min_block(_GEMM, "BLOCK_R"))
-                          * triton.cdiv(C, _min_block(_GEMM, "BLOCK_N")), x.device)
+    # The kernels' fp32 dscale shares, one buffer for both launches. Zeros: a config with
+    # fewer programs leaves its other slots at 0.
+    n_rows = triton.cdiv(R, _min_block(_LOGITS, "BLOCK_R"))
+    n_gemm = triton.cdiv(R, _min_block(_GEMM, "BLOCK_R")) * triton.cdiv(C, _min_block(_GEMM, "BLOCK_N"))
+    partials = torch.zeros(n_rows + n_gemm, device=x.device, dtype=torch.float32)
     if R:
-        _launch_logits(x2, g2, S1, sd, T, U, lse, P1, GZ, num_prefix, use_softmax, part_rows)
-        _launch_gemm(g2, S1, sd, GZ, W_d, T, None, scale, dx, num_prefix, x=x2, partial=part_gemm)
+        _launch_logits(x2, g2, S1, sd, T, U, lse, P1, GZ, num_prefix, use_softmax, partials[:n_rows])
+        _launch_gemm(g2, S1, sd, GZ, W_d, T, None, scale, dx, num_prefix, x=x2, partial=partials[n_rows:])
     dx = dx.view(xv.shape)
     if swapped:
         dx = dx.transpose(0, 1)
 
     # Weight gradients: plain GEMMs over all rows, in the compute dtype (T's), as autocast
-    # runs the reference's. Prefix rows are zero in P1 and GZ, and in a copy of g: not
-    # subtracted afterwards, which would cancel badly when prefix tokens are large.
+    # runs the reference's. Prefix rows are zero in P1 and GZ, and are zeroed in G2 (a copy
+    # of g: made by the cast when g is not in the compute dtype), and g_sum sums the refined
+    # rows only: nothing is subtracted afterwards, which would cancel badly when prefix
+    # tokens are large.
     cd = T.dtype
+    G2 = g2.to(cd, copy=True) if num_prefix else _as(g2, cd)
     if num_prefix:
-        g2 = g2.clone()
-        g2.view(xv.shape).narrow(sd, 0, num_prefix).zero_()
-    X2, G2 = x2.to(cd), g2.to(cd)
+        G2.view(xv.shape).narrow(sd, 0, num_prefix).zero_()
+        g_sum = gv.narrow(sd, num_prefix, xv.shape[sd] - num_prefix).sum((0, 1), dtype=torch.float32)
+    else:
+        g_sum = g2.sum(0, dtype=torch.float32)
+    X2 = _as(x2, cd)
     XtG = G2.t() @ X2                                    # [C, C]: sum over refined rows of g_r^T x_r
-    g_sum = g2.sum(0, dtype=torch.float32)
     PtG = P1.t() @ G2                                    # [m-1, C]
     dT = GZ.t() @ X2                                     # [m, C]
-    s = scale.to(torch.float32)
+    s = _as(scale, torch.float32)
     # dscale = <W_d, g^T x> + <U, P1^T g> + <b_d, sum_rows(g)>, from the kernels' fp32
     # shares rather than from XtG and PtG rounded to x's dtype.
-    dscale = part_gemm.sum() + part_rows.sum() + (b_d.float() * g_sum).sum()
+    dscale = partials.sum() + torch.dot(_as(b_d, torch.float32), g_sum)
     return (
         dx,
-        (s * dT.float()).to(T.dtype),
-        (s * PtG.float()).to(U.dtype),
-        (s * XtG.float()).to(W_d.dtype),
-        (s * g_sum).to(b_d.dtype),
-        dscale.to(scale.dtype),
+        _as(s * _as(dT, torch.float32), T.dtype),
+        _as(s * _as(PtG, torch.float32), U.dtype),
+        _as(s * _as(XtG, torch.float32), W_d.dtype),
+        _as(s * g_sum, b_d.dtype),
+        _as(dscale, scale.dtype),
     )
 
 
@@ -492,6 +511,10 @@ def _setup_context(ctx, inputs, output):
     x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax = inputs
     ctx.save_for_backward(x, T, U, W_d, b_d, scale, output[1])
     ctx.args = (num_prefix, seq_dim, use_softmax)
+    # lse is the op's own residual, not a result: it takes no gradient, and autograd
+    # materialises no zeros for it
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
 
 
 def _autograd_backward(ctx, g, _g_lse):

@@ -23,7 +23,7 @@ def test_embed_dim_mismatch(layer):
         layer(torch.randn(4, 2, 15, device=DEVICE), 0)
 
 
-@pytest.mark.parametrize("idx", [3, -2, 1.0])
+@pytest.mark.parametrize("idx", [3, -1, -2, 1.0])
 def test_layer_index_out_of_range(layer, idx):
     with pytest.raises(IndexError, match=r"out of range \[0, 3\)"):
         layer(torch.randn(4, 2, 16, device=DEVICE), idx)

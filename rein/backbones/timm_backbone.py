@@ -16,6 +16,7 @@ Layouts handled by the hooks:
 """
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 from collections.abc import Mapping, Sequence
@@ -229,10 +230,11 @@ class ReinBackbone(nn.Module):
             raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
         H, W = images.shape[-2:]
         unique = sorted(set(self.out_indices))
-        maps = self.backbone.forward_intermediates(
-            images, indices=unique, norm=False, stop_early=True,
-            output_fmt="NCHW", intermediates_only=True,
-        )
+        with self._rein_prepared():
+            maps = self.backbone.forward_intermediates(
+                images, indices=unique, norm=False, stop_early=True,
+                output_fmt="NCHW", intermediates_only=True,
+            )
         by_index = dict(zip(unique, maps))
         features = []
         for level, idx in enumerate(self.out_indices):
@@ -243,6 +245,22 @@ class ReinBackbone(nn.Module):
             features.append(f)
         q = self.queries()
         return (features, q) if q is not None else features
+
+    def _rein_prepared(self) -> contextlib.AbstractContextManager:
+        """Rein's operands formed once for the whole pass (``ReinLayer.prepared``), except
+        under activation checkpointing, whose recomputation of a block must repeat that
+        block's own ops, and inside torch.compile, which finds the common work itself."""
+        if torch.compiler.is_compiling() or self._checkpointing():
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        for layer in (self.rein if isinstance(self.rein, nn.ModuleList) else [self.rein]):
+            stack.enter_context(layer.prepared())
+        return stack
+
+    def _checkpointing(self) -> bool:
+        if self.family == "convnext":
+            return any(getattr(stage, "grad_checkpointing", False) for stage in self.backbone.stages)
+        return bool(getattr(self.backbone, "grad_checkpointing", False))
 
     # ------------------------------------------------------------------ training state
 

@@ -29,7 +29,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from mutants import MUTANTS  # noqa: E402
 
 TESTS = ["tests/test_parity.py", "tests/test_math.py", "tests/test_layer.py", "tests/test_autocast.py",
-         "tests/test_addressing.py", "tests/test_compile.py", "tests/test_bad_input.py"]
+         "tests/test_addressing.py", "tests/test_compile.py", "tests/test_bad_input.py", "tests/test_prepared.py"]
 
 
 def validate(mutants) -> None:
