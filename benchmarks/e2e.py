@@ -46,14 +46,31 @@ class TrainStep:
         feats, _ = self.model(images)
         return self.head(feats)
 
-    def __call__(self):
+    def loss(self):
         ctx = torch.autocast(self.device, dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
         with ctx:
-            loss = self.head.loss(self.forward(self.images), self.labels)
+            return self.head.loss(self.forward(self.images), self.labels)
+
+    def __call__(self):
+        loss = self.loss()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         return loss
+
+
+def held_after_forward_mb(step: TrainStep, device: str) -> float | None:
+    """Memory a forward leaves allocated for its backward (activations, casts), MiB: with
+    the peak, it tells saved tensors from backward transients. None on a CPU."""
+    if device != "cuda":
+        return None
+    torch.cuda.synchronize()
+    base = torch.cuda.memory_allocated()
+    loss = step.loss()
+    torch.cuda.synchronize()
+    held = torch.cuda.memory_allocated() - base
+    del loss
+    return held / 2**20
 
 
 def measure(fused: bool, dtype: str, device: str, provider: str | None = None, **kw) -> dict:
@@ -62,7 +79,8 @@ def measure(fused: bool, dtype: str, device: str, provider: str | None = None, *
     # a training step takes a few hundred ms: a longer warm-up and window than one layer
     row = dict(provider=provider or ("fused" if fused else "eager"), dtype=dtype,
                median_ms=median_ms(step, device, warmup_ms=1000, rep_ms=3000, cpu_runs=5),
-               peak_mem_mb=peak_mem_mb(step, device, relative=False))
+               peak_mem_mb=peak_mem_mb(step, device, relative=False),
+               held_after_forward_mb=held_after_forward_mb(step, device))
     row["median_ms_repeat"] = median_ms(step, device, warmup_ms=1000, rep_ms=3000, cpu_runs=5)
     del step
     if device == "cuda":

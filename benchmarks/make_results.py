@@ -120,9 +120,10 @@ def main() -> None:
         out += run_table(run) + [""]
         if run.get("e2e"):
             out += ["End-to-end training step (DINOv2 ViT-L/16, 512², batch 4, light head, AdamW):", "",
-                    "| dtype | provider | step ms | peak MB |", "|---|---|---|---|"]
+                    "| dtype | provider | step ms | peak MB | held after forward MB |", "|---|---|---|---|---|"]
             out += [f"| {r.get('dtype')} | {r.get('provider')} | {_fmt(r.get('median_ms'))} | "
-                    f"{_fmt(r.get('peak_mem_mb'), '.0f')} |" for r in run["e2e"]]
+                    f"{_fmt(r.get('peak_mem_mb'), '.0f')} | {_fmt(r.get('held_after_forward_mb'), '.0f')} |"
+                    for r in run["e2e"]]
             out += [""]
         if i == 0 and plot(run, HERE / "speedup.png"):
             out += ["![fused speed-up per workload](speedup.png)", ""]
