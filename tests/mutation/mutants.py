@@ -163,8 +163,8 @@ MUTANTS = [
         (R, "attn = attn * (T.shape[-1] ** -0.5)", "attn = attn * (T.shape[-1] ** -0.25)")],
         "the same wrong temperature in the reference and the kernels"),
     both("both-no-token-bias", [
-        (I, "U = F.linear(F.linear(T[1:], W_t, b_t), W_d).contiguous()",
-         "U = F.linear(F.linear(T[1:], W_t), W_d).contiguous()"),
+        (I, "U = F.linear(F.linear(T[..., 1:, :], W_t, b_t), W_d).contiguous()",
+         "U = F.linear(F.linear(T[..., 1:, :], W_t), W_d).contiguous()"),
         (R, 'F.linear(T[1:, :], W_t, b_t))', 'F.linear(T[1:, :], W_t))')],
         "mlp_token2feat's bias dropped in the reference and the kernels"),
 ]
