@@ -169,13 +169,29 @@ def _num_masks_worker(rank, path):
     import torch.distributed as dist
 
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
-    head = Mask2FormerHead([48] * 4, 19, **SMALL)
-    labels = [torch.arange(3), torch.arange(0)] if rank == 0 else [torch.arange(1), torch.arange(0)]
-    n = head.criterion.get_num_masks(labels, torch.device("cpu"))
-    dist.destroy_process_group()
-    assert n.item() == 2.0, n  # (3 + 1) / 2, on both processes
+    try:
+        head = Mask2FormerHead([48] * 4, 19, **SMALL)
+        labels = [torch.arange(3), torch.arange(0)] if rank == 0 else [torch.arange(1), torch.arange(0)]
+        n = head.criterion.get_num_masks(labels, torch.device("cpu"))
+        assert n.item() == 2.0, n  # (3 + 1) / 2, on both processes
+
+        # one all-reduce per loss call, not one per prediction (transformers' default)
+        reduced, real = [], dist.all_reduce
+        dist.all_reduce = lambda t, *a, **k: reduced.append(t.clone()) or real(t, *a, **k)
+        torch.manual_seed(rank)
+        feats = [torch.randn(1, 48, s, s) for s in (16, 8, 4, 2)]
+        out = head(feats, torch.randn(7, SMALL["query_dims"]))
+        lbl = torch.randint(0, 3 + rank, (1, 64, 64))
+        head.loss(out, lbl).backward()
+        dist.all_reduce = real
+        assert len(out["class_logits"]) == SMALL["decoder_layers"] + 1 > 2
+        assert len(reduced) == 1 and reduced[0].item() == len(torch.unique(lbl)), reduced
+        assert head.criterion._num_masks is None  # nothing kept for the next call
+    finally:
+        dist.destroy_process_group()
 
 
 def test_number_of_masks_is_averaged_over_processes(tmp_path):
-    """mmdet's reduce_mean of the mask count (transformers does it only through accelerate)."""
+    """mmdet's reduce_mean of the mask count (transformers does it only through accelerate),
+    once per loss call."""
     torch.multiprocessing.spawn(_num_masks_worker, args=(str(tmp_path / "pg"),), nprocs=2)

@@ -98,9 +98,27 @@ class _ReinQueryDecoder(Mask2FormerTransformerModule):
 
 class _Criterion(Mask2FormerLoss):
     """transformers' Mask2FormerLoss, with the number of masks averaged over the processes
-    by torch.distributed (transformers does it only through accelerate), as mmdet does."""
+    by torch.distributed (transformers does it only through accelerate), as mmdet does:
+    once per loss call, where transformers' forward would form it again for each of the
+    auxiliary predictions (an all-reduce each)."""
+
+    _num_masks: Tensor | None = None  # the count of the call in progress
+
+    def forward(self, masks_queries_logits, class_queries_logits, mask_labels, class_labels,
+                auxiliary_predictions=None):
+        outer = self._num_masks is None
+        if outer:
+            self._num_masks = self.get_num_masks(class_labels, class_labels[0].device)
+        try:
+            return super().forward(masks_queries_logits, class_queries_logits, mask_labels, class_labels,
+                                   auxiliary_predictions=auxiliary_predictions)
+        finally:
+            if outer:
+                self._num_masks = None
 
     def get_num_masks(self, class_labels, device) -> Tensor:
+        if self._num_masks is not None:
+            return self._num_masks
         n = torch.tensor(float(sum(len(c) for c in class_labels)), device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(n)
