@@ -87,6 +87,8 @@ def _images(spec: list[str], out: Path) -> list[tuple[Path, str]]:
                            and out not in f.resolve().parents)
             files += [(f, f.relative_to(p).with_suffix("").as_posix()) for f in found]
         elif p.is_file():
+            if p.suffix.lower() not in IMAGE_SUFFIXES:
+                raise DataError(f"--images {s}: not an image file (expected {', '.join(sorted(IMAGE_SUFFIXES))})")
             files.append((p, p.stem))
         else:
             raise DataError(f"--images {s}: no such file or folder")

@@ -117,3 +117,13 @@ def test_predict_missing_checkpoint(tmp_path, capsys):
                  str(tmp_path / "o"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert f"--checkpoint {tmp_path / 'none.pth'} does not exist" in err and len(err.strip().splitlines()) == 1
+
+
+def test_predict_names_a_non_image_before_loading_any_model(tmp_path, capsys):
+    """A named file that is not an image is reported at once, not after the model loaded
+    (the checkpoint here does not even exist)."""
+    (tmp_path / "notes.txt").write_text("not a picture")
+    assert main(["--checkpoint", str(tmp_path / "none.pth"), "--images", str(tmp_path / "notes.txt"),
+                 "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
+    err = capsys.readouterr().err
+    assert "notes.txt: not an image file (expected .bmp" in err and len(err.strip().splitlines()) == 1
