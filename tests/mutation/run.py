@@ -10,7 +10,10 @@ AssertionError (the goal), "error" when a test raised something else, "crash" wh
 pytest itself died (a segfault: a bug caught only by luck). Exits non-zero when the
 share caught by an assertion is under --goal (0.95), or when a file could not be
 restored. It refuses to start on files with uncommitted changes, so that reverting by
-text can never lose work.
+text can never lose work. Hypothesis runs with CI's derandomised draws (unless
+HYPOTHESIS_PROFILE says otherwise): with fresh draws, an example one mutant's run
+found would be replayed from hypothesis' database in the next runs, and a rare
+marginal fp16 draw could then be credited with catching mutants it has nothing to do with.
 """
 from __future__ import annotations
 
@@ -76,7 +79,8 @@ def run_one(mu, tests, timeout) -> dict:
                     [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
                      f"--junitxml={junit}", *tests],
                     cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                    env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1"))
+                    env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1",
+                             HYPOTHESIS_PROFILE=os.environ.get("HYPOTHESIS_PROFILE", "ci")))
                 outcome, detail = classify(proc.returncode, junit)
                 if outcome == "crash":
                     detail += ": " + (proc.stdout + proc.stderr).strip()[-300:].replace("\n", " | ")
