@@ -118,7 +118,10 @@ def prepare(T: Tensor, W_t: Tensor, b_t: Tensor, W_d: Tensor, b_d: Tensor,
     (U [L, m-1, C]): one batched GEMM and one cast per parameter for a whole forward pass
     (``rein.ReinLayer.prepared``)."""
     T, W_t, b_t, W_d, b_d = (t.to(cdtype).contiguous() for t in (T, W_t, b_t, W_d, b_d))
-    U = F.linear(F.linear(T[..., 1:, :], W_t, b_t), W_d).contiguous()
+    # Formed for all m tokens and then sliced: the rows of one contiguous product, so that
+    # every layer's U is contiguous and no copy of the sliced tokens (a [L, m-1, C] matmul
+    # operand) is made and saved; the null token's row costs 1/m more GEMM work.
+    U = F.linear(F.linear(T, W_t, b_t), W_d)[..., 1:, :]
     return T, U, W_d, b_d
 
 

@@ -135,10 +135,10 @@ MUTANTS = [
     m("bwd-autocast-guard", K, "    with torch.autocast(x.device.type, enabled=False):\n        return _backward(",
       "    if True:\n        return _backward(", "backward recast by an enclosing autocast region"),
     # ---- functional layer, module, reference
-    m("u-from-wrong-tokens", I, "U = F.linear(F.linear(T[..., 1:, :], W_t, b_t), W_d).contiguous()",
-      "U = F.linear(F.linear(T[..., :-1, :], W_t, b_t), W_d).contiguous()", "U from the wrong tokens"),
-    m("u-no-bias", I, "U = F.linear(F.linear(T[..., 1:, :], W_t, b_t), W_d).contiguous()",
-      "U = F.linear(F.linear(T[..., 1:, :], W_t), W_d).contiguous()", "mlp_token2feat's bias dropped"),
+    m("u-from-wrong-tokens", I, "U = F.linear(F.linear(T, W_t, b_t), W_d)[..., 1:, :]",
+      "U = F.linear(F.linear(T, W_t, b_t), W_d)[..., :-1, :]", "U from the wrong tokens"),
+    m("u-no-bias", I, "U = F.linear(F.linear(T, W_t, b_t), W_d)[..., 1:, :]",
+      "U = F.linear(F.linear(T, W_t), W_d)[..., 1:, :]", "mlp_token2feat's bias dropped"),
     m("prepared-wrong-layer", L, "return Ts[layer], Us[layer], W_d, b_d", "return Ts[layer], Us[layer - 1], W_d, b_d",
       "prepared(): a layer takes another layer's U"),
     m("prepared-ignores-grad-mode", L, "key = (cdtype, torch.is_grad_enabled())", "key = cdtype",
@@ -163,8 +163,8 @@ MUTANTS = [
         (R, "attn = attn * (T.shape[-1] ** -0.5)", "attn = attn * (T.shape[-1] ** -0.25)")],
         "the same wrong temperature in the reference and the kernels"),
     both("both-no-token-bias", [
-        (I, "U = F.linear(F.linear(T[..., 1:, :], W_t, b_t), W_d).contiguous()",
-         "U = F.linear(F.linear(T[..., 1:, :], W_t), W_d).contiguous()"),
+        (I, "U = F.linear(F.linear(T, W_t, b_t), W_d)[..., 1:, :]",
+         "U = F.linear(F.linear(T, W_t), W_d)[..., 1:, :]"),
         (R, 'F.linear(T[1:, :], W_t, b_t))', 'F.linear(T[1:, :], W_t))')],
         "mlp_token2feat's bias dropped in the reference and the kernels"),
 ]
