@@ -59,8 +59,9 @@ def test_prepared_matches_per_call(lora_dim, dtype):
     def close(a, b, msg):
         if dtype is None:
             torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6, msg=msg)
-        else:
-            torch.testing.assert_close(a, b, rtol=0, atol=5e-3 * b.abs().max().item(), msg=msg)
+        else:  # a sum of ~2L terms rounded in fp16 (11 bits) or, natively, bf16 (8 bits)
+            rel = 5e-3 if dtype == torch.float16 else 3e-2
+            torch.testing.assert_close(a, b, rtol=0, atol=rel * b.abs().max().item(), msg=msg)
 
     close(out1, out0, "out")
     close(dx1, dx0, "dx")
