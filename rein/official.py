@@ -128,6 +128,11 @@ def _check_fits(state: Mapping[str, Tensor], module: torch.nn.Module, what: str)
         raise ValueError(f"the official checkpoint's {what} does not fit this model; " + "; ".join(problems))
 
 
+# How errors name load_official_checkpoint's inputs when it builds the model.
+_API_NAMES = {"checkpoint": "checkpoint", "backbone_checkpoint": "backbone_checkpoint",
+              "backbone": "backbone_name", "crop": "crop"}
+
+
 def load_official_checkpoint(path_or_state, backbone=None, head=None, load_backbone: bool = True, *,
                              backbone_checkpoint: str | None = None, backbone_name: str = "vit_large_patch14_dinov2",
                              crop: int = 512, device=None, fused: bool = True):
@@ -153,7 +158,7 @@ def load_official_checkpoint(path_or_state, backbone=None, head=None, load_backb
 
         dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         return load_model(str(path_or_state), backbone_checkpoint, dev, fused,
-                          official=dict(backbone=backbone_name, crop=crop))[0]
+                          official=dict(backbone=backbone_name, crop=crop), names=_API_NAMES)[0]
     if backbone is None or head is None:
         raise TypeError("load_official_checkpoint: give both backbone and head, or neither (to build the model)")
     from .backbones.timm_backbone import load_timm_checkpoint

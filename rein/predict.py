@@ -118,13 +118,19 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
                     help="Rein's Triton kernels where they can run (default) or the PyTorch reference")
 
 
+# How load_model's errors name its inputs: the flags of rein.predict / rein.evaluate.
+FLAG_NAMES = {"checkpoint": "--checkpoint", "backbone_checkpoint": "--backbone-checkpoint",
+              "backbone": "--backbone", "crop": "--crop"}
+
+
 def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.device, fused: bool,
-               official: dict | None = None):
+               official: dict | None = None, names: dict | None = None):
     """The trained model (backbone + Rein + head) and its configuration, from a checkpoint
     ``rein.train`` wrote or, when ``official`` is given (``{"backbone": timm name, "crop":
     ...}``), also from an official Rein checkpoint: the recipe's model (Mask2Former head,
     official weight conversion) with that backbone. ``fused``: Rein's kernels where they
-    can run on ``device``."""
+    can run on ``device``. Errors (UsageError) name the inputs as ``names`` does (default
+    ``FLAG_NAMES``; the Python API passes its argument names)."""
     import rein_kernels
 
     from .checkpoints import load_tensors
@@ -132,16 +138,17 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
     from .train.config import RECIPE, UsageError, backfill, check_backbone
     from .train.loop import build_model
 
+    n = {**FLAG_NAMES, **(names or {})}
     path = Path(checkpoint)
     if path.is_dir():
         hint = f"; did you mean {path / 'checkpoint.pth'}?" if (path / "checkpoint.pth").is_file() else ""
-        raise UsageError(f"--checkpoint {path} is a folder, not a checkpoint file{hint}")
+        raise UsageError(f"{n['checkpoint']} {path} is a folder, not a checkpoint file{hint}")
     if not path.is_file():
-        raise UsageError(f"--checkpoint {path} does not exist")
+        raise UsageError(f"{n['checkpoint']} {path} does not exist")
     try:
         ck = load_tensors(path)
     except ValueError as e:
-        raise UsageError(f"--checkpoint {path}: {e}") from None
+        raise UsageError(f"{n['checkpoint']} {path}: {e}") from None
     is_ours = isinstance(ck, dict) and {"config", "rein", "head"} <= set(ck)
     if is_ours:
         config = backfill(ck["config"])
@@ -150,33 +157,33 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
             state = official_state(ck)
             has_backbone = bool(convert_official_state_dict(state)["backbone"])
         except ValueError as e:
-            raise UsageError(f"--checkpoint {path}: neither a rein.train checkpoint nor an official Rein one ({e})") \
+            raise UsageError(f"{n['checkpoint']} {path}: neither a rein.train checkpoint nor an official Rein one ({e})") \
                 from None
         if backbone_checkpoint is None and not has_backbone:
-            raise UsageError(f"--checkpoint {path} is an official Rein checkpoint without the frozen backbone: "
-                             "pass its weights with --backbone-checkpoint (e.g. dinov2_vitl14_pretrain.pth)")
-        check_backbone(official["backbone"], RECIPE["patch_size"], official["crop"])
-        # the frozen backbone from --backbone-checkpoint, or from the file already read
+            raise UsageError(f"{n['checkpoint']} {path} is an official Rein checkpoint without the frozen backbone: "
+                             f"pass its weights with {n['backbone_checkpoint']} (e.g. dinov2_vitl14_pretrain.pth)")
+        check_backbone(official["backbone"], RECIPE["patch_size"], official["crop"], n)
+        # the frozen backbone from backbone_checkpoint, or from the file already read
         config = dict(backbone=official["backbone"], crop=official["crop"], patch_size=RECIPE["patch_size"],
                       head="mask2former", head_kwargs={}, timm_kwargs={}, conversion="official", seed=0,
                       checkpoint=None)
     else:
-        raise UsageError(f"--checkpoint {path} is not a checkpoint rein.train wrote")
+        raise UsageError(f"{n['checkpoint']} {path} is not a checkpoint rein.train wrote")
     if backbone_checkpoint is not None:
         if not Path(backbone_checkpoint).is_file():
-            raise UsageError(f"--backbone-checkpoint {backbone_checkpoint} does not exist (or is not a file)")
+            raise UsageError(f"{n['backbone_checkpoint']} {backbone_checkpoint} does not exist (or is not a file)")
         config["checkpoint"] = backbone_checkpoint
     if config.get("checkpoint") and not Path(config["checkpoint"]).is_file():
         raise UsageError(f"the run's backbone weights {config['checkpoint']} are missing: pass them with "
-                         "--backbone-checkpoint")
+                         f"{n['backbone_checkpoint']}")
     config["fused"] = fused and rein_kernels.is_available(torch.empty(0, device=device))
     config["init_from_official"] = None  # Rein and the head come from the checkpoint itself
     args = argparse.Namespace(**config)
     try:
-        model = build_model(args, device, checkpoint_flag="--backbone-checkpoint" if backbone_checkpoint else
+        model = build_model(args, device, checkpoint_flag=n["backbone_checkpoint"] if backbone_checkpoint else
                             "the run's backbone --checkpoint")
     except UsageError as e:
-        raise UsageError(f"{e}{'' if is_ours else _other_backbone_hint(state, official['backbone'])}") from None
+        raise UsageError(f"{e}{'' if is_ours else _other_backbone_hint(state, official['backbone'], n)}") from None
     try:
         if is_ours:
             model.backbone.load_rein_state_dict({k: v.to(device) for k, v in ck["rein"].items()})
@@ -184,19 +191,19 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
         else:
             load_official_checkpoint(state, model.backbone, model.head, load_backbone=backbone_checkpoint is None)
     except (ValueError, RuntimeError) as e:
-        hint = "" if is_ours else _other_backbone_hint(state, official["backbone"])
-        raise UsageError(f"--checkpoint {path} does not fit the model it describes: {e}{hint}") from None
+        hint = "" if is_ours else _other_backbone_hint(state, official["backbone"], n)
+        raise UsageError(f"{n['checkpoint']} {path} does not fit the model it describes: {e}{hint}") from None
     return model.eval(), args
 
 
-def _other_backbone_hint(state: dict, backbone: str) -> str:
+def _other_backbone_hint(state: dict, backbone: str, n: dict) -> str:
     """For an official checkpoint that does not fit: the size of the ViT its Rein was
-    trained on (from its tokens), so that the user can pick --backbone."""
+    trained on (from its tokens), so that the user can pick the backbone."""
     b = state.get("backbone.reins.learnable_tokens_b", state.get("backbone.reins.learnable_tokens"))
     if b is None or b.dim() != 3:
         return ""
     return (f". Its Rein refines a {b.shape[0]}-block, {b.shape[-1]}-wide backbone: if {backbone} is not that, "
-            "pass the right one with --backbone")
+            f"pass the right one with {n['backbone']}")
 
 
 def main(argv=None) -> int:

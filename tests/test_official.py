@@ -189,3 +189,24 @@ def test_mmengine_file_with_frozen_backbone_is_split(tmp_path):
     parts = convert_official_state_dict(read_official_checkpoint(tmp_path / "full.pth"))
     assert list(parts["backbone"]) == ["blocks.0.norm1.weight"]
     assert len(parts["rein"]) == 11 and len(parts["head"]) == 292 + 9 * 4  # q/k/v split: 2 keys -> 6 per layer
+
+
+def test_building_from_python_names_the_arguments_not_the_flags(tmp_path):
+    """rein.load_official_checkpoint(file, ...) reports bad input in its own keyword
+    arguments' names; the command lines (same checks) name their flags."""
+    import rein
+
+    def fails(*args, says, **kw):
+        with pytest.raises(ValueError) as e:
+            rein.load_official_checkpoint(*args, device="cpu", **kw)
+        assert says in str(e.value) and "--" not in str(e.value), str(e.value)
+
+    fails(tmp_path / "none.pth", says=f"checkpoint {tmp_path / 'none.pth'} does not exist")
+    torch.save({"state_dict": random_official_state()}, tmp_path / "rein_head.pth")
+    fails(tmp_path / "rein_head.pth", says="pass its weights with backbone_checkpoint (e.g.")
+    fails(tmp_path / "rein_head.pth", backbone_checkpoint=str(tmp_path / "nope.pth"),
+          says=f"backbone_checkpoint {tmp_path / 'nope.pth'} does not exist")
+    fails(tmp_path / "rein_head.pth", backbone_checkpoint=str(tmp_path / "rein_head.pth"), backbone_name="vit_nope",
+          says="backbone_name 'vit_nope' is not a timm model name")
+    fails(tmp_path / "rein_head.pth", backbone_checkpoint=str(tmp_path / "rein_head.pth"), crop=500,
+          says="crop 500 is not a multiple of the backbone's 16-pixel patch; e.g. crop 496")

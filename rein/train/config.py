@@ -117,20 +117,23 @@ def device_from_flag(flag: str | None) -> torch.device:
     return device
 
 
-def check_backbone(name: str, patch_size: int, crop: int) -> None:
-    """--backbone is a timm model name and --crop a multiple of its patch (or stride)."""
+def check_backbone(name: str, patch_size: int, crop: int, names: dict | None = None) -> None:
+    """--backbone is a timm model name and --crop a multiple of its patch (or stride).
+    ``names``: what the caller calls "backbone" and "crop" (default: the flags)."""
     import timm
+
+    n = {"backbone": "--backbone", "crop": "--crop", **(names or {})}
 
     if not timm.is_model(name):
         import difflib
 
         near = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(near)}?)" if near else " (see timm.list_models())"
-        raise UsageError(f"--backbone {name!r} is not a timm model name{hint}")
+        raise UsageError(f"{n['backbone']} {name!r} is not a timm model name{hint}")
     stride = 32 if name.startswith("convnext") else patch_size
     if crop < stride or crop % stride:
-        raise UsageError(f"--crop {crop} is not a multiple of the backbone's {stride}-pixel "
-                         f"{'stride' if stride == 32 else 'patch'}; e.g. --crop {max(stride, crop // stride * stride)}")
+        raise UsageError(f"{n['crop']} {crop} is not a multiple of the backbone's {stride}-pixel "
+                         f"{'stride' if stride == 32 else 'patch'}; e.g. {n['crop']} {max(stride, crop // stride * stride)}")
 
 
 def validate(args) -> None:
