@@ -31,7 +31,7 @@ def gtav(tmp_path_factory):
 
 @pytest.mark.parametrize("workers", [1, 2])
 def test_loader_images_per_second(benchmark, gtav, workers):
-    ds = FolderDataset("gtav", gtav, "train")
+    ds = FolderDataset("gtav", gtav, "train", uint8=True)  # as rein.train reads a training split
     batches = TrainBatches(ds, BATCH, 512, seed=0)
 
     def epoch():

@@ -286,3 +286,21 @@ def test_gtav_accepts_the_official_train_id_labels(tmp_path):
     ds.check()
     assert ds.pairs[0][1].name == "00000_labelTrainIds.png" and ds.pairs[1][1].name == "00001.png"
     assert ds[0][1][0, :8].tolist() == ds[1][1][0, :8].tolist() == EXPECTED["gtav"]
+
+
+def test_training_batches_from_uint8_pixels_equal_the_float_path(tmp_path):
+    """The training split is read as uint8 pixels (no float round trip before the uint8
+    augmentation); its batches are bit for bit those built from float images."""
+    from rein.train.data import TrainBatches
+    from rein.train.loop import datasets_from
+
+    roots = make_fixtures(tmp_path)
+    train, val = datasets_from([(f"gtav={roots['gtav']}", "train", "--source"),
+                                (f"cityscapes={roots['cityscapes']}", "val", "--target")])
+    assert train.uint8 and train[0][0].dtype == torch.uint8
+    assert not val.uint8 and val[0][0].dtype == torch.float32
+    as_float = FolderDataset("gtav", roots["gtav"], "train")
+    for it in range(3):
+        a, b = TrainBatches(train, 2, 32, seed=5)[it], TrainBatches(as_float, 2, 32, seed=5)[it]
+        assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), it
+    assert torch.equal(train[0][0].float() / 255, as_float[0][0])

@@ -136,8 +136,9 @@ def _pairs(kind: str, root: Path, split: str) -> list[tuple[Path, Path]]:
     return pairs
 
 
-def read_image(path: Path, kind: str = "image", half: bool = False) -> Tensor:
-    """An RGB image file as a float tensor [3, H, W] in [0, 1]; a file that cannot be decoded
+def read_image(path: Path, kind: str = "image", half: bool = False, uint8: bool = False) -> Tensor:
+    """An RGB image file as a float tensor [3, H, W] in [0, 1] (``uint8``: its pixels as
+    decoded, [3, H, W] uint8); a file that cannot be decoded
     (truncated, corrupt, not an image) raises DataError naming it. Decoded by PIL:
     torchvision.io was 15% faster on a 1914x1052 GTAV-sized PNG (29 vs 34 ms, the same
     pixels) but is deprecated since torchvision 0.29; the loader's worker processes hide
@@ -149,19 +150,22 @@ def read_image(path: Path, kind: str = "image", half: bool = False) -> Tensor:
             im = im.convert("RGB")
             if half:  # as the official mapillary_resize.py: PIL bicubic to (W // 2, H // 2)
                 im = im.resize((im.width // 2, im.height // 2), Image.BICUBIC)
-            arr = np.asarray(im)
+            arr = np.array(im)
     except (OSError, ValueError, SyntaxError) as e:
         raise DataError(f"{kind}: cannot read image {path} ({e}); replace or remove the file") from None
-    return torch.from_numpy(arr.copy()).permute(2, 0, 1).float() / 255
+    pixels = torch.from_numpy(arr).permute(2, 0, 1)
+    return pixels if uint8 else pixels.float() / 255
 
 
 class FolderDataset:
-    """A real dataset on disk; items are (image [3, H, W] float in [0, 1], label [H, W] long)."""
+    """A real dataset on disk; items are (image [3, H, W] float in [0, 1], label [H, W] long),
+    or with ``uint8`` the image's pixels as decoded ([3, H, W] uint8: what the training
+    pipeline works on, without a round trip through floats)."""
 
-    def __init__(self, kind: str, root: str | os.PathLike, split: str):
+    def __init__(self, kind: str, root: str | os.PathLike, split: str, uint8: bool = False):
         from PIL import Image  # noqa: F401  (pillow is needed; fail here, not mid-training)
 
-        self.kind, self.root, self.split = kind, Path(root), split
+        self.kind, self.root, self.split, self.uint8 = kind, Path(root), split, uint8
         self.pairs = _pairs(kind, self.root, split)
         self.lut = LUTS[kind]
         self.name = kind
@@ -212,7 +216,7 @@ class FolderDataset:
 
     def __getitem__(self, i: int) -> tuple[Tensor, Tensor]:
         img_path, lbl_path = self.pairs[i]
-        img = read_image(img_path, self.kind, self.half)
+        img = read_image(img_path, self.kind, self.half, self.uint8)
         lbl = torch.from_numpy(self._label(lbl_path))
         if img.shape[-2:] != lbl.shape:
             raise DataError(f"{self.kind}: image {img_path} and label {lbl_path} differ in size")
@@ -425,11 +429,12 @@ def augment_official(img: Tensor, lbl: Tensor, crop: int, gen: torch.Generator) 
     with the long edge at most 4 x crop (2048 for 512; bilinear image, nearest label), a
     crop x crop random crop with cat_max_ratio 0.75, horizontal flip with probability 1/2,
     PhotoMetricDistortion; then padded to crop x crop (image: the mean colour, 0 once
-    normalised; label 255), as the data preprocessor does. Works on uint8 pixels, as mmseg."""
+    normalised; label 255), as the data preprocessor does. Works on uint8 pixels, as mmseg:
+    ``img`` is [3, H, W], uint8 or float in [0, 1]."""
     import cv2
 
     rng = np.random.default_rng(int(torch.randint(0, 2**62, (), generator=gen)))
-    im = to_uint8(img)
+    im = img.permute(1, 2, 0).numpy() if img.dtype == torch.uint8 else to_uint8(img)
     lb = lbl.numpy().astype(np.uint8)
     scales = official_scales(crop)
     h, w = lb.shape

@@ -45,9 +45,10 @@ def _kind_and_path(spec: str, flag: str) -> tuple[str, str]:
 
 def datasets_from(specs: list[tuple[str, str, str]]) -> list[FolderDataset]:
     """Datasets from (``KIND=PATH``, split, flag) triples, checked on disk: every spec is
-    parsed before any folder is looked at."""
+    parsed before any folder is looked at. Training splits give uint8 pixels (what the
+    training pipeline works on), the others float images."""
     parsed = [(*_kind_and_path(spec, flag), split) for spec, split, flag in specs]
-    datasets = [FolderDataset(*p) for p in parsed]
+    datasets = [FolderDataset(*p, uint8=p[-1] == "train") for p in parsed]
     for d in datasets:
         d.check()
     return datasets
