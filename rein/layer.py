@@ -9,6 +9,7 @@ reference path.
 from __future__ import annotations
 
 import contextlib
+import contextvars
 import math
 import warnings
 
@@ -20,6 +21,21 @@ import rein_kernels
 from rein_kernels import check_inputs, rein_layer_reference, rein_queries_reference
 
 _warned_fallback: set[str] = set()
+
+# The fused path's operands of the ReinLayers whose ``prepared()`` block is open in this
+# thread (or task): {id(layer): {(compute dtype, grad mode): operands}}. A context variable,
+# so threads sharing a module never see each other's blocks.
+_PREPARED: contextvars.ContextVar[dict | None] = contextvars.ContextVar("rein_prepared", default=None)
+
+
+def _saved_tensor_hooks_active() -> bool:
+    """True inside activation checkpointing (non-reentrant: torch.utils.checkpoint, timm's,
+    checkpoint_wrapper) or other saved-tensor hooks. A checkpointed block's ops are replayed
+    in the backward, outside any ``prepared()`` block, and must repeat the forward's: there
+    every layer forms its own operands, in the forward and in the replay alike. (torch's
+    own checkpoint code asks the same private question.)"""
+    top = getattr(torch._C._autograd, "_top_saved_tensors_default_hooks", None)
+    return top is not None and top(False) is not None
 
 
 def _warn_fallback_once(device: torch.device) -> None:
@@ -103,8 +119,6 @@ class ReinLayer(nn.Module):
             self.merge.requires_grad_(False)
         # A constant 1 as a tensor for the kernels; not part of the state_dict.
         self.register_buffer("_scale_one", torch.tensor(1.0), persistent=False)
-        # The fused path's operands of all layers while ``prepared()`` is open, else None.
-        self._prepared: dict | None = None
         if zero_mlp_delta_f:
             del self.scale
             self.scale = 1.0
@@ -154,25 +168,30 @@ class ReinLayer(nn.Module):
 
         One forward pass per ``with``: the operands' autograd graph is shared by its layers,
         so a second forward inside the same block could not be backpropagated separately.
-        Not for blocks recomputed under activation checkpointing (the recomputation runs
-        outside the block and must repeat the original forward's ops)."""
-        outer, self._prepared = self._prepared, {}
+        Inside activation checkpointing (saved-tensor hooks) and torch.compile each call
+        forms its own operands as without the block. The block belongs to the thread that
+        opened it; blocks nest (the inner one forms its own operands)."""
+        outer = _PREPARED.get()
+        token = _PREPARED.set({**(outer or {}), id(self): {}})
         try:
             yield self
         finally:
-            self._prepared = outer
+            _PREPARED.reset(token)
 
     def _operands(self, layer: int, cdtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(T, U, W_d, b_d) of one layer for the kernels (rein_kernels.prepare)."""
         W = (self.mlp_token2feat.weight, self.mlp_token2feat.bias,
              self.mlp_delta_f.weight, self.mlp_delta_f.bias)
-        if self._prepared is None or torch.compiler.is_compiling():
+        shared = None
+        if not torch.compiler.is_compiling() and not _saved_tensor_hooks_active():
+            shared = (_PREPARED.get() or {}).get(id(self))
+        if shared is None:
             return rein_kernels.prepare(self.get_tokens(layer), *W, cdtype)
         key = (cdtype, torch.is_grad_enabled())
-        if key not in self._prepared:
+        if key not in shared:
             T, U, W_d, b_d = rein_kernels.prepare(self.get_tokens(-1), *W, cdtype)
-            self._prepared[key] = (T.unbind(0), U.unbind(0), W_d, b_d)
-        Ts, Us, W_d, b_d = self._prepared[key]
+            shared[key] = (T.unbind(0), U.unbind(0), W_d, b_d)
+        Ts, Us, W_d, b_d = shared[key]
         return Ts[layer], Us[layer], W_d, b_d
 
     def forward(

@@ -181,7 +181,7 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
     args = argparse.Namespace(**config)
     try:
         model = build_model(args, device, checkpoint_flag=n["backbone_checkpoint"] if backbone_checkpoint else
-                            "the run's backbone --checkpoint")
+                            "the run's backbone --checkpoint", backbone_flag=n["backbone"])
     except UsageError as e:
         raise UsageError(f"{e}{'' if is_ours else _other_backbone_hint(state, official['backbone'], n)}") from None
     try:

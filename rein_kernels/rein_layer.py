@@ -2,7 +2,8 @@
 
 Math (REIN_SPEC.md). For every refined row x (length C) of layer l, with tokens
 T [m, C], c = C^-1/2 (1 without softmax), W_d, b_d = mlp_delta_f and
-U = mlp_token2feat(T[1:]) W_d^T [m-1, C] (formed once per call from parameters):
+U = mlp_token2feat(T[1:]) W_d^T [m-1, C] (an input, formed from the parameters by
+``rein_kernels.prepare``: per call, or once per forward pass for all layers):
 
     z   = x T^T                         [m]
     p   = softmax(c z) = exp(c z - lse) (p = z without softmax)
@@ -518,6 +519,8 @@ def _setup_context(ctx, inputs, output):
 
 
 def _autograd_backward(ctx, g, _g_lse):
+    if g is None:  # out's gradient undefined (an upstream node returned none for it)
+        return (None,) * 9
     x, T, U, W_d, b_d, scale, lse = ctx.saved_tensors
     grads = rein_layer_bwd(g, x, T, U, W_d, b_d, scale, lse, *ctx.args)
     return (*grads, None, None, None)

@@ -251,3 +251,22 @@ def test_precision_follows_the_tf32_switch(monkeypatch):
             assert sorted(seen) == sorted([("_LOGITS", path, want), ("_GEMM", path, want)] * 2), seen
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before
+
+
+def test_undefined_gradient_of_out_gives_none_not_a_crash():
+    """A node between the layer and the loss may return no gradient for out: the fused
+    backward then returns none (lse takes no gradient, so nothing is materialised)."""
+    class Drop(torch.autograd.Function):
+        @staticmethod
+        def forward(ctx, t):
+            return t.clone()
+
+        @staticmethod
+        def backward(ctx, g):
+            return None
+
+    layer = rein.ReinLayer(2, 16, 4, token_length=5).to(DEVICE)
+    x = torch.randn(2, 7, 16, device=DEVICE, requires_grad=True)
+    (Drop.apply(layer(x, 0, batch_first=True)).sum() + x.sum()).backward()
+    assert torch.equal(x.grad, torch.ones_like(x))  # only the direct term
+    assert layer.scale.grad is None and layer.learnable_tokens.grad is None

@@ -210,3 +210,8 @@ def test_building_from_python_names_the_arguments_not_the_flags(tmp_path):
           says="backbone_name 'vit_nope' is not a timm model name")
     fails(tmp_path / "rein_head.pth", backbone_checkpoint=str(tmp_path / "rein_head.pth"), crop=500,
           says="crop 500 is not a multiple of the backbone's 16-pixel patch; e.g. crop 496")
+    import timm
+
+    torch.save(timm.create_model("resnet18").state_dict(), tmp_path / "resnet18.pth")
+    fails(tmp_path / "rein_head.pth", backbone_checkpoint=str(tmp_path / "resnet18.pth"), backbone_name="resnet18",
+          says="backbone_name resnet18: not a backbone Rein can refine here")

@@ -71,10 +71,15 @@ def test_prepared_matches_per_call(lora_dim, dtype):
         close(g1[k], g0[k], k)
 
 
-def test_prepared_forms_operands_once_and_is_scoped(monkeypatch):
-    calls = []
-    real = rein_kernels.prepare
+def spy_prepare(monkeypatch) -> list[int]:
+    """The rank of the tokens of every rein_kernels.prepare call (2: one layer, 3: all)."""
+    calls, real = [], rein_kernels.prepare
     monkeypatch.setattr(rein_kernels, "prepare", lambda T, *a: calls.append(T.dim()) or real(T, *a))
+    return calls
+
+
+def test_prepared_forms_operands_once_and_is_scoped(monkeypatch):
+    calls = spy_prepare(monkeypatch)
     layer = rein.ReinLayer(L, C, 4, token_length=M).to(DEVICE)
     x = torch.randn(B, N, C, device=DEVICE)
     stack(layer, x, prepared=False)
@@ -90,32 +95,90 @@ def test_prepared_forms_operands_once_and_is_scoped(monkeypatch):
                 layer(x, 1, batch_first=True)
                 layer(x, 2, batch_first=True)
     assert calls == [3, 3]
-    assert layer._prepared is None
+    calls.clear()
+    with layer.prepared():  # nested: the inner block forms its own; the outer's come back
+        layer(x, 0, batch_first=True)
+        with layer.prepared():
+            layer(x, 1, batch_first=True)
+        layer(x, 2, batch_first=True)
+    assert calls == [3, 3]
+    calls.clear()
+    layer(x, 0, batch_first=True)  # every block closed
     with pytest.raises(IndexError, match=r"out of range \[0, 5\)"):
         with layer.prepared():
             layer(x, L, batch_first=True)
-    assert layer._prepared is None
+    layer(x, 0, batch_first=True)
+    assert calls == [2, 2]
 
 
-pytest.importorskip("timm")
+def test_prepared_belongs_to_its_thread(monkeypatch):
+    """Another thread using the same module while a block is open forms its own operands."""
+    import threading
+
+    calls = spy_prepare(monkeypatch)
+    layer = rein.ReinLayer(L, C, 4, token_length=M).to(DEVICE)
+    x = torch.randn(B, N, C, device=DEVICE)
+    with layer.prepared():
+        layer(x, 0, batch_first=True)
+        t = threading.Thread(target=lambda: layer(x, 1, batch_first=True))
+        t.start()
+        t.join()
+        layer(x, 2, batch_first=True)
+    assert sorted(calls) == [2, 3]
 
 
-def test_backbone_prepares_once_per_forward_except_under_checkpointing(monkeypatch):
-    calls = []
-    real = rein_kernels.prepare
-    monkeypatch.setattr(rein_kernels, "prepare", lambda T, *a: calls.append(T.dim()) or real(T, *a))
+def test_prepared_under_activation_checkpointing(monkeypatch):
+    """A block checkpointed by torch.utils.checkpoint (not timm's flag): its replay in the
+    backward must repeat its forward's ops, so inside it each layer forms its own operands;
+    same gradients as without checkpointing."""
+    from torch.utils.checkpoint import checkpoint
+
     torch.manual_seed(0)
-    bb = rein.ReinBackbone.from_timm("vit_small_patch14_dinov2", img_size=32, depth=3,
-                                     token_length=5, lora_dim=4).to(DEVICE)
-    images = torch.randn(1, 3, 32, 32, device=DEVICE)
-    feats, q = bb(images)
-    (sum(f.square().mean() for f in feats) + q.square().mean()).backward()
+    layer = rein.ReinLayer(L, C, 4, token_length=M).to(DEVICE)
+    x = torch.randn(B, N, C, device=DEVICE)
+    _, _, want = outputs_and_grads(layer, x, True)
+    calls = spy_prepare(monkeypatch)
+    layer.zero_grad(set_to_none=True)
+    with layer.prepared():
+        h = x.requires_grad_(True)
+        for i in range(L):
+            h = checkpoint(lambda t, i=i: layer(t, i, batch_first=True, num_prefix_tokens=2), h,
+                           use_reentrant=False)
+    h.backward(torch.randn(h.shape, generator=torch.Generator().manual_seed(3)).to(h))
+    assert calls == [2] * (2 * L)  # the forward and its replay
+    for k, g in want.items():
+        torch.testing.assert_close(dict(layer.named_parameters())[k].grad, g, rtol=1e-5, atol=1e-6, msg=k)
+
+
+def test_backbone_prepares_once_per_forward_with_the_same_results(monkeypatch):
+    pytest.importorskip("timm")
+
+    def run():
+        torch.manual_seed(0)
+        bb = rein.ReinBackbone.from_timm("vit_small_patch14_dinov2", img_size=32, depth=3,
+                                         token_length=5, lora_dim=4).to(DEVICE)
+        feats, q = bb(torch.randn(1, 3, 32, 32, device=DEVICE))
+        (sum(f.square().mean() for f in feats) + q.square().mean()).backward()
+        return feats, {n: p.grad for n, p in bb.named_parameters() if p.grad is not None}, bb
+
+    calls = spy_prepare(monkeypatch)
+    feats, grads, bb = run()
     assert calls == [3]
     calls.clear()
-    bb.set_grad_checkpointing(True)
-    feats, q = bb(images)
+    with monkeypatch.context() as mp:  # the same model without the block: per-layer operands
+        mp.setattr(rein.ReinLayer, "prepared", lambda self: contextlib.nullcontext())
+        feats0, grads0, _ = run()
+    assert calls == [2] * 3
+    for a, b in zip(feats, feats0):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+    assert grads.keys() == grads0.keys() and len(grads) >= 6
+    for k in grads:
+        torch.testing.assert_close(grads[k], grads0[k], rtol=1e-5, atol=1e-6, msg=k)
+    calls.clear()
+    bb.set_grad_checkpointing(True)  # timm's checkpointing: layers form their own operands
+    feats, q = bb(torch.randn(1, 3, 32, 32, device=DEVICE))
     (sum(f.square().mean() for f in feats) + q.square().mean()).backward()
-    assert calls == [2] * 6  # each layer's own, in the forward and again in the recomputation
+    assert calls == [2] * 6  # each layer's own, in the forward and again in the replay
 
 
 # ----------------------------------------------------------------------------- host work
@@ -181,4 +244,5 @@ def test_host_work_per_layer(monkeypatch, dtype):
     prepared, launches_p = host_work(monkeypatch, layer, x, True, dtype)
     assert launches == launches_p == {"_LOGITS": 2 * L, "_GEMM": 2 * L}
     assert prepared <= per_call - 15, (prepared, per_call)
-    assert prepared <= 60, prepared
+    if DEVICE == "cpu":  # the absolute count as measured here (another torch may differ a little)
+        assert prepared <= 60, prepared

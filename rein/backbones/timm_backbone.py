@@ -247,20 +247,16 @@ class ReinBackbone(nn.Module):
         return (features, q) if q is not None else features
 
     def _rein_prepared(self) -> contextlib.AbstractContextManager:
-        """Rein's operands formed once for the whole pass (``ReinLayer.prepared``), except
-        under activation checkpointing, whose recomputation of a block must repeat that
-        block's own ops, and inside torch.compile, which finds the common work itself."""
-        if torch.compiler.is_compiling() or self._checkpointing():
+        """Rein's operands formed once for the whole pass (``ReinLayer.prepared``; layers
+        inside activation checkpointing form their own), except inside torch.compile, which
+        finds the common work itself."""
+        if torch.compiler.is_compiling():
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
         for layer in (self.rein if isinstance(self.rein, nn.ModuleList) else [self.rein]):
-            stack.enter_context(layer.prepared())
+            if hasattr(layer, "prepared"):
+                stack.enter_context(layer.prepared())
         return stack
-
-    def _checkpointing(self) -> bool:
-        if self.family == "convnext":
-            return any(getattr(stage, "grad_checkpointing", False) for stage in self.backbone.stages)
-        return bool(getattr(self.backbone, "grad_checkpointing", False))
 
     # ------------------------------------------------------------------ training state
 

@@ -84,7 +84,7 @@ class Segmentor(nn.Module):
         return out if self.training else self.head.scores(out, images.shape[-2:])
 
 
-def build_model(args, device, checkpoint_flag: str = "--checkpoint") -> Segmentor:
+def build_model(args, device, checkpoint_flag: str = "--checkpoint", backbone_flag: str = "--backbone") -> Segmentor:
     """Backbone (from ``args.checkpoint``), Rein and head as the run's flags say; with
     ``args.init_from_official``, Rein and the head (and, when the file carries it and no
     --checkpoint was given, the frozen backbone: recorded in ``args.checkpoint`` so that
@@ -101,7 +101,7 @@ def build_model(args, device, checkpoint_flag: str = "--checkpoint") -> Segmento
                                     patch_size=args.patch_size, fused=args.fused, conversion=args.conversion,
                                     **rein_kwargs, **args.timm_kwargs)
     except TypeError as e:  # a timm model of a family ReinBackbone does not wrap (e.g. a ResNet)
-        raise UsageError(f"--backbone {args.backbone}: not a backbone Rein can refine here; use a ViT "
+        raise UsageError(f"{backbone_flag} {args.backbone}: not a backbone Rein can refine here; use a ViT "
                          f"(DINOv2, CLIP, EVA02), SAM or ConvNeXt model ({e})") from None
     except (FileNotFoundError, ValueError) as e:
         if args.checkpoint is None:

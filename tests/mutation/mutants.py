@@ -141,6 +141,8 @@ MUTANTS = [
       "U = F.linear(F.linear(T, W_t), W_d)[..., 1:, :]", "mlp_token2feat's bias dropped"),
     m("prepared-wrong-layer", L, "return Ts[layer], Us[layer], W_d, b_d", "return Ts[layer], Us[layer - 1], W_d, b_d",
       "prepared(): a layer takes another layer's U"),
+    m("prepared-inside-checkpointing", L, "if not torch.compiler.is_compiling() and not _saved_tensor_hooks_active():",
+      "if not torch.compiler.is_compiling():", "prepared(): shared operands inside a checkpointed block, whose replay differs"),
     m("prepared-ignores-grad-mode", L, "key = (cdtype, torch.is_grad_enabled())", "key = cdtype",
       "prepared(): operands formed under no_grad reused by a layer that needs gradients"),
     m("autocast-ignored", I, "        return torch.get_autocast_dtype(dev)\n", "        return x.dtype\n",
