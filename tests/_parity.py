@@ -120,11 +120,11 @@ def _err(a, ref):
 
 def _term_sizes(ref_layer, x: torch.Tensor, g: torch.Tensor, case: Case) -> dict[str, float]:
     """For the parameter gradients that are sums of products which can cancel, the size
-    of what is summed, from the float64 reference (as for dscale below): db_t = sum_j dV_j,
-    and with LoRA tokens T = A B, dA = dT B^T and dB = A^T dT (summed over r, C and m).
-    A rounding error scales with the terms, not with a result they cancel to: a random
-    fp16 draw (LoRA r = 1, db_t summed to 0.016 from rows of size ~0.4) once exceeded a
-    bound relative to max |db_t| by 2%."""
+    of what is summed, from the float64 reference (as for dscale below): db_t = sum_j dV_j
+    (over the m-1 value tokens), and with LoRA tokens T = A B, dA = dT B^T (over C) and
+    dB = A^T dT (over m). A rounding error scales with the terms, not with a result they
+    cancel to: a random fp16 draw (LoRA r = 1, db_t summed to 0.016 from terms of absolute
+    sum 5.9) once exceeded a bound relative to max |db_t| by 2%."""
     T = ref_layer.get_tokens(case.layer).detach().requires_grad_(True)
     W_t, b_t = ref_layer.mlp_token2feat.weight.detach(), ref_layer.mlp_token2feat.bias.detach()
     V_bias = b_t.expand(case.m - 1, -1).clone().requires_grad_(True)  # its gradient is dV
@@ -132,7 +132,7 @@ def _term_sizes(ref_layer, x: torch.Tensor, g: torch.Tensor, case: Case) -> dict
     out = rein_kernels.rein_layer_reference(
         x, T, W_t, V_bias, ref_layer.mlp_delta_f.weight.detach(), ref_layer.mlp_delta_f.bias.detach(), scale,
         batch_first=case.batch_first, num_prefix_tokens=case.prefix, use_softmax=case.softmax)
-    dT, dV = torch.autograd.grad(out, (T, V_bias), g)
+    dT, dV = torch.autograd.grad(out, (T, V_bias), g, allow_unused=True, materialize_grads=True)
     sizes = {"mlp_token2feat.bias": dV.abs().sum(0).max().item()}
     if case.lora is not None:
         A = ref_layer.learnable_tokens_a[case.layer].detach().abs()
