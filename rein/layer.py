@@ -154,6 +154,11 @@ class ReinLayer(nn.Module):
             return [self.learnable_tokens]
         return [self.learnable_tokens_a, self.learnable_tokens_b]
 
+    def _mlp_params(self) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """(W_t, b_t, W_d, b_d): mlp_token2feat's and mlp_delta_f's weights and biases."""
+        return (self.mlp_token2feat.weight, self.mlp_token2feat.bias,
+                self.mlp_delta_f.weight, self.mlp_delta_f.bias)
+
     def _scale_tensor(self) -> Tensor:
         return self._scale_one if self.zero_mlp_delta_f else self.scale
 
@@ -180,8 +185,7 @@ class ReinLayer(nn.Module):
 
     def _operands(self, layer: int, cdtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
         """(T, U, W_d, b_d) of one layer for the kernels (rein_kernels.prepare)."""
-        W = (self.mlp_token2feat.weight, self.mlp_token2feat.bias,
-             self.mlp_delta_f.weight, self.mlp_delta_f.bias)
+        W = self._mlp_params()
         shared = None
         if not torch.compiler.is_compiling() and not _saved_tensor_hooks_active():
             shared = (_PREPARED.get() or {}).get(id(self))
@@ -206,18 +210,16 @@ class ReinLayer(nn.Module):
             num_prefix_tokens = 1 if has_cls_token else 0
         if not (isinstance(layer, int) and 0 <= layer < self.num_layers):
             raise IndexError(f"layer index {layer!r} out of range [0, {self.num_layers})")
-        W_d = self.mlp_delta_f.weight
-        check_inputs(x, W_d, num_prefix_tokens, batch_first)
-        params = [*self._token_params(), self.mlp_token2feat.weight, self.mlp_token2feat.bias,
-                  W_d, self.mlp_delta_f.bias]
-        cdtype = rein_kernels.compute_dtype(x, params)
+        W = self._mlp_params()
+        check_inputs(x, W[2], num_prefix_tokens, batch_first)  # W_d [C, C]: C and the device
+        cdtype = rein_kernels.compute_dtype(x, [*self._token_params(), *W])
         if self.fused:
             if rein_kernels.is_available(x, cdtype):
                 return rein_kernels.apply_fused(x, *self._operands(layer, cdtype), self._scale_tensor(),
                                                 batch_first, num_prefix_tokens, self.use_softmax)
             _warn_fallback_once(x.device)
         return rein_layer_reference(
-            x, self.get_tokens(layer), *params[-4:], self.scale,
+            x, self.get_tokens(layer), *W, self.scale,
             batch_first=batch_first, num_prefix_tokens=num_prefix_tokens, use_softmax=self.use_softmax,
         )
 

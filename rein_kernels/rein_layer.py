@@ -449,9 +449,7 @@ def _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax
     G2 = g2.to(cd, copy=True) if num_prefix else _as(g2, cd)
     if num_prefix:
         G2.view(xv.shape).narrow(sd, 0, num_prefix).zero_()
-        g_sum = gv.narrow(sd, num_prefix, xv.shape[sd] - num_prefix).sum((0, 1), dtype=torch.float32)
-    else:
-        g_sum = g2.sum(0, dtype=torch.float32)
+    g_sum = gv.narrow(sd, num_prefix, xv.shape[sd] - num_prefix).sum((0, 1), dtype=torch.float32)
     X2 = _as(x2, cd)
     XtG = G2.t() @ X2                                    # [C, C]: sum over refined rows of g_r^T x_r
     PtG = P1.t() @ G2                                    # [m-1, C]
