@@ -115,7 +115,7 @@ MUTANTS = [
       "dscale = partials[n_rows:].sum() + torch.dot(", "dscale misses the row kernel's shares"),
     m("partials-overlap", K, "x=x2, partial=partials[n_rows:])", "x=x2, partial=partials[n_rows - 1:])",
       "the two kernels' dscale shares overlap by a slot"),
-    m("prefix-g-not-zeroed", K, "        G2.view(xv.shape).narrow(sd, 0, num_prefix).zero_()\n", "",
+    m("prefix-g-not-zeroed", K, "        G2.view(xv.shape).narrow(sd, 0, num_prefix).zero_()\n", "        pass\n",
       "dW_d and dU count prefix rows"),
     m("prefix-g-wrong-dim", K, "G2.view(xv.shape).narrow(sd, 0, num_prefix).zero_()",
       "G2.view(xv.shape).narrow(1 - sd, 0, num_prefix).zero_()", "prefix rows zeroed along the batch"),
