@@ -84,6 +84,8 @@ def main() -> int:
     ap.add_argument("--parity-timeout-s", type=float, default=240.0)
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
+    ap.add_argument("--skip-layers", action="store_true", help="no per-layer rows (profile_layer.py has them)")
+    ap.add_argument("--dtypes", default=",".join(ORDER), help="comma-separated, measured in this order")
     ap.add_argument("--workloads", default=",".join(PRIORITY),
                     help="comma-separated workload names, measured in this order")
     ap.add_argument("--tests", nargs="+", default=["tests"], help="what the native test run covers")
@@ -133,9 +135,9 @@ def main() -> int:
     # vitl-512 (the published recipe) first, each dtype followed by its end-to-end step, then the rest.
     for name in names:
         w = WORKLOADS[name]
-        for dtype in ORDER:
+        for dtype in args.dtypes.split(","):
             for pass_ in PASSES:
-                for provider in PROVIDERS:
+                for provider in PROVIDERS if not args.skip_layers else ():
                     if over_budget(workload=name, dtype=dtype, provider=provider, **{"pass": pass_}):
                         continue
                     try:
@@ -245,8 +247,8 @@ def print_table(report: dict, names: list[str]) -> None:
                     f"{v:8.3f}" if v else f"{'-':>8s}" for v in t.values())
                     + f" {fl or 0:7.3f} {ratio(t['eager'], f)} {ratio(t['compile'], f)} {ratio(f, fl)}")
     for row in report["e2e"]:
-        print("e2e vitl-512", row.get("dtype"), row.get("provider"), row.get("median_ms"), "ms,",
-              row.get("peak_mem_mb"), "MB", row.get("error", ""))
+        print("e2e vitl-512", row.get("dtype"), row.get("provider"), row.get("median_ms"), "ms, host",
+              row.get("host_ms"), "ms,", row.get("peak_mem_mb"), "MB", row.get("error", ""))
     if report["parity"]:
         print("parity:", report["parity"]["summary"])
 
