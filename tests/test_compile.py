@@ -7,23 +7,32 @@ from _parity import DEVICE
 from rein_kernels.rein_layer import rein_layer_bwd, rein_layer_fwd
 
 
-def _op_args(seq_dim, prefix, softmax, requires_grad=True):
+def _op_args(seq_dim, prefix, softmax, requires_grad=True, x_dtype=torch.float32, dtype=torch.float32):
     g = torch.Generator().manual_seed(seq_dim * 10 + prefix)
     C, m = 21, 7
 
-    def r(*s):
-        return (torch.randn(*s, generator=g) * 0.5).to(DEVICE).requires_grad_(requires_grad)
+    def r(*s, dt=dtype):
+        return (torch.randn(*s, generator=g) * 0.5).to(DEVICE, dt).requires_grad_(requires_grad)
 
-    return (r(3, 5, C), r(m, C), r(m - 1, C), r(C, C), r(C), r(()), prefix, seq_dim, softmax)
+    return (r(3, 5, C, dt=x_dtype), r(m, C), r(m - 1, C), r(C, C), r(C), r((), dt=torch.float32),
+            prefix, seq_dim, softmax)
 
 
+# x and the parameters in different dtypes, as under autocast: the fake implementation's
+# dtypes must be the real ones (out: promote(x, parameters); dx: x's; the others their input's)
+MIXED = [(torch.float32, torch.float32), (torch.float16, torch.float32), (torch.float32, torch.float16),
+         (torch.bfloat16, torch.float16)]
+
+
+@pytest.mark.parametrize("x_dtype,dtype", MIXED)
 @pytest.mark.parametrize("seq_dim,prefix,softmax", [(0, 1, True), (1, 0, True), (1, 2, False)])
-def test_opcheck_forward(seq_dim, prefix, softmax):
-    torch.library.opcheck(rein_layer_fwd, _op_args(seq_dim, prefix, softmax))
+def test_opcheck_forward(seq_dim, prefix, softmax, x_dtype, dtype):
+    torch.library.opcheck(rein_layer_fwd, _op_args(seq_dim, prefix, softmax, x_dtype=x_dtype, dtype=dtype))
 
 
-def test_opcheck_backward():
-    x, T, U, W_d, b_d, s, *rest = _op_args(1, 1, True, requires_grad=False)
+@pytest.mark.parametrize("x_dtype,dtype", MIXED)
+def test_opcheck_backward(x_dtype, dtype):
+    x, T, U, W_d, b_d, s, *rest = _op_args(1, 1, True, requires_grad=False, x_dtype=x_dtype, dtype=dtype)
     _, lse = rein_layer_fwd(x, T, U, W_d, b_d, s, *rest)
     g = torch.randn_like(x)
     torch.library.opcheck(rein_layer_bwd, (g, x, T, U, W_d, b_d, s, lse, *rest))

@@ -179,6 +179,37 @@ def test_noncontiguous_inputs_match_reference():
                                        msg=f"{name}, gradient {k}")
 
 
+def test_noncontiguous_parameters_match_reference():
+    """The functional API takes parameters that are views (a transposed T, transposed
+    weights, strided biases): the kernels must read them as the values they are."""
+    gen = torch.Generator().manual_seed(4)
+    C, m = 19, 6
+
+    def r(*s):
+        return (torch.randn(*s, generator=gen) * 0.4).to(DEVICE)
+
+    x = r(3, 7, C)
+    views = dict(
+        T=r(C, m).t(),                    # [m, C] with column-major strides
+        W_t=r(C, C).t(), b_t=r(2 * C)[::2],
+        W_d=r(C, C).t(), b_d=r(3 * C)[1::3],
+        scale=r(2)[1],
+    )
+    assert not any(v.is_contiguous() for k, v in views.items() if k != "scale")
+    leaves = {k: v.detach().requires_grad_(True) for k, v in views.items()}
+    g = r(*x.shape)
+    kw = dict(batch_first=True, num_prefix_tokens=1, use_softmax=True)
+    results = []
+    for fn in (rein_kernels.rein_layer_fused, rein_kernels.rein_layer_reference):
+        xg = x.clone().requires_grad_(True)
+        out = fn(xg, *leaves.values(), **kw)
+        results.append((out, torch.autograd.grad(out, [xg, *leaves.values()], g)))
+    (out, grads), (ref, ref_grads) = results
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    for name, a, b in zip(["x", *leaves], grads, ref_grads):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()), msg=name)
+
+
 def test_fused_saves_only_x_and_one_fp32_per_row():
     """Saved for backward: x itself, lse (fp32, one per row) and parameter-sized tensors;
     nothing of size [rows, m] or [rows, C] besides x."""

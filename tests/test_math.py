@@ -137,3 +137,53 @@ def test_hand_computed_case(softmax, fused):
     close(gWd, torch.zeros(4, 4).index_put_((torch.tensor([0]), torch.tensor([0])),
                                             torch.tensor(want["dWd"]).float()))  # gy^T h
     close(gbd, [0.5, 0, 0, 0])
+
+
+# ----------------------------------------------------------------------------- exact arithmetic
+
+
+def _integer_layer(C, m, prefix, seed):
+    """fp16 parameters, inputs and an output gradient holding small integers, no softmax:
+    every product and every partial sum the layer forms is an integer under 2^24, so fp32
+    accumulation is exact and the only rounding is the final one to fp16. A kernel that
+    accumulates (or keeps a partial sum) in fp16, or rounds scale * acc before adding the
+    residual, differs from the correctly rounded result somewhere."""
+    gen = torch.Generator().manual_seed(seed)
+
+    def ints(*shape, hi):
+        return torch.randint(-hi, hi + 1, shape, generator=gen).to(torch.float16)
+
+    layer = rein.ReinLayer(1, C, 4, token_length=m, use_softmax=False, scale_init=1.0)
+    with torch.no_grad():
+        layer.learnable_tokens.copy_(ints(1, m, C, hi=1))
+        # sparse, so that U and g U^T stay small enough for fp16 to hold them exactly
+        sparse = torch.rand(C, C, generator=gen) < 0.15
+        layer.mlp_token2feat.weight.copy_(ints(C, C, hi=1) * sparse)
+        layer.mlp_token2feat.bias.copy_(ints(C, hi=1))
+        layer.mlp_delta_f.weight.copy_(ints(C, C, hi=2))
+        layer.mlp_delta_f.bias.copy_(ints(C, hi=40))
+    layer = layer.half()
+    layer.scale = torch.nn.Parameter(layer.scale.float())  # fp32: dscale comes back unrounded
+    layer = layer.to(DEVICE)
+    x = ints(3, 29, C, hi=16).to(DEVICE)
+    g = ints(3, 29, C, hi=3).to(DEVICE)
+    return layer, x, g
+
+
+@pytest.mark.parametrize("prefix", [0, 1])
+def test_fused_rounds_once_and_accumulates_in_fp32(prefix):
+    layer, x, g = _integer_layer(C=24, m=5, prefix=prefix, seed=5 + prefix)
+    out, grads = run(layer, x, g, True, True, prefix, 0)
+    exact_layer = copy.deepcopy(layer).double()
+    want, want_grads = run(exact_layer, x.double(), g.double(), False, True, prefix, 0)
+    # the exact values are integers (checked); out is large enough that fp16 must round
+    # many of its elements, and dscale sums terms far past fp16's integers
+    for t in (want, want_grads["x"], want_grads["scale"]):
+        assert torch.equal(t, t.round()) and t.abs().max() < 2**24
+    assert (want.abs() > 2048).sum() > 20
+    y = (want - x.double()) / layer.scale.item()
+    assert (g.double() * y).abs().sum() > 2**16
+    # out and dx are the exact result rounded once to fp16; dscale is exact (fp32 holds it)
+    assert torch.equal(out, want.half()), (out.double() - want).abs().max()
+    assert torch.equal(grads["x"], want_grads["x"].half()), (grads["x"].double() - want_grads["x"]).abs().max()
+    assert grads["scale"].float().item() == want_grads["scale"].item()

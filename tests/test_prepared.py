@@ -111,6 +111,54 @@ def test_prepared_forms_operands_once_and_is_scoped(monkeypatch):
     assert calls == [2, 2]
 
 
+def test_compute_dtype_changes_inside_and_across_blocks():
+    """One block, a layer in fp32 and the next under autocast (and the reverse, and blocks
+    one after another in different dtypes): each call gets operands in its own compute
+    dtype, so its output (dtype and values) is that of the same call outside any block."""
+    torch.manual_seed(0)
+    layer = rein.ReinLayer(L, C, 4, token_length=M).to(DEVICE)
+    with torch.no_grad():
+        layer.scale.fill_(0.7)
+    low = torch.bfloat16 if DEVICE == "cuda" else torch.float16
+    x = torch.randn(B, N, C, device=DEVICE)
+    plan = [(0, None), (1, low), (2, None), (3, low)]
+
+    def call(i, dtype):
+        ac = torch.autocast(x.device.type, dtype=dtype) if dtype else contextlib.nullcontext()
+        with ac:
+            # x in the autocast dtype: an output computed from fp32 operands would be fp32
+            return layer(x.to(dtype) if dtype else x, i, batch_first=True)
+
+    want = [call(i, dt) for i, dt in plan]
+    for order in (plan, plan[::-1]):
+        with layer.prepared():
+            got = {i: call(i, dt) for i, dt in order}
+        for (i, dt), w in zip(plan, want):
+            assert got[i].dtype == w.dtype, (i, dt, got[i].dtype)
+            torch.testing.assert_close(got[i], w, rtol=1e-5, atol=1e-5)
+    for i, dt in plan:  # a block per call, dtypes alternating
+        with layer.prepared():
+            out = call(i, dt)
+        torch.testing.assert_close(out, want[i], rtol=1e-5, atol=1e-5)
+
+
+def test_nested_blocks_of_two_modules_each_prepare_once(monkeypatch):
+    """Two Rein modules (a backbone with one per stage, or two backbones) with their blocks
+    nested: each forms its operands once, whatever the order of the calls."""
+    calls = spy_prepare(monkeypatch)
+    a = rein.ReinLayer(L, C, 4, token_length=M).to(DEVICE)
+    b = rein.ReinLayer(L, C, 4, token_length=M).to(DEVICE)
+    x = torch.randn(B, N, C, device=DEVICE)
+    with a.prepared():
+        a(x, 0, batch_first=True)
+        with b.prepared():
+            for i in range(1, L):
+                a(x, i, batch_first=True)
+                b(x, i, batch_first=True)
+        a(x, 0, batch_first=True)
+    assert calls == [3, 3]
+
+
 def test_prepared_belongs_to_its_thread(monkeypatch):
     """Another thread using the same module while a block is open forms its own operands."""
     import threading
