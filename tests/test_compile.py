@@ -31,6 +31,24 @@ def test_opcheck_forward(seq_dim, prefix, softmax, x_dtype, dtype):
 
 
 @pytest.mark.parametrize("x_dtype,dtype", MIXED)
+def test_fake_results_have_the_real_dtypes_and_shapes(x_dtype, dtype):
+    """What torch.compile plans with (the fake implementations) is what the kernels return."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    args = _op_args(1, 1, True, requires_grad=False, x_dtype=x_dtype, dtype=dtype)
+    x, T, U, W_d, b_d, s, *rest = args
+    real_fwd = rein_layer_fwd(*args)
+    real_bwd = rein_layer_bwd(torch.randn_like(x), x, T, U, W_d, b_d, s, real_fwd[1], *rest)
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
+        fake_fwd = rein_layer_fwd(*fake_args)
+        fx, fT, fU, fW, fb, fs, *_ = fake_args
+        fake_bwd = rein_layer_bwd(torch.empty_like(fx), fx, fT, fU, fW, fb, fs, fake_fwd[1], *rest)
+    for real, fake in zip((*real_fwd, *real_bwd), (*fake_fwd, *fake_bwd)):
+        assert (real.dtype, real.shape) == (fake.dtype, fake.shape)
+
+
+@pytest.mark.parametrize("x_dtype,dtype", MIXED)
 def test_opcheck_backward(x_dtype, dtype):
     x, T, U, W_d, b_d, s, *rest = _op_args(1, 1, True, requires_grad=False, x_dtype=x_dtype, dtype=dtype)
     _, lse = rein_layer_fwd(x, T, U, W_d, b_d, s, *rest)
