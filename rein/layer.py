@@ -183,20 +183,27 @@ class ReinLayer(nn.Module):
         finally:
             _PREPARED.reset(token)
 
-    def _operands(self, layer: int, cdtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-        """(T, U, W_d, b_d) of one layer for the kernels (rein_kernels.prepare)."""
+    def _operands(self, layer: int, cdtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """(T, U, W_d, b_d, scale) of one layer for the kernels (rein_kernels.prepare).
+
+        Inside ``prepared()`` the layers take b_d and scale as views of one expanded tensor
+        each (``expand(L).unbind(0)``), so their gradients meet in one stack and one sum at
+        the end of the backward instead of an accumulating add per layer; W_d's, [C, C] a
+        layer, accumulate as usual (a stack would hold L of them)."""
         W = self._mlp_params()
         shared = None
         if not torch.compiler.is_compiling() and not _saved_tensor_hooks_active():
             shared = (_PREPARED.get() or {}).get(id(self))
         if shared is None:
-            return rein_kernels.prepare(self.get_tokens(layer), *W, cdtype)
+            return (*rein_kernels.prepare(self.get_tokens(layer), *W, cdtype), self._scale_tensor())
         key = (cdtype, torch.is_grad_enabled())
         if key not in shared:
+            L = self.num_layers
             T, U, W_d, b_d = rein_kernels.prepare(self.get_tokens(-1), *W, cdtype)
-            shared[key] = (T.unbind(0), U.unbind(0), W_d, b_d)
-        Ts, Us, W_d, b_d = shared[key]
-        return Ts[layer], Us[layer], W_d, b_d
+            shared[key] = (T.unbind(0), U.unbind(0), W_d, b_d.expand(L, -1).unbind(0),
+                           self._scale_tensor().expand(L).unbind(0))
+        Ts, Us, W_d, b_ds, scales = shared[key]
+        return Ts[layer], Us[layer], W_d, b_ds[layer], scales[layer]
 
     def forward(
         self,
@@ -215,8 +222,8 @@ class ReinLayer(nn.Module):
         cdtype = rein_kernels.compute_dtype(x, [*self._token_params(), *W])
         if self.fused:
             if rein_kernels.is_available(x, cdtype):
-                return rein_kernels.apply_fused(x, *self._operands(layer, cdtype), self._scale_tensor(),
-                                                batch_first, num_prefix_tokens, self.use_softmax)
+                return rein_kernels.apply_fused(x, *self._operands(layer, cdtype), batch_first,
+                                                num_prefix_tokens, self.use_softmax)
             _warn_fallback_once(x.device)
         return rein_layer_reference(
             x, self.get_tokens(layer), *W, self.scale,

@@ -8,6 +8,9 @@
     prepare(T, ...), apply_fused(x, ...)
                           the two halves of rein_layer_fused: the parameter operands
                           (for one layer or all at once), then the op on them.
+    KERNELS               which kernels the op runs: "v3" (rein_layer.py) or "v2"
+                          (rein_layer_v2.py), from REIN_KERNELS; benchmarks/NOTES.md says why
+                          the default is what it is.
 """
 from __future__ import annotations
 
@@ -29,6 +32,12 @@ __all__ = [
     "prepare",
     "apply_fused",
 ]
+
+
+KERNEL_VERSIONS = ("v3", "v2")
+KERNELS = os.environ.get("REIN_KERNELS", "v3")
+if KERNELS not in KERNEL_VERSIONS:
+    raise ValueError(f"REIN_KERNELS={KERNELS!r}: choose one of {', '.join(KERNEL_VERSIONS)}")
 
 
 def _interpreting() -> bool:
@@ -117,7 +126,7 @@ def prepare(T: Tensor, W_t: Tensor, b_t: Tensor, W_d: Tensor, b_d: Tensor,
     T is one layer's tokens [m, C] (U is then [m-1, C]) or all L layers' [L, m, C]
     (U [L, m-1, C]): one batched GEMM and one cast per parameter for a whole forward pass
     (``rein.ReinLayer.prepared``)."""
-    T, W_t, b_t, W_d, b_d = (t.to(cdtype).contiguous() for t in (T, W_t, b_t, W_d, b_d))
+    T, W_t, b_t, W_d, b_d = (t.to(cdtype) for t in (T, W_t, b_t, W_d, b_d))
     # Formed for all m tokens and then sliced: the rows of one contiguous product, so that
     # every layer's U is contiguous and no copy of the sliced tokens (a [L, m-1, C] matmul
     # operand) is made and saved; the null token's row costs 1/m more GEMM work.
@@ -127,7 +136,11 @@ def prepare(T: Tensor, W_t: Tensor, b_t: Tensor, W_d: Tensor, b_d: Tensor,
 
 def apply_fused(x, T, U, W_d, b_d, scale, batch_first, num_prefix_tokens, use_softmax) -> Tensor:
     """The fused layer on checked input and :func:`prepare`'d operands of one layer."""
-    from .rein_layer import rein_layer_fwd  # triton loads here, after TRITON_INTERPRET is set
+    # triton loads here, after TRITON_INTERPRET is set
+    if KERNELS == "v2":
+        from .rein_layer_v2 import rein_layer_fwd_v2 as rein_layer_fwd
+    else:
+        from .rein_layer import rein_layer_fwd
 
     out, _ = rein_layer_fwd(
         x, T, U, W_d, b_d, scale, num_prefix_tokens, 1 if batch_first else 0, use_softmax

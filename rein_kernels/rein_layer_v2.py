@@ -1,4 +1,6 @@
-"""The fused Rein layer: Triton kernels, launchers and the ``rein::`` custom ops.
+"""The fused Rein layer, kernels v2 (2026-11-28): kept selectable (``REIN_KERNELS=v2``) until a
+GPU run has measured v3 (``rein_layer.py``) beside it. Custom ops ``rein::layer_fwd_v2`` and
+``rein::layer_bwd_v2``.
 
 Math (REIN_SPEC.md). For every refined row x (length C) of layer l, with tokens
 T [m, C], c = C^-1/2 (1 without softmax), W_d, b_d = mlp_delta_f and
@@ -51,53 +53,21 @@ fp32 dots follow ``torch.backends.cuda.matmul.allow_tf32``.
 """
 from __future__ import annotations
 
-import os
-import warnings
-
 import torch
 from torch import Tensor
 
 import triton
 import triton.language as tl
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-
-# Triton 3.8 deprecates block pointers in favour of tensor descriptors, which need the
-# TMA's 16-byte aligned row strides: no use for odd C (or m) that the layer must take.
-# Block pointers work on every Triton the library supports, so the warning is silenced
-# here (and this note kept) rather than printed at every compile.
-warnings.filterwarnings("ignore", message=r"tl\.make_block_ptr is deprecated", category=UserWarning)
-
-# Tests set this: every buffer a kernel must fill starts as NaN, so unwritten elements
-# show, and is followed by a NaN guard region (kept in GUARDS) that must stay NaN, so
-# that a write past the end fails a test instead of corrupting the heap.
-POISON = False
-GUARDS: list[Tensor] = []
-
-
-def _new(t: Tensor) -> Tensor:
-    """``t`` (freshly allocated, dense) as is, or under POISON a NaN-filled copy of its
-    layout at the front of a buffer twice its size plus 4096 elements (its guard region
-    is kept in GUARDS until the test that set POISON clears it)."""
-    if not POISON:
-        return t
-    n = t.numel()
-    buf = torch.full((2 * n + 4096,), float("nan"), dtype=t.dtype, device=t.device)
-    GUARDS.append(buf[n:])
-    return buf.as_strided(t.shape, t.stride())
-
-
-# REIN_AUTOTUNE=0 pins each kernel to its first GPU config: the parity suite runs many
-# shapes, and autotuning each would cost more than the checks themselves.
-AUTOTUNE = os.environ.get("REIN_AUTOTUNE", "1") != "0"
-
-
-def _configs(gpu_configs, interp_config):
-    # Several configs fail in the interpreter, and autotuning there only costs time.
-    if INTERPRET:
-        return [interp_config]
-    return gpu_configs if AUTOTUNE else gpu_configs[:1]
-
+from ._common import as_dtype as _as
+from ._common import configs as _configs
+from ._common import fma_or_tc as _path
+from ._common import min_block as _min_block
+from ._common import new as _new
+from ._common import precision as _precision
+from ._common import refined_rows as _refined_rows
+from ._common import row_view as _row_view
+from ._common import rows as _rows
 
 # Configs, from ptxas' report for sm_90 (tests/compile_sm90.py): every one compiles
 # without register spills in every dtype, for aligned (published C) and odd shapes.
@@ -115,16 +85,6 @@ GEMM_GPU_CONFIGS = {
 }
 _LOGITS_INTERP = triton.Config({"BLOCK_R": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)
 _GEMM_INTERP = triton.Config({"BLOCK_R": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
-
-
-@triton.jit
-def _refined_rows(r0, R, S1, num_prefix, SEQ_DIM: tl.constexpr, BLOCK_R: tl.constexpr):
-    """Rows r0 .. r0 + BLOCK_R of the [R, C] row view of [S0, S1, C]: (in range, refined),
-    refined = in range and not one of the first ``num_prefix`` positions of the sequence."""
-    rows = r0 + tl.arange(0, BLOCK_R)
-    seq = rows % S1 if SEQ_DIM == 1 else rows // S1
-    in_range = rows < R
-    return in_range, in_range & (seq >= num_prefix)
 
 
 @triton.jit
@@ -287,36 +247,6 @@ _GEMM = _tuned(_rein_gemm_kernel, GEMM_GPU_CONFIGS, _GEMM_INTERP, ["C", "K2"])
 # ----------------------------------------------------------------------------- launchers
 
 
-def _row_view(t: Tensor, seq_dim: int, swap: bool | None = None) -> tuple[Tensor, int, bool]:
-    """View t [S0, S1, C] with the outer-strided dimension first, so rows follow memory
-    order; returns (view, its seq_dim, swapped). ``swap`` forces the choice made for x."""
-    if t.stride(-1) != 1:
-        t = t.contiguous()
-    if swap is None:
-        swap = t.stride(0) < t.stride(1)
-    if swap:
-        return t.transpose(0, 1), 1 - seq_dim, True
-    return t, seq_dim, False
-
-
-def _rows(t: Tensor) -> Tensor:
-    """[S0, S1, C] row view -> [S0 * S1, C] with one row stride: free when the rows are
-    evenly spaced in memory (contiguous, or channels sliced out of wider rows), one copy
-    for the rare layouts where they are not (sequences sliced out of a larger batch)."""
-    try:
-        return t.view(-1, t.shape[-1])
-    except RuntimeError:
-        return t.reshape(-1, t.shape[-1])
-
-
-def _precision(dtype: torch.dtype) -> str:
-    """fp32 dots follow torch's tf32 switch; other dtypes take Triton's default ("tf32",
-    which only affects fp32 operands)."""
-    if dtype == torch.float32 and not torch.backends.cuda.matmul.allow_tf32:
-        return "ieee"
-    return "tf32"
-
-
 def _block_m(M: int) -> int:
     """Columns of the row kernel's tiles: the m - 1 value tokens, a power of two >= 16."""
     return max(16, triton.next_power_of_2(M - 1))
@@ -333,21 +263,6 @@ def _unread_slot(device) -> Tensor:
     if slot is None:
         slot = _UNREAD[device] = torch.zeros(1, device=device, dtype=torch.float32)
     return slot
-
-
-def _as(t: Tensor, dtype: torch.dtype) -> Tensor:
-    """t in dtype; the same tensor without a dispatcher call when it already is."""
-    return t if t.dtype == dtype else t.to(dtype)
-
-
-def _path(precision: str) -> str:
-    """Which config list a launch uses: tensor-core dots, or fp32 FMA dots (tf32 off)."""
-    return "fma" if precision == "ieee" else "tc"
-
-
-def _min_block(tuned: dict, name: str) -> int:
-    """The smallest block any config of any path may launch (sizes the partial buffers)."""
-    return min(c.kwargs[name] for kernel in tuned.values() for c in kernel.configs)
 
 
 def _launch_logits(x2, g2, S1, seq_dim, T, U, lse, P1, GZ, num_prefix, use_softmax, partial=None):
@@ -471,34 +386,36 @@ def _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax
 # ----------------------------------------------------------------------------- custom ops
 
 
-@torch.library.custom_op("rein::layer_fwd", mutates_args=())
-def rein_layer_fwd(
+@torch.library.custom_op("rein::layer_fwd_v2", mutates_args=())
+def rein_layer_fwd_v2(
     x: Tensor, T: Tensor, U: Tensor, W_d: Tensor, b_d: Tensor, scale: Tensor,
     num_prefix: int, seq_dim: int, use_softmax: bool,
 ) -> tuple[Tensor, Tensor]:
     """out = x + scale * (x W_d^T + p[1:] U + b_d) and the per-row lse (see module doc)."""
-    return _forward(x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax)
+    return _forward(x, T.contiguous(), U.contiguous(), W_d, b_d.contiguous(), scale, num_prefix, seq_dim,
+                    use_softmax)
 
 
-@rein_layer_fwd.register_fake
+@rein_layer_fwd_v2.register_fake
 def _(x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax):
     out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, T.dtype))
     lse = x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
     return out, lse
 
 
-@torch.library.custom_op("rein::layer_bwd", mutates_args=())
-def rein_layer_bwd(
+@torch.library.custom_op("rein::layer_bwd_v2", mutates_args=())
+def rein_layer_bwd_v2(
     g: Tensor, x: Tensor, T: Tensor, U: Tensor, W_d: Tensor, b_d: Tensor, scale: Tensor,
     lse: Tensor, num_prefix: int, seq_dim: int, use_softmax: bool,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of ``rein::layer_fwd`` for (x, T, U, W_d, b_d, scale) (see module doc)."""
+    """Gradients of ``rein::layer_fwd_v2`` for (x, T, U, W_d, b_d, scale) (see module doc)."""
     # Every dtype is chosen explicitly inside; autocast must not recast the GEMMs.
     with torch.autocast(x.device.type, enabled=False):
-        return _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax)
+        return _backward(g, x, T.contiguous(), U.contiguous(), W_d, b_d.contiguous(), scale, lse, num_prefix,
+                         seq_dim, use_softmax)
 
 
-@rein_layer_bwd.register_fake
+@rein_layer_bwd_v2.register_fake
 def _(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax):
     return (
         torch.empty_like(x), torch.empty_like(T), torch.empty_like(U),
@@ -520,8 +437,8 @@ def _autograd_backward(ctx, g, _g_lse):
     if g is None:  # out's gradient undefined (an upstream node returned none for it)
         return (None,) * 9
     x, T, U, W_d, b_d, scale, lse = ctx.saved_tensors
-    grads = rein_layer_bwd(g, x, T, U, W_d, b_d, scale, lse, *ctx.args)
+    grads = rein_layer_bwd_v2(g, x, T, U, W_d, b_d, scale, lse, *ctx.args)
     return (*grads, None, None, None)
 
 
-rein_layer_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+rein_layer_fwd_v2.register_autograd(_autograd_backward, setup_context=_setup_context)

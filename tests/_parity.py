@@ -8,7 +8,7 @@ import torch
 
 import rein
 import rein_kernels
-import rein_kernels.rein_layer as op
+import rein_kernels._common as common
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 
@@ -96,9 +96,9 @@ def padded(t: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 def guards_intact() -> None:
     """Every guard region behind a kernel's output is still NaN (nothing wrote past it)."""
-    for k, guard in enumerate(op.GUARDS):
+    for k, guard in enumerate(common.GUARDS):
         assert torch.isnan(guard).all(), f"a kernel wrote past the end of output buffer {k}"
-    op.GUARDS.clear()
+    common.GUARDS.clear()
 
 
 def run(layer, x, g, fused: bool, batch_first: bool, prefix: int, layer_idx: int):
@@ -166,15 +166,15 @@ def check_case(case: Case, seed: int = 0) -> None:
     ref_out, ref_grads = run(ref_layer, x.double(), g.double().to(DEVICE), False, *args)
     tf32 = torch.backends.cuda.matmul.allow_tf32
     torch.backends.cuda.matmul.allow_tf32 = case.dtype == "tf32"
-    op.POISON = True
-    op.GUARDS.clear()
+    common.POISON = True
+    common.GUARDS.clear()
     try:
         out, grads = run(low, padded(x, seed), padded(g.to(DEVICE), seed + 1), True, *args)
         guards_intact()
         torch_out, torch_grads = run(low, x, g.to(DEVICE), False, *args)
     finally:
-        op.POISON = False
-        op.GUARDS.clear()
+        common.POISON = False
+        common.GUARDS.clear()
         torch.backends.cuda.matmul.allow_tf32 = tf32
 
     assert out.dtype == dt and out.shape == ref_out.shape

@@ -15,3 +15,18 @@ from hypothesis import settings  # noqa: E402
 
 settings.register_profile("ci", derandomize=True)
 settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "default"))
+
+
+import importlib  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(params=["v3", "v2"])
+def kernels(request, monkeypatch):
+    """Run a test on each kernel version (rein_kernels.KERNELS) while both are kept; the
+    kernels' module is the fixture's value."""
+    import rein_kernels
+
+    monkeypatch.setattr(rein_kernels, "KERNELS", request.param)
+    return importlib.import_module("rein_kernels.rein_layer" + ("_v2" if request.param == "v2" else ""))

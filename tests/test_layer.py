@@ -247,12 +247,13 @@ def test_functional_api_matches_reference_and_checks_input():
         rein_kernels.rein_layer_fused(args[0].half(), *args[1:], **kw)
 
 
-def test_precision_follows_the_tf32_switch(monkeypatch):
+def test_precision_follows_the_tf32_switch(monkeypatch, kernels):
     """The interpreter ignores input_precision, so this stands in for the GPU: fp32 dots
     are "ieee" (with the FMA path's configs) unless torch allows tf32, and every launch
     passes that choice on."""
-    import rein_kernels.rein_layer as op
+    from rein_kernels._common import precision
 
+    op = kernels
     seen = []
     for name in ("_LOGITS", "_GEMM"):
         tuned = dict(getattr(op, name))
@@ -273,8 +274,8 @@ def test_precision_follows_the_tf32_switch(monkeypatch):
     try:
         for allow, want in ((False, "ieee"), (True, "tf32")):
             torch.backends.cuda.matmul.allow_tf32 = allow
-            assert op._precision(torch.float32) == want
-            assert op._precision(torch.float16) == op._precision(torch.bfloat16) == "tf32"
+            assert precision(torch.float32) == want
+            assert precision(torch.float16) == precision(torch.bfloat16) == "tf32"
             seen.clear()
             x = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
             layer(x, 0, batch_first=True).sum().backward()

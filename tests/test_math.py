@@ -66,7 +66,7 @@ def test_reference_matches_closed_form_float64(name):
 
 
 @pytest.mark.parametrize("name", MATH_CASES)
-def test_fused_matches_closed_form(name):
+def test_fused_matches_closed_form(name, kernels):
     """fp32 kernels (tf32 off) against float64 maths on the same fp32 inputs."""
     case, layer, x, g = _setup(name)
     layer = layer.to(DEVICE)
@@ -171,7 +171,7 @@ def _integer_layer(C, m, prefix, seed):
 
 
 @pytest.mark.parametrize("prefix", [0, 1])
-def test_fused_rounds_once_and_accumulates_in_fp32(prefix):
+def test_fused_rounds_once_and_accumulates_in_fp32(prefix, kernels):
     layer, x, g = _integer_layer(C=24, m=5, prefix=prefix, seed=5 + prefix)
     out, grads = run(layer, x, g, True, True, prefix, 0)
     exact_layer = copy.deepcopy(layer).double()

@@ -51,7 +51,7 @@ CASES = {
 
 @pytest.mark.parametrize("dtype", DTYPE_PARAMS)
 @pytest.mark.parametrize("name", list(CASES))
-def test_parity_named(name, dtype):
+def test_parity_named(name, dtype, kernels):
     # a seed per case, the same in every process (str hashes are salted per process)
     check_case(dataclasses.replace(CASES[name], dtype=dtype), seed=zlib.crc32(name.encode()) % 1000)
 
