@@ -2,11 +2,19 @@
 suite and the one-shot GPU script (PERFORMANCE.md is the contract).
 
 Providers: ``eager`` (the reference, fused=False), ``compile`` (torch.compile of that
-reference) and ``fused`` (this library's kernels). Passes: ``fwd`` and ``fwd+bwd``
-(gradients for x and every Rein parameter, as in training). Dtypes: ``fp32`` (matmuls
-follow ``torch.backends.cuda.matmul.allow_tf32``; the GPU script allows tf32, as the
-published recipe's torch does by default for cuDNN and users commonly do for matmul)
-and ``bf16`` (torch.autocast).
+reference), ``fused`` (this library's kernels, v3) and ``fused-v2`` (the v2 kernels, kept
+until a GPU run has compared them). Passes: ``fwd`` and ``fwd+bwd`` (gradients for x and
+every Rein parameter, as in training). Dtypes: ``fp32`` (matmuls follow
+``torch.backends.cuda.matmul.allow_tf32``; the GPU script allows tf32, as the published
+recipe's torch does by default for cuDNN and users commonly do for matmul) and ``bf16``
+(torch.autocast over an fp32 residual stream). Modes: ``call`` (one layer called alone,
+its parameter operands formed per call) and ``stack`` (all L layers chained inside
+``ReinLayer.prepared()``, as a backbone runs them; times are per layer, total / L).
+
+Times: ``median_ms`` is do_bench's CUDA-event median of the call as issued from Python
+(host overhead included); ``graph_ms`` the same call captured once in a CUDA graph and
+replayed: device time alone, the kernels' figure; ``host_ms`` wall time per call of
+unsynchronised calls.
 """
 from __future__ import annotations
 
@@ -18,6 +26,7 @@ from dataclasses import asdict, dataclass
 import torch
 
 import rein
+import rein_kernels
 
 
 @dataclass(frozen=True)
@@ -56,7 +65,8 @@ WORKLOADS = {
 # Small enough for a CPU: eager vs compile only (the fused kernels need a GPU to be timed).
 CPU_WORKLOAD = Workload("cpu-tiny", "vit_small_patch14_dinov2", 64, 2, 2, 128)
 
-PROVIDERS = ("eager", "compile", "fused")
+PROVIDERS = ("eager", "compile", "fused", "fused-v2")
+MODES = ("call", "stack")
 DTYPES = ("fp32", "bf16")
 PASSES = ("fwd", "fwd+bwd")
 
@@ -82,13 +92,16 @@ def floor_ms(w: Workload, pass_: str, dtype: str, ceilings: dict) -> float:
 
 
 class Case:
-    """One (workload, provider, dtype, pass) on one device, ready to call repeatedly."""
+    """One (workload, provider, dtype, pass, mode) on one device, ready to call repeatedly."""
 
-    def __init__(self, w: Workload, provider: str, dtype: str, pass_: str, device: str, n_inputs: int = 4):
-        self.w, self.provider, self.dtype, self.pass_, self.device = w, provider, dtype, pass_, device
+    def __init__(self, w: Workload, provider: str, dtype: str, pass_: str, device: str, n_inputs: int = 4,
+                 mode: str = "call"):
+        self.w, self.provider, self.dtype, self.pass_, self.device, self.mode = w, provider, dtype, pass_, device, mode
+        self.n_layers = w.L if mode == "stack" else 1
+        self.kernels = "v2" if provider == "fused-v2" else "v3"
         torch.manual_seed(0)
         self.layer = rein.ReinLayer(w.L, w.C, w.patch, token_length=w.m, lora_dim=w.r,
-                                    scale_init=0.1, fused=provider == "fused").to(device)
+                                    scale_init=0.1, fused=provider.startswith("fused")).to(device)
         self.params = [p for p in self.layer.parameters()]
         n = w.tokens_per_image + 1
         # several input sets, rotated, so inputs that fit in L2 are not timed from cache
@@ -103,7 +116,13 @@ class Case:
         self.fn = fn
 
     def _forward(self, x):
-        return self.layer(x, 0, batch_first=True, has_cls_token=True)
+        if self.mode == "call":
+            return self.layer(x, 0, batch_first=True, has_cls_token=True)
+        # torch.compile forms each layer's operands itself (prepared() is a no-op there)
+        with self.layer.prepared() if self.provider != "compile" else contextlib.nullcontext():
+            for i in range(self.w.L):
+                x = self.layer(x, i, batch_first=True, has_cls_token=True)
+        return x
 
     def autocast(self):
         if self.dtype == "bf16":
@@ -114,12 +133,16 @@ class Case:
         """One forward (without autograd) or one forward + backward (dx and every grad)."""
         x = self.xs[self.i % len(self.xs)]
         self.i += 1
-        if self.pass_ == "fwd":
-            with torch.no_grad(), self.autocast():
-                return self.fn(x)
-        with self.autocast():
-            out = self.fn(x)
-        return out, torch.autograd.grad(out, [x] + self.params, self.g.to(out.dtype), allow_unused=True)
+        kernels, rein_kernels.KERNELS = rein_kernels.KERNELS, self.kernels
+        try:
+            if self.pass_ == "fwd":
+                with torch.no_grad(), self.autocast():
+                    return self.fn(x)
+            with self.autocast():
+                out = self.fn(x)
+            return out, torch.autograd.grad(out, [x] + self.params, self.g.to(out.dtype), allow_unused=True)
+        finally:
+            rein_kernels.KERNELS = kernels
 
     def sync(self):
         if self.device == "cuda":
@@ -140,8 +163,12 @@ class Case:
             return t
 
         x = self.xs[0].detach().requires_grad_(True)
-        with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.autocast():
-            self.fn(x)
+        kernels, rein_kernels.KERNELS = rein_kernels.KERNELS, self.kernels
+        try:
+            with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), self.autocast():
+                self.fn(x)
+        finally:
+            rein_kernels.KERNELS = kernels
         params = {p.untyped_storage().data_ptr() for p in self.params}
         total = sum(seen.values())
         return total, total - sum(n for ptr, n in seen.items() if ptr in params)
@@ -177,16 +204,56 @@ def peak_mem_mb(fn, device: str, relative: bool = True) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
-def measure(w: Workload, provider: str, dtype: str, pass_: str, device: str, ceilings: dict | None) -> dict:
-    case = Case(w, provider, dtype, pass_, device)
+def graph_ms(case: Case, warmup_ms: float = 50, rep_ms: float = 300) -> float:
+    """Device time of one call, ms: captured once in a CUDA graph (after warm-up on a side
+    stream, compile and autotuning done) and replayed, so no host work is timed."""
+    import triton.testing
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            case()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        case()
+    return triton.testing.do_bench(g.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
+
+
+def host_ms(case: Case, n: int = 50) -> float:
+    """Wall time per call of n calls issued without synchronising, ms (CUDA)."""
+    torch.cuda.synchronize()
+    t0 = time.perf_counter()
+    for _ in range(n):
+        case()
+    t1 = time.perf_counter()
+    torch.cuda.synchronize()
+    return (t1 - t0) * 1e3 / n
+
+
+def measure(w: Workload, provider: str, dtype: str, pass_: str, device: str, ceilings: dict | None,
+            mode: str = "call") -> dict:
+    """One row: times per layer (a stack's totals divided by L), the floor, peak memory and
+    the bytes saved for backward (of the whole call)."""
+    case = Case(w, provider, dtype, pass_, device, mode=mode)
     case.run_synced()  # compile / autotune outside the timing
-    row = dict(workload=w.name, dtype=dtype, provider=provider, **{"pass": pass_})
-    row["median_ms"] = median_ms(case, device)
-    row["median_ms_repeat"] = median_ms(case, device)  # time twice: the spread is the noise
+    per = case.n_layers
+    row = dict(workload=w.name, dtype=dtype, provider=provider, mode=mode, **{"pass": pass_})
+    row["median_ms"] = median_ms(case, device) / per
+    row["median_ms_repeat"] = median_ms(case, device) / per  # time twice: the spread is the noise
+    if device == "cuda":
+        row["host_ms"] = host_ms(case, n=max(5, 50 // per)) / per
+        try:
+            row["graph_ms"] = graph_ms(case) / per
+            row["graph_ms_repeat"] = graph_ms(case) / per
+        except Exception as e:  # a provider that cannot be captured: say why, keep the row
+            row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
     row["floor_ms"] = floor_ms(w, pass_, dtype, ceilings) if ceilings else None
     row["peak_mem_mb"] = peak_mem_mb(case, device)
+    # (a stack under saved-tensor hooks would form every layer's operands itself: call mode only)
     row["saved_bytes"], row["saved_bytes_no_params"] = (
-        case.saved_bytes() if pass_ == "fwd+bwd" else (None, None))
+        case.saved_bytes() if pass_ == "fwd+bwd" and mode == "call" else (None, None))
     return row
 
 

@@ -38,8 +38,8 @@ Four launches and three cuBLAS GEMMs, none of them a cast or a separate pass ove
     between its two K ranges), and per-tile fp32 shares of sum_r <g_r W_d, x_r>.
   * cuBLAS: dT = gz^T x, [dU ; db_d] = P1a^T Gs, dW_d = Gs^T x, in the compute dtype with
     fp32 accumulation; dscale is the sum of the shares (one reduction).
-The shares' slots are laid out for the smallest block any config may use; a program with
-a larger block writes its share into its first slot and zeros into the others, so the
+The shares' slots are laid out for blocks of SLOT_R rows (and SLOT_N columns); a program
+with a larger block writes its share into its first slot and zeros into the others, so the
 buffer needs no zeroing launch and the sum is deterministic.
 
 Rows. The op takes x as a 3-D tensor [S0, S1, C] of any strides and ``seq_dim``, the
@@ -64,32 +64,43 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from ._common import as_dtype, configs, fma_or_tc, min_block, new, precision, refined_rows, row_view, rows
+from ._common import as_dtype, configs, new, precision, refined_rows, row_view, rows
 
 # Configs, from ptxas' report for sm_90 (tests/compile_sm90.py): every one compiles without
-# register spills in every dtype. The row kernel streams x (and g) once, so it needs
-# enough programs to keep every multiprocessor reading: 32-row tiles give 128 programs at
-# 4096 rows (v2's 64-row tiles gave 64 for 132 multiprocessors). The GEMM's tensor-core
-# list has larger tiles for operands the published shapes align to 16 elements (a
-# 128 x 256 tile covers a 4096 x 1024 output in 128 programs, one wave); for odd C
-# ("tc_odd") those spill, so it keeps v2's.
+# register spills in every dtype its path serves, within Hopper's shared memory.
+# Row kernel: it streams x (and g) once, so it needs enough programs to keep every
+# multiprocessor reading (v2's 64-row tiles gave 64 programs at 4096 rows for 132
+# multiprocessors; 32 rows give 128, 16 rows 256). "tc": tensor-core dots over 16-bit
+# parameters, or fp32 ones (tf32) whose rows are 16-element aligned; "small": fp32
+# parameters otherwise (FMA dots with tf32 off, or tf32 at odd C), where larger tiles spill.
+# GEMM: "tc" for operands the published shapes align to 16 elements (128 x 128 tiles: a
+# 4096 x 1024 output in 256 programs); "tc_odd" keeps v2's list for odd C, where those
+# spill; "fma" for fp32 with tf32 off.
 LOGITS_GPU_CONFIGS = {
     "tc": [triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-           for br, bk, w, s in [(32, 64, 4, 3), (32, 32, 4, 4), (64, 64, 8, 3), (16, 64, 4, 3)]],
-    "fma": [triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-            for br, bk, w, s in [(32, 32, 8, 3), (16, 32, 4, 3)]],
+           for br, bk, w, s in [(32, 32, 8, 3), (64, 32, 8, 3), (16, 64, 8, 3)]],
+    "small": [triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+              for br, bk, w, s in [(32, 16, 8, 2), (16, 16, 8, 3)]],
 }
 GEMM_GPU_CONFIGS = {
     "tc": [triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-           for br, bn, bk, w, s in [(128, 128, 64, 8, 3), (128, 256, 64, 8, 3), (64, 128, 64, 4, 4),
-                                    (128, 128, 32, 4, 4)]],
+           for br, bn, bk, w, s in [(128, 128, 64, 8, 3), (64, 256, 32, 8, 3), (64, 128, 32, 4, 4)]],
     "tc_odd": [triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
                for br, bn, bk, w, s in [(64, 128, 64, 4, 4), (64, 128, 32, 4, 4), (64, 256, 32, 8, 3)]],
     "fma": [triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for br, bn, bk, w, s in [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3), (64, 64, 16, 4, 3)]],
 }
-_LOGITS_INTERP = triton.Config({"BLOCK_R": 16, "BLOCK_K": 32}, num_warps=4, num_stages=1)
-_GEMM_INTERP = triton.Config({"BLOCK_R": 16, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+# The interpreter's blocks span two share slots in each direction, so that the CPU tests
+# exercise the slot layout a GPU's larger blocks use.
+_LOGITS_INTERP = triton.Config({"BLOCK_R": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+_GEMM_INTERP = triton.Config({"BLOCK_R": 32, "BLOCK_N": 32, "BLOCK_K": 32}, num_warps=4, num_stages=1)
+# The dscale shares' slots: one per SLOT_R rows (row kernel) and per SLOT_R x SLOT_N tile
+# (GEMM), the smallest blocks any config may use; a program with a larger block writes its
+# share into its first slot and zeros into the others.
+SLOT_R = SLOT_N = 16
+assert all(c.kwargs["BLOCK_R"] % SLOT_R == 0 for cs in LOGITS_GPU_CONFIGS.values() for c in cs)
+assert all(c.kwargs["BLOCK_R"] % SLOT_R == 0 and c.kwargs["BLOCK_N"] % SLOT_N == 0
+           for cs in GEMM_GPU_CONFIGS.values() for c in cs)
 
 
 @triton.jit
@@ -107,7 +118,7 @@ def _logits_kernel(
     sx, sg, sp, sxc, sgs,
     num_prefix, c_scale,
     SEQ_DIM: tl.constexpr, USE_SOFTMAX: tl.constexpr, BACKWARD: tl.constexpr, WRITE_X: tl.constexpr,
-    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, MIN_R: tl.constexpr,
+    PRECISION: tl.constexpr, BLOCK_M: tl.constexpr, SLOT_R: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """Per block of rows: z = x T^T, the softmax, and (BACKWARD) gz and the GEMM operands.
@@ -202,7 +213,7 @@ def _logits_kernel(
         tl.store(gz_bp, (gz * s).to(GZ.dtype.element_ty), boundary_check=(0, 1))
         tl.store(GZ + rows_.to(tl.int64) * sp, (gz0 * s).to(GZ.dtype.element_ty), mask=in_range)
         share = tl.sum(tl.where(refined, pgp + gb, 0.0), axis=0)
-        _store_share(PARTIAL, pid * (BLOCK_R // MIN_R), n_slots, share, BLOCK_R // MIN_R)
+        _store_share(PARTIAL, pid * (BLOCK_R // SLOT_R), n_slots, share, BLOCK_R // SLOT_R)
 
 
 @triton.jit
@@ -212,7 +223,7 @@ def _gemm_kernel(
     sa, sa2, so, sx, sb1k, sb1n,
     num_prefix,
     SEQ_DIM: tl.constexpr, B1_T: tl.constexpr, BACKWARD: tl.constexpr, PRECISION: tl.constexpr,
-    MIN_R: tl.constexpr, MIN_N: tl.constexpr,
+    SLOT_R: tl.constexpr, SLOT_N: tl.constexpr,
     BLOCK_R: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
 ):
     """One GEMM with K = C + K2 and the residual A in the epilogue, on refined rows
@@ -221,7 +232,7 @@ def _gemm_kernel(
     Forward: OUT = A + s (A @ B1 + A2 @ B2 + bias), A = x, B1 = W_d^T, A2 = P1, B2 = U.
     Backward: OUT = A + s (A @ B1) + A2 @ B2, A = g, B1 = W_d, A2 = gz (already scaled),
     B2 = T; and this tile's share of dscale, sum over refined rows of <(A @ B1)_r, x_r>
-    (x read from XS), into PARTIAL's slot grid [rows / MIN_R, C / MIN_N] (fp32).
+    (x read from XS), into PARTIAL's slot grid [rows / SLOT_R, C / SLOT_N] (fp32).
     A [rows, C] (row stride sa), B1 [C, C] (strides sb1k, sb1n; B1_T when it is a
     transposed view, so W_d^T needs no copy), A2 [rows, K2] (row stride sa2), B2 [K2, C]
     contiguous. A's tiles are cast in registers to B1's dtype.
@@ -249,8 +260,8 @@ def _gemm_kernel(
         x_bp = tl.make_block_ptr(XS, (R, C), (sx, 1), (r0, n0), (BLOCK_R, BLOCK_N), (1, 0))
         xt = tl.load(x_bp, boundary_check=(0, 1), padding_option="zero").to(tl.float32)
         share = tl.sum(tl.sum(tl.where(refined[:, None], acc * xt, 0.0), axis=1), axis=0)
-        SR: tl.constexpr = BLOCK_R // MIN_R
-        SN: tl.constexpr = BLOCK_N // MIN_N
+        SR: tl.constexpr = BLOCK_R // SLOT_R
+        SN: tl.constexpr = BLOCK_N // SLOT_N
         sr = pid_r * SR + tl.arange(0, SR)
         sn = pid_n * SN + tl.arange(0, SN)
         first = (tl.arange(0, SR) == 0)[:, None] & (tl.arange(0, SN) == 0)[None, :]
@@ -310,17 +321,20 @@ def _aligned(*ts: Tensor) -> bool:
 
 
 def _gemm_path(prec: str, C: int, *ts: Tensor) -> str:
-    path = fma_or_tc(prec)
-    if path == "tc" and not (C % 16 == 0 and _aligned(*ts)):
-        return "tc_odd"
-    return path
+    if prec == "ieee":
+        return "fma"
+    return "tc" if C % 16 == 0 and _aligned(*ts) else "tc_odd"
+
+
+def _logits_path(prec: str, C: int, T: Tensor, *ts: Tensor) -> str:
+    if T.element_size() == 2 or (prec == "tf32" and C % 16 == 0 and _aligned(*ts)):
+        return "tc"
+    return "small"
 
 
 def _slots(R: int, C: int) -> tuple[int, int, int]:
-    """The dscale shares' slots: the row kernel's (one per smallest row block) and the
-    GEMM's grid of smallest tiles (rows, columns)."""
-    return (triton.cdiv(R, min_block(_LOGITS, "BLOCK_R")),
-            triton.cdiv(R, min_block(_GEMM, "BLOCK_R")), triton.cdiv(C, min_block(_GEMM, "BLOCK_N")))
+    """The dscale shares' slots: the row kernel's, and the GEMM's grid (rows, columns)."""
+    return triton.cdiv(R, SLOT_R), triton.cdiv(R, SLOT_R), triton.cdiv(C, SLOT_N)
 
 
 def _launch_logits(x2, S1, seq_dim, T, U, lse, P1, num_prefix, use_softmax,
@@ -339,13 +353,13 @@ def _launch_logits(x2, S1, seq_dim, T, U, lse, P1, num_prefix, use_softmax,
         return (triton.cdiv(R, meta["BLOCK_R"]),)
 
     prec = precision(T.dtype)
-    _LOGITS[fma_or_tc(prec)][grid](
+    _LOGITS[_logits_path(prec, C, T, x2, g2, XC, GS)][grid](
         x2, g2, T, U, b_d, scale, lse, P1, GZ, XC, GS, partial,
         R, S1, C, M, partial.numel(),
         x2.stride(0), g2.stride(0), P1.stride(0), XC.stride(0), GS.stride(0),
         num_prefix, C ** -0.5 if use_softmax else 1.0,
         SEQ_DIM=seq_dim, USE_SOFTMAX=use_softmax, BACKWARD=backward, WRITE_X=write_x,
-        PRECISION=prec, BLOCK_M=_block_m(M), MIN_R=min_block(_LOGITS, "BLOCK_R"),
+        PRECISION=prec, BLOCK_M=_block_m(M), SLOT_R=SLOT_R,
     )
 
 
@@ -368,7 +382,7 @@ def _launch_gemm(A, S1, seq_dim, A2, K2, B1, B2, bias, scale, out, num_prefix, x
         A.stride(0), A2.stride(0), out.stride(0), xs.stride(0), B1.stride(0), B1.stride(1),
         num_prefix,
         SEQ_DIM=seq_dim, B1_T=B1.stride(0) < B1.stride(1), BACKWARD=backward, PRECISION=prec,
-        MIN_R=min_block(_GEMM, "BLOCK_R"), MIN_N=min_block(_GEMM, "BLOCK_N"),
+        SLOT_R=SLOT_R, SLOT_N=SLOT_N,
     )
 
 

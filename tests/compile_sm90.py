@@ -1,6 +1,6 @@
 """Compile every GPU kernel variant for sm_90 (H100/H200) without a GPU.
 
-    python tests/compile_sm90.py        (TRITON_INTERPRET must be unset)
+    python tests/compile_sm90.py [v3] [v2]        (TRITON_INTERPRET must be unset)
 
 Triton's own ptxas turns each kernel into a cubin ahead of time, so a kernel that would
 fail to compile shows up on a CPU-only machine. Every config autotuning may pick (each
@@ -23,8 +23,6 @@ assert os.environ.get("TRITON_INTERPRET", "0") != "1", "run without TRITON_INTER
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.compiler import ASTSource  # noqa: E402
-
-import rein_kernels.rein_layer as op  # noqa: E402
 
 TARGET = GPUTarget("cuda", 90, 32)
 SHARED_LIMIT = 227 * 1024
@@ -68,30 +66,72 @@ def ptxas_usage(log: str) -> tuple[int, int]:
     return int(regs.group(1)), int(spills.group(1)) + int(spills.group(2))
 
 
-def main() -> int:
-    failures = 0
-    for xd, pd, prec in DTYPES:
-        path = op._path(prec)
-        ints = dict(R="i32", S1="i32", C="i32", K2="i32", M="i32", num_prefix="i32",
-                    **{n: "i64" for n in ("sa", "so", "sx", "sb1k", "sb1n", "sg")})
-        gemm_types = dict(A=f"*{xd}", A2=f"*{pd}", B1=f"*{pd}", B2=f"*{pd}", BIAS=f"*{pd}", SCALE="*fp32",
-                          OUT=f"*{xd}", X=f"*{xd}", PARTIAL="*fp32", **ints)
-        logit_types = dict(X=f"*{xd}", G=f"*{xd}", T=f"*{pd}", U=f"*{pd}", LSE="*fp32", P1=f"*{pd}", GZ=f"*{pd}",
-                           PARTIAL="*fp32", c_scale="fp32", **ints)
-        jobs = []
-        for cfg in op.GEMM_GPU_CONFIGS[path]:
+def jobs_v3(xd, pd, prec):
+    import rein_kernels.rein_layer as op
+
+    ints = dict(R="i32", S1="i32", C="i32", K2="i32", M="i32", num_prefix="i32", n_slots="i32",
+                n_slots_r="i32", n_slots_n="i32",
+                **{n: "i64" for n in ("sa", "sa2", "so", "sx", "sb1k", "sb1n", "sg", "sp", "sxc", "sgs")})
+    gemm_types = dict(A=f"*{xd}", A2=f"*{pd}", B1=f"*{pd}", B2=f"*{pd}", BIAS=f"*{pd}", SCALE="*fp32",
+                      OUT=f"*{xd}", XS=f"*{pd}", PARTIAL="*fp32", **ints)
+    logit_types = dict(X=f"*{xd}", G=f"*{xd}", T=f"*{pd}", U=f"*{pd}", BD=f"*{pd}", SCALE="*fp32", LSE="*fp32",
+                       P1=f"*{pd}", GZ=f"*{pd}", XC=f"*{pd}", GS=f"*{pd}", PARTIAL="*fp32", c_scale="fp32", **ints)
+    jobs = []
+    # each config list with the alignments its launcher chooses it for (_gemm_path, _logits_path)
+    gemm_paths = [("tc", (True,)), ("tc_odd", (False,))] if prec == "tf32" else [("fma", (True, False))]
+    if pd != "fp32":
+        logits_paths = [("tc", (True, False))]
+    elif prec == "tf32":
+        logits_paths = [("tc", (True,)), ("small", (False,))]
+    else:
+        logits_paths = [("small", (True, False))]
+    for gpath, alignments in gemm_paths:
+        for cfg in op.GEMM_GPU_CONFIGS[gpath]:
             for backward in (False, True):  # forward: bias, W_d^T; backward: W_d, the dscale shares
-                jobs.append(("gemm", op._rein_gemm_kernel, gemm_types,
-                             dict(SEQ_DIM=1, B1_T=not backward, HAS_BIAS=not backward, DSCALE=backward,
-                                  PRECISION=prec), cfg))
-        for cfg in op.LOGITS_GPU_CONFIGS[path]:
+                consts = dict(SEQ_DIM=1, B1_T=not backward, BACKWARD=backward, PRECISION=prec,
+                              SLOT_R=op.SLOT_R, SLOT_N=op.SLOT_N)
+                jobs += [("v3 gemm", op._gemm_kernel, gemm_types, consts, cfg, a) for a in alignments]
+    for lpath, alignments in logits_paths:
+        for cfg in op.LOGITS_GPU_CONFIGS[lpath]:
             for backward in (False, True):
                 for softmax in (True, False):
-                    jobs.append(("logits", op._rein_logits_kernel, logit_types,
-                                 dict(SEQ_DIM=0, USE_SOFTMAX=softmax, BACKWARD=backward, PRECISION=prec,
-                                      BLOCK_M=128), cfg))
-        for (name, kernel, types, consts, cfg), aligned in itertools.product(jobs, (True, False)):
-            label = (f"{name:6s} x={xd} params={pd} {prec:4s} {'aligned  ' if aligned else 'unaligned'} {consts} "
+                    consts = dict(SEQ_DIM=0, USE_SOFTMAX=softmax, BACKWARD=backward, WRITE_X=backward and xd != pd,
+                                  PRECISION=prec, BLOCK_M=128, SLOT_R=op.SLOT_R)
+                    jobs += [("v3 logits", op._logits_kernel, logit_types, consts, cfg, a) for a in alignments]
+    return jobs
+
+
+def jobs_v2(xd, pd, prec):
+    import rein_kernels.rein_layer_v2 as op
+
+    path = op._path(prec)
+    ints = dict(R="i32", S1="i32", C="i32", K2="i32", M="i32", num_prefix="i32",
+                **{n: "i64" for n in ("sa", "so", "sx", "sb1k", "sb1n", "sg")})
+    gemm_types = dict(A=f"*{xd}", A2=f"*{pd}", B1=f"*{pd}", B2=f"*{pd}", BIAS=f"*{pd}", SCALE="*fp32",
+                      OUT=f"*{xd}", X=f"*{xd}", PARTIAL="*fp32", **ints)
+    logit_types = dict(X=f"*{xd}", G=f"*{xd}", T=f"*{pd}", U=f"*{pd}", LSE="*fp32", P1=f"*{pd}", GZ=f"*{pd}",
+                       PARTIAL="*fp32", c_scale="fp32", **ints)
+    jobs = []
+    for cfg in op.GEMM_GPU_CONFIGS[path]:
+        for backward in (False, True):
+            consts = dict(SEQ_DIM=1, B1_T=not backward, HAS_BIAS=not backward, DSCALE=backward, PRECISION=prec)
+            jobs += [("v2 gemm", op._rein_gemm_kernel, gemm_types, consts, cfg, a) for a in (True, False)]
+    for cfg in op.LOGITS_GPU_CONFIGS[path]:
+        for backward in (False, True):
+            for softmax in (True, False):
+                consts = dict(SEQ_DIM=0, USE_SOFTMAX=softmax, BACKWARD=backward, PRECISION=prec, BLOCK_M=128)
+                jobs += [("v2 logits", op._rein_logits_kernel, logit_types, consts, cfg, a) for a in (True, False)]
+    return jobs
+
+
+def main() -> int:
+    versions = sys.argv[1:] or ["v3", "v2"]
+    failures = n = 0
+    for xd, pd, prec in DTYPES:
+        jobs = [j for v in versions for j in {"v3": jobs_v3, "v2": jobs_v2}[v](xd, pd, prec)]
+        for name, kernel, types, consts, cfg, aligned in jobs:
+            n += 1
+            label = (f"{name:9s} x={xd} params={pd} {prec:4s} {'aligned  ' if aligned else 'unaligned'} {consts} "
                      f"{cfg.kwargs} w{cfg.num_warps} s{cfg.num_stages}")
             try:
                 k, regs, spills = compile_one(kernel, types, consts, cfg, aligned)
@@ -104,14 +144,14 @@ def main() -> int:
             problems = []
             if shared > SHARED_LIMIT:
                 problems.append(f"shared memory {shared} B > {SHARED_LIMIT}")
-            if name == "gemm" and prec == "tf32" and not wgmma:
+            if name.endswith("gemm") and prec == "tf32" and not wgmma:
                 problems.append("no wgmma in the GEMM")
             if spills:
                 problems.append(f"{spills} B of register spills")
             failures += bool(problems)
             print(f"{'FAIL' if problems else 'ok  '} {label}: regs {regs} spills {spills} B shared {shared} B "
-                  f"wgmma {wgmma} {'; '.join(problems)}")
-    print(f"{failures} failure(s)")
+                  f"wgmma {wgmma} {'; '.join(problems)}", flush=True)
+    print(f"{n} variants, {failures} failure(s)")
     return 1 if failures else 0
 
 

@@ -1,10 +1,12 @@
 """Mutation testing: plant each bug of ``mutants.py`` in turn, run the CPU kernel tests,
 revert, and report which bugs the suite caught and how.
 
-    python tests/mutation/run.py                 # every mutant (~15 min on 2 cores)
+    python tests/mutation/run.py                 # every mutant (~2.5 h on 2 cores)
+    python tests/mutation/run.py --kernels v3    # the current kernels' and the shared code's
     python tests/mutation/run.py --only lse-no-max gemm-no-bias
     python tests/mutation/run.py --list
 
+Mutants of the v2 kernels (kept selectable) run with REIN_KERNELS=v2, the others with v3.
 A mutant counts as caught when a test fails; "assert" when every failure is an
 AssertionError (the goal), "error" when a test raised something else, "crash" when
 pytest itself died (a segfault: a bug caught only by luck). Exits non-zero when the
@@ -79,7 +81,7 @@ def run_one(mu, tests, timeout) -> dict:
                     [sys.executable, "-m", "pytest", "-x", "-q", "-p", "no:cacheprovider", "-p", "no:randomly",
                      f"--junitxml={junit}", *tests],
                     cwd=ROOT, capture_output=True, text=True, timeout=timeout,
-                    env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1",
+                    env=dict(os.environ, PYTHONDONTWRITEBYTECODE="1", REIN_KERNELS=mu["kernels"],
                              HYPOTHESIS_PROFILE=os.environ.get("HYPOTHESIS_PROFILE", "ci")))
                 outcome, detail = classify(proc.returncode, junit)
                 if outcome == "crash":
@@ -95,6 +97,7 @@ def run_one(mu, tests, timeout) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", help="mutant ids to run (default: all)")
+    ap.add_argument("--kernels", choices=["v3", "v2"], help="only the mutants run with these kernels")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     ap.add_argument("--tests", nargs="+", default=TESTS)
     ap.add_argument("--timeout", type=float, default=600)
@@ -102,7 +105,8 @@ def main() -> int:
     ap.add_argument("--json", type=Path, help="write the per-mutant results here")
     args = ap.parse_args()
 
-    mutants = [mu for mu in MUTANTS if not args.only or mu["id"] in args.only]
+    mutants = [mu for mu in MUTANTS if (not args.only or mu["id"] in args.only)
+               and (not args.kernels or mu["kernels"] == args.kernels)]
     unknown = set(args.only or []) - {mu["id"] for mu in MUTANTS}
     if unknown:
         print(f"unknown mutant id(s): {sorted(unknown)}", file=sys.stderr)
