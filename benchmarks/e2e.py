@@ -1,10 +1,17 @@
 """End-to-end training step: timm DINOv2 ViT-L/16 at 512x512, batch 4 (random weights),
-frozen backbone, Rein after every block, a light head, cross-entropy, AdamW step.
+frozen backbone, Rein after every block, a head (``light``, or the recipe's ``mask2former``
+on transformers' parts), its loss, an AdamW step.
 
-Two kinds of rows (PERFORMANCE.md): like for like (eager vs fused Rein, everything else
-equal), and the headline, ``SETTINGS``: the official setting (fp32, the eager reference
-Rein, no compile, plain AdamW) against this library's defaults for a GPU (bf16 frozen
-weights under autocast, fused Rein, torch.compile, fused AdamW)."""
+Rows (PERFORMANCE.md): like for like (eager vs fused Rein, everything else equal), and
+``SETTINGS``: the official setting (fp32, the eager reference Rein, nothing captured)
+against this library's defaults for a GPU (bf16 frozen weights under autocast, fused Rein,
+the forward and backward captured in CUDA graphs by torch.compile's "reduce-overhead"
+mode, fused AdamW) and against the strongest free alternative (the same with the reference
+Rein). Each row records the step time (CUDA-event median), the host time per step (wall
+time of unsynchronised steps: near the step time, the host sets the pace), peak memory
+and what a forward leaves allocated for its backward. The loss (with the Mask2Former
+head's Hungarian matching on the host) and the optimizer step run outside the graphs.
+"""
 from __future__ import annotations
 
 import contextlib
@@ -13,30 +20,33 @@ import time
 import torch
 
 import rein
+import rein_kernels
 from bench import median_ms, peak_mem_mb
 from rein.heads import build_head
 
-
+LIBRARY = dict(fused=True, dtype="bf16", bf16_weights=True, compile="reduce-overhead", fused_adamw=True)
 SETTINGS = {
     "official": dict(fused=False, dtype="fp32"),
-    # forward + loss captured by torch.compile's CUDA graphs (mode="reduce-overhead")
-    "library": dict(fused=True, dtype="bf16", bf16_weights=True, compile="reduce-overhead", fused_adamw=True),
-    # the strongest free alternative: the reference Rein, compiled and captured the same way
-    "compile-reference": dict(fused=False, dtype="bf16", bf16_weights=True, compile="reduce-overhead",
-                              fused_adamw=True),
+    "library": LIBRARY,
+    "compile-reference": dict(LIBRARY, fused=False),
+    "library-v2": dict(LIBRARY, kernels="v2"),
+    # like for like, nothing captured
+    "fused-bf16": dict(fused=True, dtype="bf16", bf16_weights=True, fused_adamw=True),
+    "eager-bf16": dict(fused=False, dtype="bf16", bf16_weights=True, fused_adamw=True),
 }
 
 
 class TrainStep:
     def __init__(self, fused: bool, dtype: str, device: str, backbone: str = "vit_large_patch14_dinov2",
                  img: int = 512, batch: int = 4, num_classes: int = 19, bf16_weights: bool = False,
-                 compile: bool | str = False, fused_adamw: bool = False, **timm_kwargs):
+                 compile: bool | str = False, fused_adamw: bool = False, head: str = "light",
+                 kernels: str = "v3", head_kwargs: dict | None = None, **timm_kwargs):
         torch.manual_seed(0)
-        self.device, self.dtype = device, dtype
+        self.device, self.dtype, self.kernels = device, dtype, kernels
         self.model = rein.ReinBackbone.from_timm(backbone, img_size=img, patch_size=16, fused=fused,
                                                  **timm_kwargs).to(device)
         chans = [f.shape[1] for f in self.model(torch.zeros(1, 3, 32, 32, device=device))[0]]
-        self.head = build_head("light", chans, num_classes).to(device)
+        self.head = build_head(head, chans, num_classes, **(head_kwargs or {})).to(device)
         if bf16_weights:
             self.model.backbone.to(torch.bfloat16)
         self.model.train()
@@ -49,13 +59,17 @@ class TrainStep:
         self.labels = torch.randint(0, num_classes, (batch, img, img), device=device)
 
     def _forward(self, images):
-        feats, _ = self.model(images)
-        return self.head(feats)
+        feats, queries = self.model(images)
+        return self.head(feats, queries)
 
     def loss(self):
         ctx = torch.autocast(self.device, dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
-        with ctx:
-            return self.head.loss(self.forward(self.images), self.labels)
+        kernels, rein_kernels.KERNELS = rein_kernels.KERNELS, self.kernels
+        try:
+            with ctx:
+                return self.head.loss(self.forward(self.images), self.labels)
+        finally:
+            rein_kernels.KERNELS = kernels
 
     def __call__(self):
         loss = self.loss()
@@ -95,13 +109,14 @@ def held_after_forward_mb(step: TrainStep, device: str) -> float | None:
 
 def measure(fused: bool, dtype: str, device: str, provider: str | None = None, **kw) -> dict:
     step = TrainStep(fused, dtype, device, **kw)
-    step()  # compile and autotune outside the timing
-    # a training step takes a few hundred ms: a longer warm-up and window than one layer
-    row = dict(provider=provider or ("fused" if fused else "eager"), dtype=dtype,
-               median_ms=median_ms(step, device, warmup_ms=1000, rep_ms=3000, cpu_runs=5),
+    for _ in range(3):  # compile, autotune and record the graphs outside the timing
+        step()
+    # a training step takes tens of ms: a longer warm-up and window than one layer
+    row = dict(provider=provider or ("fused" if fused else "eager"), dtype=dtype, head=kw.get("head", "light"),
+               median_ms=median_ms(step, device, warmup_ms=500, rep_ms=2000, cpu_runs=5),
                peak_mem_mb=peak_mem_mb(step, device, relative=False),
                held_after_forward_mb=held_after_forward_mb(step, device))
-    row["median_ms_repeat"] = median_ms(step, device, warmup_ms=1000, rep_ms=3000, cpu_runs=5)
+    row["median_ms_repeat"] = median_ms(step, device, warmup_ms=500, rep_ms=2000, cpu_runs=5)
     row["host_ms"] = host_ms(step, device)
     del step
     if device == "cuda":

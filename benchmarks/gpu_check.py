@@ -1,14 +1,15 @@
 """The one-shot GPU check: versions, ceilings, the parity suite natively, the benchmarks.
 
     OUT=/some/dir python benchmarks/gpu_check.py [--budget-s 450] [--parity-timeout-s 240] [--skip-parity]
-        [--workloads vitl-512,vitg-512] [--tests tests/test_parity.py ...] [--skip-e2e]
+        [--workloads vitl-512,vitg-512] [--heads light,mask2former] [--tests tests/test_parity.py ...]
+        [--skip-layers] [--skip-e2e]
 
-Writes ``$OUT/<date>-<gpu>.json`` (schema: see make_results.py) after every measurement,
-so a run stopped by its time limit still leaves what it measured, ``$OUT/parity.log``,
-and prints a short table last. Everything it imports is already on
-the device image (torch, triton, timm, pytest); it installs nothing. Work runs in
-priority order (vitl-512, its end-to-end step, then the other workloads); once the time
-budget is spent the remaining cases are recorded as skipped, not guessed.
+Writes ``$OUT/<date>-<HHMM>-<gpu>.json`` (schema: see make_results.py) after every
+measurement, so a run stopped by its time limit still leaves what it measured,
+``$OUT/parity.log``, and prints a short table last. Everything it imports is already on
+the device image (torch, triton, timm, transformers, scipy, pytest); it installs nothing.
+Work runs in the order of ``plan()``; once the time budget is spent the remaining cases
+are recorded as skipped, not guessed.
 """
 from __future__ import annotations
 
@@ -29,12 +30,10 @@ sys.path[:0] = [str(HERE), str(ROOT)]
 import torch  # noqa: E402
 import triton  # noqa: E402
 
-from bench import DTYPES, PASSES, PROVIDERS, WORKLOADS, measure, workload_dict  # noqa: E402
+from bench import WORKLOADS, measure, workload_dict  # noqa: E402
 from ceilings import measure_ceilings  # noqa: E402
 
-PRIORITY = ["vitl-512", "vits-512", "vitl-1024", "vitg-512", "vitb-512", "vitl-512-b16"]
-# bf16 (the targets' headline) before fp32, so a short lease measures it first.
-ORDER = sorted(DTYPES, key=lambda d: d != "bf16")
+PRIORITY = ["vitl-512", "vitl-1024", "vitg-512", "vits-512", "vitb-512", "vitl-512-b16"]
 
 
 def device_info() -> dict:
@@ -77,6 +76,32 @@ def run_parity(out: Path, timeout_s: float, tests: list[str]) -> dict:
     return {"returncode": rc, "summary": summary, "counts": counts, "seconds": round(time.time() - t0, 1)}
 
 
+def plan(names: list[str], heads: list[str], layers: bool, e2e: bool) -> list[tuple]:
+    """What to measure, most important first (a short lease measures the head of it):
+    the recipe's layer (vitl-512 bf16) per layer as a backbone runs it (stack: v3, v2,
+    eager) and called alone (v3, v2, eager, compile); the training step with each head
+    (library defaults, compile of the reference, the official setting, then the like-for-
+    like uncaptured rows and v2 captured); then the other workloads and fp32."""
+    items = []
+    first, rest = names[0], names[1:]
+    if layers:
+        for pass_ in ("fwd+bwd", "fwd"):
+            items += [("layer", first, "bf16", pass_, p, "stack") for p in ("fused", "fused-v2", "eager")]
+            items += [("layer", first, "bf16", pass_, p, "call") for p in ("fused", "fused-v2", "eager", "compile")]
+    if e2e:
+        for head in heads:
+            items += [("e2e", head, s) for s in ("library", "compile-reference", "official")]
+        for head in heads:
+            items += [("e2e", head, s) for s in ("fused-bf16", "eager-bf16", "library-v2")]
+    if layers:
+        for name in rest:
+            items += [("layer", name, "bf16", "fwd+bwd", p, "stack") for p in ("fused", "fused-v2", "eager")]
+        items += [("layer", first, "fp32", "fwd+bwd", p, "stack") for p in ("fused", "fused-v2", "eager")]
+        for name in rest:
+            items += [("layer", name, "bf16", "fwd+bwd", "compile", "call")]
+    return items
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=450.0,
@@ -84,10 +109,10 @@ def main() -> int:
     ap.add_argument("--parity-timeout-s", type=float, default=240.0)
     ap.add_argument("--skip-parity", action="store_true")
     ap.add_argument("--skip-e2e", action="store_true")
-    ap.add_argument("--skip-layers", action="store_true", help="no per-layer rows (profile_layer.py has them)")
-    ap.add_argument("--dtypes", default=",".join(ORDER), help="comma-separated, measured in this order")
+    ap.add_argument("--skip-layers", action="store_true")
+    ap.add_argument("--heads", default="light,mask2former", help="the training step's heads, in this order")
     ap.add_argument("--workloads", default=",".join(PRIORITY),
-                    help="comma-separated workload names, measured in this order")
+                    help="comma-separated workload names, the first one measured most")
     ap.add_argument("--tests", nargs="+", default=["tests"], help="what the native test run covers")
     args = ap.parse_args()
     names = args.workloads.split(",")
@@ -108,7 +133,7 @@ def main() -> int:
     print("ceilings:", json.dumps({k: round(v, 1) for k, v in ceilings.items()}), flush=True)
 
     gpu = re.sub(r"[^A-Za-z0-9]+", "-", info["device"]).strip("-").lower()
-    path = out / f"{dt.date.today().isoformat()}-{gpu}.json"
+    path = out / f"{dt.datetime.now(dt.timezone.utc):%Y-%m-%d-%H%M}-{gpu}.json"
     results, skipped, e2e = [], [], []
     report = dict(info, ceilings=ceilings, parity=None, workloads=[workload_dict(WORKLOADS[n]) for n in names],
                   results=results, skipped=skipped, e2e=e2e, seconds=None)
@@ -125,36 +150,28 @@ def main() -> int:
         print("parity:", parity["summary"], f"({parity['seconds']} s)", flush=True)
 
     torch.backends.cuda.matmul.allow_tf32 = True
-
-    def over_budget(**what) -> bool:
+    for item in plan(names, args.heads.split(","), not args.skip_layers, not args.skip_e2e):
         if time.time() - start > args.budget_s:
-            skipped.append(dict(what, reason="time budget spent"))
-            return True
-        return False
-
-    # vitl-512 (the published recipe) first, each dtype followed by its end-to-end step, then the rest.
-    for name in names:
-        w = WORKLOADS[name]
-        for dtype in args.dtypes.split(","):
-            for pass_ in PASSES:
-                for provider in PROVIDERS if not args.skip_layers else ():
-                    if over_budget(workload=name, dtype=dtype, provider=provider, **{"pass": pass_}):
-                        continue
-                    try:
-                        row = measure(w, provider, dtype, pass_, "cuda", ceilings)
-                    except Exception as e:  # record and go on: one failure must not cost the run
-                        skipped.append(dict(workload=name, dtype=dtype, provider=provider, **{"pass": pass_},
-                                            reason=f"{type(e).__name__}: {e}"[:500]))
-                        save()
-                        continue
-                    results.append(row)
-                    save()
-                    print(f"{name:13s} {dtype} {pass_:7s} {provider:8s} {row['median_ms']:8.3f} ms "
-                          f"(floor {row['floor_ms']:.3f})", flush=True)
-            if name == "vitl-512" and not args.skip_e2e:
-                run_e2e(over_budget, dtype, e2e, save)
-                if dtype == "bf16":
-                    run_e2e_headline(over_budget, e2e, save)
+            skipped.append(dict(item=item, reason="time budget spent"))
+            continue
+        try:
+            if item[0] == "layer":
+                _, name, dtype, pass_, provider, mode = item
+                row = measure(WORKLOADS[name], provider, dtype, pass_, "cuda", ceilings, mode=mode)
+                results.append(row)
+                print(f"{name:10s} {dtype} {pass_:7s} {mode:5s} {provider:9s} events {row['median_ms']:7.3f} "
+                      f"graph {row.get('graph_ms') or float('nan'):7.3f} host {row.get('host_ms') or 0:7.3f} ms "
+                      f"(floor {row['floor_ms']:.3f}) {row.get('graph_error', '')}", flush=True)
+            else:
+                _, head, setting = item
+                row = run_e2e(head, setting)
+                e2e.append(row)
+                print("e2e", row, flush=True)
+        except Exception as e:  # record and go on: one failure must not cost the run
+            skipped.append(dict(item=item, reason=f"{type(e).__name__}: {e}"[:500]))
+            print("failed:", item, skipped[-1]["reason"][:300], flush=True)
+            torch.cuda.empty_cache()
+        save()
 
     report["kernels"] = compiled_kernels()
     save()
@@ -163,38 +180,13 @@ def main() -> int:
     return 0 if (parity is None or parity["returncode"] == 0) else 1
 
 
-def run_e2e(over_budget, dtype: str, rows: list[dict], save) -> None:
-    from e2e import measure as measure_e2e
-
-    for fused in (False, True):
-        provider = "fused" if fused else "eager"
-        if over_budget(workload="vitl-512", dtype=dtype, provider=provider, **{"pass": "e2e train step"}):
-            continue
-        try:
-            rows.append(dict(workload="vitl-512", **measure_e2e(fused, dtype, "cuda")))
-        except Exception as e:
-            rows.append(dict(workload="vitl-512", provider=provider, dtype=dtype,
-                             error=f"{type(e).__name__}: {e}"[:500]))
-        print("e2e", rows[-1], flush=True)
-        save()
-
-
-def run_e2e_headline(over_budget, rows: list[dict], save) -> None:
-    """The official setting against this library's defaults (e2e.SETTINGS), same run."""
+def run_e2e(head: str, setting: str) -> dict:
+    """One training-step row: ``e2e.SETTINGS[setting]`` with ``head`` (vitl-512)."""
     from e2e import SETTINGS, measure as measure_e2e
 
-    for name, setting in SETTINGS.items():
-        if over_budget(workload="vitl-512", dtype=setting["dtype"], provider=name, **{"pass": "e2e train step"}):
-            continue
-        kw = {k: v for k, v in setting.items() if k not in ("fused", "dtype")}
-        try:
-            rows.append(dict(workload="vitl-512", **measure_e2e(setting["fused"], setting["dtype"], "cuda",
-                                                                provider=name, **kw)))
-        except Exception as e:
-            rows.append(dict(workload="vitl-512", provider=name, dtype=setting["dtype"],
-                             error=f"{type(e).__name__}: {e}"[:500]))
-        print("e2e", rows[-1], flush=True)
-        save()
+    kw = {k: v for k, v in SETTINGS[setting].items() if k not in ("fused", "dtype")}
+    s = SETTINGS[setting]
+    return dict(workload="vitl-512", **measure_e2e(s["fused"], s["dtype"], "cuda", provider=setting, head=head, **kw))
 
 
 def compiled_kernels() -> dict:
@@ -230,25 +222,31 @@ def compiled_kernels() -> dict:
 
 
 def print_table(report: dict, names: list[str]) -> None:
-    by = {(r["workload"], r["dtype"], r["pass"], r["provider"]): r for r in report["results"]}
-    print(f"\n{'workload':13s} {'dtype':5s} {'pass':7s} {'eager':>8s} {'compile':>8s} {'fused':>8s} "
-          f"{'floor':>7s} {'x eager':>7s} {'x comp':>7s} {'/floor':>6s}")
+    """Device time per layer (graph replay, ms) by provider, then the training steps."""
+    by = {(r["workload"], r["dtype"], r["pass"], r.get("mode", "call"), r["provider"]): r for r in report["results"]}
+    providers = ("eager", "compile", "fused-v2", "fused")
+    print(f"\n{'workload':10s} {'dtype':5s} {'pass':7s} {'mode':5s} " + " ".join(f"{p:>9s}" for p in providers)
+          + f" {'floor':>7s} {'/floor':>6s} {'v2/v3':>6s} {'comp/v3':>7s}")
     for name in names:
-        for dtype in DTYPES:
-            for pass_ in PASSES:
-                t = {p: by.get((name, dtype, pass_, p), {}).get("median_ms") for p in PROVIDERS}
-                fl = by.get((name, dtype, pass_, "fused"), {}).get("floor_ms")
-                f = t["fused"]
+        for dtype in ("bf16", "fp32"):
+            for pass_ in ("fwd+bwd", "fwd"):
+                for mode in ("stack", "call"):
+                    t = {p: by.get((name, dtype, pass_, mode, p), {}).get("graph_ms") for p in providers}
+                    if not any(t.values()):
+                        continue
+                    fl = next((r["floor_ms"] for k, r in by.items() if k[:4] == (name, dtype, pass_, mode)), None)
 
-                def ratio(a, b):
-                    return f"{a / b:7.2f}" if a and b else f"{'-':>7s}"
+                    def ratio(a, b):
+                        return f"{a / b:6.2f}" if a and b else f"{'-':>6s}"
 
-                print(f"{name:13s} {dtype:5s} {pass_:7s} " + " ".join(
-                    f"{v:8.3f}" if v else f"{'-':>8s}" for v in t.values())
-                    + f" {fl or 0:7.3f} {ratio(t['eager'], f)} {ratio(t['compile'], f)} {ratio(f, fl)}")
+                    print(f"{name:10s} {dtype:5s} {pass_:7s} {mode:5s} "
+                          + " ".join(f"{v:9.3f}" if v else f"{'-':>9s}" for v in t.values())
+                          + f" {fl or 0:7.3f} {ratio(t['fused'], fl)} {ratio(t['fused-v2'], t['fused'])} "
+                          f"{ratio(t['compile'], t['fused']):>7s}")
     for row in report["e2e"]:
-        print("e2e vitl-512", row.get("dtype"), row.get("provider"), row.get("median_ms"), "ms, host",
-              row.get("host_ms"), "ms,", row.get("peak_mem_mb"), "MB", row.get("error", ""))
+        print(f"e2e {row.get('head', 'light'):11s} {row.get('provider'):17s} {row.get('dtype')} step "
+              f"{row.get('median_ms') or 0:7.1f} ms, host {row.get('host_ms') or 0:6.1f} ms, peak "
+              f"{row.get('peak_mem_mb') or 0:7.0f} MB {row.get('error', '')}")
     if report["parity"]:
         print("parity:", report["parity"]["summary"])
 

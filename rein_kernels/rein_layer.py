@@ -74,11 +74,11 @@ from ._common import as_dtype, configs, new, precision, refined_rows, row_view, 
 # parameters, or fp32 ones (tf32) whose rows are 16-element aligned; "small": fp32
 # parameters otherwise (FMA dots with tf32 off, or tf32 at odd C), where larger tiles spill.
 # GEMM: "tc" for operands the published shapes align to 16 elements (128 x 128 tiles: a
-# 4096 x 1024 output in 256 programs); "tc_odd" keeps v2's list for odd C, where those
-# spill; "fma" for fp32 with tf32 off.
+# 4096 x 1024 output in 256 programs); "tc_odd" keeps v2's smaller tiles for odd C, where
+# those spill; "fma" for fp32 with tf32 off.
 LOGITS_GPU_CONFIGS = {
     "tc": [triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-           for br, bk, w, s in [(32, 32, 8, 3), (64, 32, 8, 3), (16, 64, 8, 3)]],
+           for br, bk, w, s in [(32, 16, 8, 3), (64, 32, 8, 3), (16, 64, 8, 3)]],
     "small": [triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
               for br, bk, w, s in [(32, 16, 8, 2), (16, 16, 8, 3)]],
 }
@@ -86,7 +86,7 @@ GEMM_GPU_CONFIGS = {
     "tc": [triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
            for br, bn, bk, w, s in [(128, 128, 64, 8, 3), (64, 256, 32, 8, 3), (64, 128, 32, 4, 4)]],
     "tc_odd": [triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-               for br, bn, bk, w, s in [(64, 128, 64, 4, 4), (64, 128, 32, 4, 4), (64, 256, 32, 8, 3)]],
+               for br, bn, bk, w, s in [(64, 128, 32, 4, 4), (64, 256, 32, 8, 3)]],
     "fma": [triton.Config({"BLOCK_R": br, "BLOCK_N": bn, "BLOCK_K": bk}, num_warps=w, num_stages=s)
             for br, bn, bk, w, s in [(64, 128, 32, 8, 3), (64, 64, 32, 8, 3), (64, 64, 16, 4, 3)]],
 }
