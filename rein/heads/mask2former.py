@@ -46,6 +46,7 @@ try:
         Mask2FormerConfig,
         Mask2FormerLoss,
         Mask2FormerPixelDecoder,
+        Mask2FormerPixelDecoderEncoderLayer,
         Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
         Mask2FormerTransformerModule,
     )
@@ -94,6 +95,16 @@ class _ReinQueryDecoder(Mask2FormerTransformerModule):
         return self.decoder(inputs_embeds=query_feat, multi_stage_positional_embeddings=pos,
                             pixel_embeddings=mask_features, encoder_hidden_states=feats,
                             query_position_embeddings=query_pos, feature_size_list=sizes, return_dict=True)
+
+
+class _EncoderLayer(Mask2FormerPixelDecoderEncoderLayer):
+    """transformers' deformable encoder layer, always in eval mode: in training it tests
+    ``isfinite(hidden_states).all()`` and clamps (a host sync in each of the 6 layers, and a
+    graph break under torch.compile) where mmdet's layer does nothing; its dropouts are 0,
+    so eval mode changes nothing else."""
+
+    def train(self, mode: bool = True):
+        return super().train(False)
 
 
 class _Criterion(Mask2FormerLoss):
@@ -181,6 +192,9 @@ class Mask2FormerHead(nn.Module):
                            decoder_ffn_dims, num_points)
         self.num_classes, self.dims = num_classes, query_dims
         self.pixel_decoder = Mask2FormerPixelDecoder(config, feature_channels=list(in_channels))
+        for layer in self.pixel_decoder.encoder.layers:
+            layer.__class__ = _EncoderLayer
+            layer.train(False)
         self.transformer = _ReinQueryDecoder(config)
         self.querys2feat = nn.Linear(query_dims, query_dims)
         self.class_predictor = nn.Linear(query_dims, num_classes + 1)
