@@ -9,7 +9,9 @@ the forward and backward captured in CUDA graphs by torch.compile's "reduce-over
 mode, fused AdamW) and against the strongest free alternative (the same with the reference
 Rein). Each row records the step time (CUDA-event median), the host time per step (wall
 time of unsynchronised steps: near the step time, the host sets the pace), peak memory
-and what a forward leaves allocated for its backward. The loss (with the Mask2Former
+allocated (for captured steps an underestimate: graphs keep their memory in private pools)
+and the memory the caching allocator holds, and what a forward leaves allocated for its
+backward. The loss (with the Mask2Former
 head's Hungarian matching on the host) and the optimizer step run outside the graphs.
 """
 from __future__ import annotations
@@ -33,6 +35,11 @@ SETTINGS = {
     # like for like, nothing captured
     "fused-bf16": dict(fused=True, dtype="bf16", bf16_weights=True, fused_adamw=True),
     "eager-bf16": dict(fused=False, dtype="bf16", bf16_weights=True, fused_adamw=True),
+    # the whole step (forward, loss, backward, optimizer) as one CUDA graph: the light head
+    # only (the Mask2Former loss matches on the host); without and with Inductor's kernels
+    "library-graph": dict(fused=True, dtype="bf16", bf16_weights=True, fused_adamw=True, capture=True),
+    "library-compile-graph": dict(fused=True, dtype="bf16", bf16_weights=True, fused_adamw=True, capture=True,
+                                  compile=True),
 }
 
 
@@ -40,7 +47,7 @@ class TrainStep:
     def __init__(self, fused: bool, dtype: str, device: str, backbone: str = "vit_large_patch14_dinov2",
                  img: int = 512, batch: int = 4, num_classes: int = 19, bf16_weights: bool = False,
                  compile: bool | str = False, fused_adamw: bool = False, head: str = "light",
-                 kernels: str = "v3", head_kwargs: dict | None = None, **timm_kwargs):
+                 kernels: str = "v3", head_kwargs: dict | None = None, capture: bool = False, **timm_kwargs):
         torch.manual_seed(0)
         self.device, self.dtype, self.kernels = device, dtype, kernels
         self.model = rein.ReinBackbone.from_timm(backbone, img_size=img, patch_size=16, fused=fused,
@@ -52,7 +59,10 @@ class TrainStep:
         self.model.train()
         self.head.train()
         params = [p for p in self.model.parameters() if p.requires_grad] + list(self.head.parameters())
-        self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05, **({"fused": True} if fused_adamw else {}))
+        self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05,
+                                     **({"fused": True} if fused_adamw else {}),
+                                     **({"capturable": True} if capture else {}))
+        self.graph = None
         mode = compile if isinstance(compile, str) else None
         self.forward = torch.compile(self._forward, mode=mode) if compile else self._forward
         self.images = torch.randn(batch, 3, img, img, device=device)
@@ -72,11 +82,33 @@ class TrainStep:
             rein_kernels.KERNELS = kernels
 
     def __call__(self):
+        if self.graph is not None:
+            self.graph.replay()
+            return self.static_loss
         loss = self.loss()
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         return loss
+
+    def capture(self) -> None:
+        """Record the whole step as one CUDA graph (PyTorch's whole-network capture): warm-up
+        steps on a side stream (compile, autotuning, the optimizer's state), then one step
+        captured with the gradients unset, so that the backward allocates them inside the
+        graph and every replay writes them in place; later calls replay it."""
+        s = torch.cuda.Stream()
+        s.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(s):
+            for _ in range(3):
+                self()
+        torch.cuda.current_stream().wait_stream(s)
+        self.opt.zero_grad(set_to_none=True)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph):
+            self.static_loss = self.loss()
+            self.static_loss.backward()
+            self.opt.step()
+        self.graph = graph
 
 
 def host_ms(step: TrainStep, device: str, n: int = 10) -> float | None:
@@ -95,8 +127,9 @@ def host_ms(step: TrainStep, device: str, n: int = 10) -> float | None:
 
 def held_after_forward_mb(step: TrainStep, device: str) -> float | None:
     """Memory a forward leaves allocated for its backward (activations, casts), MiB: with
-    the peak, it tells saved tensors from backward transients. None on a CPU."""
-    if device != "cuda":
+    the peak, it tells saved tensors from backward transients. None on a CPU or for a
+    captured step (its memory is the graph's pool)."""
+    if device != "cuda" or step.graph is not None:
         return None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()
@@ -109,6 +142,8 @@ def held_after_forward_mb(step: TrainStep, device: str) -> float | None:
 
 def measure(fused: bool, dtype: str, device: str, provider: str | None = None, **kw) -> dict:
     step = TrainStep(fused, dtype, device, **kw)
+    if kw.get("capture"):
+        step.capture()
     for _ in range(3):  # compile, autotune and record the graphs outside the timing
         step()
     # a training step takes tens of ms: a longer warm-up and window than one layer
@@ -118,6 +153,9 @@ def measure(fused: bool, dtype: str, device: str, provider: str | None = None, *
                held_after_forward_mb=held_after_forward_mb(step, device))
     row["median_ms_repeat"] = median_ms(step, device, warmup_ms=500, rep_ms=2000, cpu_runs=5)
     row["host_ms"] = host_ms(step, device)
+    # CUDA graphs keep their memory in private pools, which the allocated peak does not
+    # count between replays: the memory held by the caching allocator bounds it from above
+    row["reserved_mb"] = torch.cuda.memory_reserved() / 2**20 if device == "cuda" else None
     del step
     if device == "cuda":
         torch.cuda.empty_cache()
