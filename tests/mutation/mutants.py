@@ -241,8 +241,6 @@ MUTANTS_V3 = [
       "no-softmax gz not zeroed on prefix rows"),
     m("p1a-no-ones", K, "tl.store(p1_bp, tl.where(ones, 1.0, p).to(P1.dtype.element_ty), boundary_check=(0, 1))",
       "tl.store(p1_bp, p.to(P1.dtype.element_ty), boundary_check=(0, 1))", "db_d from a column of zeros"),
-    m("p1a-ones-on-prefix", K, "ones = (cols == M - 1)[None, :] & refined[:, None]",
-      "ones = (cols == M - 1)[None, :] & in_range[:, None]", "db_d counts prefix rows"),
     m("gs-prefix-unmasked", K, "tl.where(refined[:, None], gk * s, 0.0).to(GS.dtype.element_ty)",
       "(gk * s).to(GS.dtype.element_ty)", "dW_d and dU count prefix rows"),
     m("gs-unscaled", K, "tl.where(refined[:, None], gk * s, 0.0).to(GS.dtype.element_ty)",
