@@ -73,6 +73,9 @@ def run_parity(out: Path, timeout_s: float, tests: list[str]) -> dict:
     (out / "parity.log").write_text(log)
     summary = log.strip().splitlines()[-1] if log.strip() else ""
     counts = {k: int(v) for v, k in re.findall(r"(\d+) (passed|failed|skipped|error|errors)", summary)}
+    if rc == -1:  # stopped: count the verbose lines, so the summary still says what passed and failed
+        counts = {k.lower(): len(re.findall(rf"\b{k}\b", log)) for k in ("PASSED", "FAILED", "SKIPPED", "ERROR")}
+        summary = f"stopped after {timeout_s:.0f} s: " + ", ".join(f"{v} {k}" for k, v in counts.items())
     return {"returncode": rc, "summary": summary, "counts": counts, "seconds": round(time.time() - t0, 1)}
 
 

@@ -32,7 +32,39 @@ def _fmt(v, spec=".3f"):
     return format(v, spec) if isinstance(v, (int, float)) else "-"
 
 
+def device_table(run: dict) -> list[str]:
+    """Runs that recorded graph replays (2026-11-30 on): device time per layer, by mode."""
+    by = {(r["workload"], r["dtype"], r["pass"], r.get("mode", "call"), r["provider"]): r for r in run["results"]}
+    providers = ("eager", "compile", "fused-v2", "fused")
+    lines = [
+        "Device time per layer, ms (one CUDA-graph replay; `stack`: all L layers chained inside "
+        "`prepared()` as a backbone runs them, divided by L; `call`: one layer called alone, its "
+        "parameter operands formed per call). `fused` is kernels v3, `fused-v2` the previous ones.", "",
+        "| workload | dtype | pass | mode | eager | compile | fused-v2 | fused | floor | fused/floor "
+        "| x v2 | x compile | x eager | host ms per call (fused) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+    ]
+    for w in ORDER:
+        for dtype in ("bf16", "fp32"):
+            for pass_ in ("fwd+bwd", "fwd"):
+                for mode in ("stack", "call"):
+                    rows = {p: by.get((w, dtype, pass_, mode, p)) for p in providers}
+                    if not any(rows.values()):
+                        continue
+                    t = {p: (r or {}).get("graph_ms") for p, r in rows.items()}
+                    f = rows["fused"] or next(r for r in rows.values() if r)
+                    ratio = (lambda a, b: f"{a / b:.2f}" if a and b else "-")
+                    lines.append(
+                        f"| {w} | {dtype} | {pass_} | {mode} | " + " | ".join(_fmt(t[p]) for p in providers)
+                        + f" | {_fmt(f.get('floor_ms'))} | {ratio(t['fused'], f.get('floor_ms'))} "
+                        f"| {ratio(t['fused-v2'], t['fused'])} | {ratio(t['compile'], t['fused'])} "
+                        f"| {ratio(t['eager'], t['fused'])} | {_fmt((rows['fused'] or {}).get('host_ms'))} |")
+    return lines
+
+
 def run_table(run: dict) -> list[str]:
+    if any("graph_ms" in r for r in run["results"]):
+        return device_table(run)
     by = {(r["workload"], r["dtype"], r["pass"], r["provider"]): r for r in run["results"]}
     lines = [
         "| workload | dtype | pass | eager ms | compile ms | fused ms | floor ms | fused/floor "
@@ -80,18 +112,22 @@ def plot(run: dict, path: Path) -> bool:
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    by = {(r["workload"], r["dtype"], r["pass"], r["provider"]): r["median_ms"] for r in run["results"]}
+    # device time (graph replays) where the run has it, else the event times of older runs
+    key = "graph_ms" if any("graph_ms" in r for r in run["results"]) else "median_ms"
+    by = {(r["workload"], r["dtype"], r["pass"], r["provider"]): r.get(key) for r in run["results"]
+          if r.get("mode", "call") == "call"}
     fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
     drew = False
     for ax, dtype in zip(axes, ("fp32", "bf16")):
-        ws = [w for w in ORDER if (w, dtype, "fwd+bwd", "fused") in by]
+        ws = [w for w in ORDER if by.get((w, dtype, "fwd+bwd", "fused"))]
         for k, base in enumerate(("eager", "compile")):
-            sp = [by.get((w, dtype, "fwd+bwd", base), float("nan")) / by[(w, dtype, "fwd+bwd", "fused")] for w in ws]
+            sp = [(by.get((w, dtype, "fwd+bwd", base)) or float("nan")) / by[(w, dtype, "fwd+bwd", "fused")]
+                  for w in ws]
             ax.bar([i + 0.4 * k for i in range(len(ws))], sp, width=0.4, label=f"vs {base}")
             drew = drew or bool(ws)
         ax.axhline(1.0, color="k", lw=0.8)
         ax.set_xticks([i + 0.2 for i in range(len(ws))], ws, rotation=30)
-        ax.set_title(f"{dtype}, forward+backward, one layer")
+        ax.set_title(f"{dtype}, forward+backward, one layer called alone ({'device' if key == 'graph_ms' else 'event'} time)")
     axes[0].set_ylabel("fused speed-up (x)")
     axes[0].legend()
     fig.suptitle(f"{run['device']}, torch {run['torch']}, triton {run['triton']}, {run['date'][:10]}")
@@ -119,10 +155,16 @@ def main() -> None:
                 f"{(run.get('parity') or {}).get('summary', 'not run')}. File: `results/{run['_file']}`.", ""]
         out += run_table(run) + [""]
         if run.get("e2e"):
-            out += ["End-to-end training step (DINOv2 ViT-L/16, 512², batch 4, light head, AdamW):", "",
-                    "| dtype | provider | step ms | peak MB | held after forward MB |", "|---|---|---|---|---|"]
-            out += [f"| {r.get('dtype')} | {r.get('provider')} | {_fmt(r.get('median_ms'))} | "
-                    f"{_fmt(r.get('peak_mem_mb'), '.0f')} | {_fmt(r.get('held_after_forward_mb'), '.0f')} |"
+            out += ["End-to-end training step (DINOv2 ViT-L/16, 512², batch 4, AdamW; settings in "
+                    "`benchmarks/e2e.py`: `library` = fused Rein, bf16 weights, forward and backward captured by "
+                    "torch.compile's reduce-overhead mode; `compile-reference` = the same with the reference Rein; "
+                    "`official` = fp32, eager reference, nothing captured; host ms = wall time per unsynchronised "
+                    "step; a captured step's allocated peak misses its graph pools, reserved bounds it):", "",
+                    "| head | dtype | provider | step ms | host ms | peak MB | reserved MB | held after forward MB |",
+                    "|---|---|---|---|---|---|---|---|"]
+            out += [f"| {r.get('head', 'light')} | {r.get('dtype')} | {r.get('provider')} | {_fmt(r.get('median_ms'))} "
+                    f"| {_fmt(r.get('host_ms'), '.1f')} | {_fmt(r.get('peak_mem_mb'), '.0f')} "
+                    f"| {_fmt(r.get('reserved_mb'), '.0f')} | {_fmt(r.get('held_after_forward_mb'), '.0f')} |"
                     for r in run["e2e"]]
             out += [""]
         if i == 0 and plot(run, HERE / "speedup.png"):
