@@ -32,6 +32,7 @@ SETTINGS = {
     "library": LIBRARY,
     "compile-reference": dict(LIBRARY, fused=False),
     "library-v2": dict(LIBRARY, kernels="v2"),
+    "library-triton-op": dict(LIBRARY, registration="triton_op"),
     # like for like, nothing captured
     "fused-bf16": dict(fused=True, dtype="bf16", bf16_weights=True, fused_adamw=True),
     "eager-bf16": dict(fused=False, dtype="bf16", bf16_weights=True, fused_adamw=True),
@@ -47,9 +48,10 @@ class TrainStep:
     def __init__(self, fused: bool, dtype: str, device: str, backbone: str = "vit_large_patch14_dinov2",
                  img: int = 512, batch: int = 4, num_classes: int = 19, bf16_weights: bool = False,
                  compile: bool | str = False, fused_adamw: bool = False, head: str = "light",
-                 kernels: str = "v3", head_kwargs: dict | None = None, capture: bool = False, **timm_kwargs):
+                 kernels: str = "v3", head_kwargs: dict | None = None, capture: bool = False,
+                 registration: str = "custom_op", **timm_kwargs):
         torch.manual_seed(0)
-        self.device, self.dtype, self.kernels = device, dtype, kernels
+        self.device, self.dtype, self.kernels, self.registration = device, dtype, kernels, registration
         self.model = rein.ReinBackbone.from_timm(backbone, img_size=img, patch_size=16, fused=fused,
                                                  **timm_kwargs).to(device)
         chans = [f.shape[1] for f in self.model(torch.zeros(1, 3, 32, 32, device=device))[0]]
@@ -74,12 +76,13 @@ class TrainStep:
 
     def loss(self):
         ctx = torch.autocast(self.device, dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
-        kernels, rein_kernels.KERNELS = rein_kernels.KERNELS, self.kernels
+        saved = rein_kernels.KERNELS, rein_kernels.REGISTRATION
+        rein_kernels.KERNELS, rein_kernels.REGISTRATION = self.kernels, self.registration
         try:
             with ctx:
                 return self.head.loss(self.forward(self.images), self.labels)
         finally:
-            rein_kernels.KERNELS = kernels
+            rein_kernels.KERNELS, rein_kernels.REGISTRATION = saved
 
     def __call__(self):
         if self.graph is not None:

@@ -94,7 +94,7 @@ def plan(names: list[str], heads: list[str], layers: bool, e2e: bool) -> list[tu
     if e2e:
         for head in heads:
             items += [("e2e", head, s) for s in ("library", "compile-reference", "official")]
-        items += [("e2e", heads[0], s) for s in ("library-graph", "library-compile-graph")]
+        items += [("e2e", heads[0], s) for s in ("library-graph", "library-compile-graph", "library-triton-op")]
         for head in heads:
             items += [("e2e", head, s) for s in ("fused-bf16", "eager-bf16", "library-v2")]
     if layers:

@@ -11,6 +11,11 @@
     KERNELS               which kernels the op runs: "v3" (rein_layer.py) or "v2"
                           (rein_layer_v2.py), from REIN_KERNELS; benchmarks/NOTES.md says why
                           the default is what it is.
+    REGISTRATION          which registration of v3 the layer calls: "custom_op" (the default;
+                          opaque to torch.compile) or "triton_op" (torch >= 2.6: torch.compile
+                          traces it and Inductor launches the kernels itself), from
+                          REIN_REGISTRATION. The default stays custom_op until a GPU run has
+                          compiled and timed the triton_op (benchmarks/NOTES.md).
 """
 from __future__ import annotations
 
@@ -38,6 +43,10 @@ KERNEL_VERSIONS = ("v3", "v2")
 KERNELS = os.environ.get("REIN_KERNELS", "v3")
 if KERNELS not in KERNEL_VERSIONS:
     raise ValueError(f"REIN_KERNELS={KERNELS!r}: choose one of {', '.join(KERNEL_VERSIONS)}")
+REGISTRATIONS = ("custom_op", "triton_op")
+REGISTRATION = os.environ.get("REIN_REGISTRATION", "custom_op")
+if REGISTRATION not in REGISTRATIONS:
+    raise ValueError(f"REIN_REGISTRATION={REGISTRATION!r}: choose one of {', '.join(REGISTRATIONS)}")
 
 
 def _interpreting() -> bool:
@@ -140,7 +149,10 @@ def apply_fused(x, T, U, W_d, b_d, scale, batch_first, num_prefix_tokens, use_so
     if KERNELS == "v2":
         from .rein_layer_v2 import rein_layer_fwd_v2 as rein_layer_fwd
     else:
-        from .rein_layer import rein_layer_fwd
+        from . import rein_layer as op
+
+        traced = REGISTRATION == "triton_op" and op.HAS_TRITON_OP
+        rein_layer_fwd = op.rein_layer_fwd_t if traced else op.rein_layer_fwd
 
     out, _ = rein_layer_fwd(
         x, T, U, W_d, b_d, scale, num_prefix_tokens, 1 if batch_first else 0, use_softmax

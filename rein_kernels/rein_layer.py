@@ -317,7 +317,9 @@ def _aligned(*ts: Tensor) -> bool:
     """Whether the GEMM's [rows, C] operands are aligned as the published shapes are
     (row strides and addresses multiples of 16 elements and bytes): the large-tile configs
     then compile without spills; other shapes take the v2 configs."""
-    return all(t.stride(0) % 16 == 0 and t.data_ptr() % 16 == 0 for t in ts)
+    # the storage offset, not the address: allocations are aligned, and under torch.compile's
+    # tracing (the triton_op) a fake tensor has no address
+    return all(t.stride(0) % 16 == 0 and t.storage_offset() * t.element_size() % 16 == 0 for t in ts)
 
 
 def _gemm_path(prec: str, C: int, *ts: Tensor) -> str:
@@ -337,7 +339,11 @@ def _slots(R: int, C: int) -> tuple[int, int, int]:
     return triton.cdiv(R, SLOT_R), triton.cdiv(R, SLOT_R), triton.cdiv(C, SLOT_N)
 
 
-def _launch_logits(x2, S1, seq_dim, T, U, lse, P1, num_prefix, use_softmax,
+def _direct(kernel):
+    return kernel
+
+
+def _launch_logits(x2, S1, seq_dim, T, U, lse, P1, num_prefix, use_softmax, launch,
                    g2=None, b_d=None, scale=None, GZ=None, XC=None, GS=None, partial=None):
     """Forward (g2 None: writes lse, P1) or backward (reads lse; writes P1a, GZ, GS, XC
     unless it is x2 itself, and the shares). x2, g2 and the outputs: [R, *] row views."""
@@ -353,7 +359,7 @@ def _launch_logits(x2, S1, seq_dim, T, U, lse, P1, num_prefix, use_softmax,
         return (triton.cdiv(R, meta["BLOCK_R"]),)
 
     prec = precision(T.dtype)
-    _LOGITS[_logits_path(prec, C, T, x2, g2, XC, GS)][grid](
+    launch(_LOGITS[_logits_path(prec, C, T, x2, g2, XC, GS)])[grid](
         x2, g2, T, U, b_d, scale, lse, P1, GZ, XC, GS, partial,
         R, S1, C, M, partial.numel(),
         x2.stride(0), g2.stride(0), P1.stride(0), XC.stride(0), GS.stride(0),
@@ -363,7 +369,7 @@ def _launch_logits(x2, S1, seq_dim, T, U, lse, P1, num_prefix, use_softmax,
     )
 
 
-def _launch_gemm(A, S1, seq_dim, A2, K2, B1, B2, bias, scale, out, num_prefix, xs=None, partial=None,
+def _launch_gemm(A, S1, seq_dim, A2, K2, B1, B2, bias, scale, out, num_prefix, launch, xs=None, partial=None,
                  n_slots=(1, 1)):
     """Forward (xs None) or backward (xs given: also writes the dscale shares to partial).
     A, out, xs: [R, C] row views; A2: [R, >= K2] row view."""
@@ -376,7 +382,7 @@ def _launch_gemm(A, S1, seq_dim, A2, K2, B1, B2, bias, scale, out, num_prefix, x
         return (triton.cdiv(R, meta["BLOCK_R"]), triton.cdiv(C, meta["BLOCK_N"]))
 
     prec = precision(B2.dtype)
-    _GEMM[_gemm_path(prec, C, A, out, xs, A2)][grid](
+    launch(_GEMM[_gemm_path(prec, C, A, out, xs, A2)])[grid](
         A, A2, B1, B2, bias if bias is not None else B2, scale, out, xs, partial,
         R, S1, C, K2, *n_slots,
         A.stride(0), A2.stride(0), out.stride(0), xs.stride(0), B1.stride(0), B1.stride(1),
@@ -386,7 +392,9 @@ def _launch_gemm(A, S1, seq_dim, A2, K2, B1, B2, bias, scale, out, num_prefix, x
     )
 
 
-def _forward(x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax):
+def _forward(x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax, launch=_direct):
+    """(out, lse); ``launch`` wraps each kernel before its launch (torch.library.wrap_triton
+    for the triton_op registration)."""
     xv, sd, swapped = row_view(x, seq_dim)
     S1 = xv.shape[1]
     x2 = rows(xv)
@@ -395,15 +403,15 @@ def _forward(x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax):
     lse = new(torch.empty(R, device=x.device, dtype=torch.float32))
     P1 = new(torch.empty(R, _stride_m(M), device=x.device, dtype=T.dtype))
     if R:
-        _launch_logits(x2, S1, sd, T, U, lse, P1, num_prefix, use_softmax)
-        _launch_gemm(x2, S1, sd, P1, M - 1, W_d.t(), U, b_d, scale, out, num_prefix)
+        _launch_logits(x2, S1, sd, T, U, lse, P1, num_prefix, use_softmax, launch)
+        _launch_gemm(x2, S1, sd, P1, M - 1, W_d.t(), U, b_d, scale, out, num_prefix, launch)
     out = out.view(xv.shape)
     if swapped:
         out = out.transpose(0, 1)
     return out, lse
 
 
-def _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax):
+def _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax, launch=_direct):
     """(dx, dT, [dU ; db_d], dW_d, dscale): dU and db_d are the rows of one GEMM's result,
     which the op returns whole (a custom op's results may not be views of each other)."""
     xv, sd, swapped = row_view(x, seq_dim)
@@ -420,9 +428,9 @@ def _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax
     n_rows, n_r, n_n = _slots(R, C)
     partials = new(torch.empty(n_rows + n_r * n_n, device=dev, dtype=torch.float32))
     if R:
-        _launch_logits(x2, S1, sd, T, U, lse, P1, num_prefix, use_softmax,
+        _launch_logits(x2, S1, sd, T, U, lse, P1, num_prefix, use_softmax, launch,
                        g2=g2, b_d=b_d, scale=scale, GZ=GZ, XC=XC, GS=GS, partial=partials[:n_rows])
-        _launch_gemm(g2, S1, sd, GZ, M, W_d, T, None, scale, dx, num_prefix,
+        _launch_gemm(g2, S1, sd, GZ, M, W_d, T, None, scale, dx, num_prefix, launch,
                      xs=XC, partial=partials[n_rows:], n_slots=(n_r, n_n))
     dx = dx.view(xv.shape)
     if swapped:
@@ -442,41 +450,56 @@ def _check_operands(T: Tensor, U: Tensor, W_d: Tensor, b_d: Tensor) -> None:
                         f"{T.dtype}, {U.dtype}, {W_d.dtype}, {b_d.dtype}; rein_kernels.prepare forms them")
 
 
-@torch.library.custom_op("rein::layer_fwd", mutates_args=())
-def rein_layer_fwd(
-    x: Tensor, T: Tensor, U: Tensor, W_d: Tensor, b_d: Tensor, scale: Tensor,
-    num_prefix: int, seq_dim: int, use_softmax: bool,
-) -> tuple[Tensor, Tensor]:
-    """out = x + scale * (x W_d^T + p[1:] U + b_d) and the per-row lse (see module doc)."""
-    _check_operands(T, U, W_d, b_d)
-    # the kernels read T, U and b_d with unit strides (W_d: any strides)
-    return _forward(x, T.contiguous(), U.contiguous(), W_d, b_d.contiguous(), scale, num_prefix, seq_dim,
-                    use_softmax)
+def _register(register, suffix: str, launch):
+    """The op pair ``rein::layer_fwd{suffix}`` / ``rein::layer_bwd{suffix}`` with its autograd:
+    a torch.library custom op (opaque to torch.compile) or a triton_op (torch >= 2.6: traced
+    by torch.compile, so Inductor launches the kernels itself; its fake implementation comes
+    from tracing the same body)."""
 
+    @register(f"rein::layer_fwd{suffix}", mutates_args=())
+    def fwd(
+        x: Tensor, T: Tensor, U: Tensor, W_d: Tensor, b_d: Tensor, scale: Tensor,
+        num_prefix: int, seq_dim: int, use_softmax: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """out = x + scale * (x W_d^T + p[1:] U + b_d) and the per-row lse (see module doc)."""
+        _check_operands(T, U, W_d, b_d)
+        # the kernels read T, U and b_d with unit strides (W_d: any strides)
+        return _forward(x, T.contiguous(), U.contiguous(), W_d, b_d.contiguous(), scale, num_prefix, seq_dim,
+                        use_softmax, launch)
 
-@rein_layer_fwd.register_fake
-def _(x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax):
-    out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, T.dtype))
-    lse = x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
-    return out, lse
+    @register(f"rein::layer_bwd{suffix}", mutates_args=())
+    def bwd(
+        g: Tensor, x: Tensor, T: Tensor, U: Tensor, W_d: Tensor, b_d: Tensor, scale: Tensor,
+        lse: Tensor, num_prefix: int, seq_dim: int, use_softmax: bool,
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
+        """Gradients of ``rein::layer_fwd``: (dx, dT, [dU ; db_d] [m, C], dW_d, dscale)."""
+        # Every dtype is chosen explicitly inside; autocast must not recast the GEMMs.
+        with torch.autocast(x.device.type, enabled=False):
+            return _backward(g, x, T.contiguous(), U.contiguous(), W_d, b_d.contiguous(), scale, lse, num_prefix,
+                             seq_dim, use_softmax, launch)
 
+    if register is torch.library.custom_op:
+        @fwd.register_fake
+        def _(x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax):
+            out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, T.dtype))
+            lse = x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
+            return out, lse
 
-@torch.library.custom_op("rein::layer_bwd", mutates_args=())
-def rein_layer_bwd(
-    g: Tensor, x: Tensor, T: Tensor, U: Tensor, W_d: Tensor, b_d: Tensor, scale: Tensor,
-    lse: Tensor, num_prefix: int, seq_dim: int, use_softmax: bool,
-) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-    """Gradients of ``rein::layer_fwd``: (dx, dT, [dU ; db_d] [m, C], dW_d, dscale)."""
-    # Every dtype is chosen explicitly inside; autocast must not recast the GEMMs.
-    with torch.autocast(x.device.type, enabled=False):
-        return _backward(g, x, T.contiguous(), U.contiguous(), W_d, b_d.contiguous(), scale, lse, num_prefix,
-                         seq_dim, use_softmax)
+        @bwd.register_fake
+        def _(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax):
+            return (torch.empty_like(x), torch.empty_like(T), torch.empty_like(T), torch.empty_like(W_d),
+                    torch.empty_like(scale))
 
+    def backward(ctx, g, _g_lse):
+        if g is None:  # out's gradient undefined (an upstream node returned none for it)
+            return (None,) * 9
+        x, T, U, W_d, b_d, scale, lse = ctx.saved_tensors
+        dx, dT, dUb, dW_d, dscale = bwd(g, x, T, U, W_d, b_d, scale, lse, *ctx.args)
+        m = T.shape[0]
+        return dx, dT, dUb[: m - 1], dW_d, dUb[m - 1], dscale, None, None, None
 
-@rein_layer_bwd.register_fake
-def _(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax):
-    return (torch.empty_like(x), torch.empty_like(T), torch.empty_like(T), torch.empty_like(W_d),
-            torch.empty_like(scale))
+    fwd.register_autograd(backward, setup_context=_setup_context)
+    return fwd, bwd
 
 
 def _setup_context(ctx, inputs, output):
@@ -489,13 +512,8 @@ def _setup_context(ctx, inputs, output):
     ctx.set_materialize_grads(False)
 
 
-def _autograd_backward(ctx, g, _g_lse):
-    if g is None:  # out's gradient undefined (an upstream node returned none for it)
-        return (None,) * 9
-    x, T, U, W_d, b_d, scale, lse = ctx.saved_tensors
-    dx, dT, dUb, dW_d, dscale = rein_layer_bwd(g, x, T, U, W_d, b_d, scale, lse, *ctx.args)
-    m = T.shape[0]
-    return dx, dT, dUb[: m - 1], dW_d, dUb[m - 1], dscale, None, None, None
-
-
-rein_layer_fwd.register_autograd(_autograd_backward, setup_context=_setup_context)
+rein_layer_fwd, rein_layer_bwd = _register(torch.library.custom_op, "", _direct)
+# torch.library.triton_op came with torch 2.6; older versions keep the custom op alone
+HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+if HAS_TRITON_OP:
+    rein_layer_fwd_t, rein_layer_bwd_t = _register(torch.library.triton_op, "_t", torch.library.wrap_triton)

@@ -57,7 +57,12 @@ def test_opcheck_backward(x_dtype, dtype):
 
 
 @pytest.mark.slow
-def test_compile_fullgraph_matches_eager():
+@pytest.mark.parametrize("registration", ["custom_op", pytest.param("triton_op", marks=pytest.mark.skipif(
+    not torch.cuda.is_available(), reason="torch.compile traces a triton_op's kernels on a GPU only"))])
+def test_compile_fullgraph_matches_eager(registration, monkeypatch):
+    import rein_kernels
+
+    monkeypatch.setattr(rein_kernels, "REGISTRATION", registration)
     torch._dynamo.reset()
     layer = rein.ReinLayer(3, 21, 4, token_length=7, lora_dim=4, scale_init=0.4).to(DEVICE)
 
@@ -78,3 +83,25 @@ def test_compile_fullgraph_matches_eager():
     torch.testing.assert_close(q1, q2, rtol=1e-5, atol=1e-5)
     for a, b in zip(g1, g2):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("name", ["default", "registers", "lora_seq_first_no_softmax", "wide"])
+def test_triton_op_registration_matches_the_float64_reference(name, monkeypatch):
+    """The v3 kernels registered as a torch.library.triton_op (what torch.compile traces on a
+    GPU) compute what the custom op does: the parity check, eagerly (interpreter on a CPU)."""
+    import dataclasses
+    import zlib
+
+    import rein_kernels
+    import rein_kernels.rein_layer as op
+    from _parity import check_case
+    from test_parity import CASES
+
+    if not op.HAS_TRITON_OP:
+        pytest.skip("torch.library.triton_op needs torch >= 2.6")
+    calls = []
+    real = op.rein_layer_fwd_t
+    monkeypatch.setattr(op, "rein_layer_fwd_t", lambda *a: calls.append(1) or real(*a))
+    monkeypatch.setattr(rein_kernels, "REGISTRATION", "triton_op")
+    check_case(dataclasses.replace(CASES[name], dtype="fp32"), seed=zlib.crc32(name.encode()) % 1000)
+    assert calls, "the triton_op registration was not used"

@@ -298,8 +298,8 @@ MUTANTS_V3 = [
       "tl.store(PARTIAL + sr[:, None] * n_slots_n + sn[None, :], tl.where(first, share, share),",
       "a GEMM share written into every slot of its tile"),
     # ---- v3 launchers, the backward's GEMMs, the op
-    m("fwd-wd-untransposed", K, "_launch_gemm(x2, S1, sd, P1, M - 1, W_d.t(), U, b_d, scale, out, num_prefix)",
-      "_launch_gemm(x2, S1, sd, P1, M - 1, W_d, U, b_d, scale, out, num_prefix)", "forward uses W_d, not W_d^T"),
+    m("fwd-wd-untransposed", K, "_launch_gemm(x2, S1, sd, P1, M - 1, W_d.t(), U, b_d, scale, out, num_prefix, launch)",
+      "_launch_gemm(x2, S1, sd, P1, M - 1, W_d, U, b_d, scale, out, num_prefix, launch)", "forward uses W_d, not W_d^T"),
     m("bwd-wd-transposed", K, "_launch_gemm(g2, S1, sd, GZ, M, W_d, T, None, scale, dx, num_prefix,",
       "_launch_gemm(g2, S1, sd, GZ, M, W_d.t(), T, None, scale, dx, num_prefix,", "backward uses W_d^T"),
     m("bwd-k2-short", K, "_launch_gemm(g2, S1, sd, GZ, M, W_d, T, None, scale, dx, num_prefix,",
@@ -326,8 +326,8 @@ MUTANTS_V3 = [
     m("dscale-partials-x-dtype", K, "partials = new(torch.empty(n_rows + n_r * n_n, device=dev, dtype=torch.float32))",
       "partials = new(torch.empty(n_rows + n_r * n_n, device=dev, dtype=x.dtype))",
       "dscale shares kept in x's dtype, not fp32"),
-    m("bwd-autocast-guard", K, "    with torch.autocast(x.device.type, enabled=False):\n        return _backward(",
-      "    if True:\n        return _backward(", "backward recast by an enclosing autocast region"),
+    m("bwd-autocast-guard", K, "        with torch.autocast(x.device.type, enabled=False):\n            return _backward(",
+      "        if True:\n            return _backward(", "backward recast by an enclosing autocast region"),
 ]
 
 MUTANTS = MUTANTS_V3 + MUTANTS
