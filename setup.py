@@ -12,7 +12,7 @@ setup(
     extras_require={
         "dev": ["pytest", "pytest-benchmark", "hypothesis", "matplotlib"],
         "timm": ["timm>=1.0"],
-        "train": ["timm>=1.0", "matplotlib", "tqdm", "pillow", "opencv-python-headless", "transformers>=5.24,<6", "scipy"],
+        "train": ["timm>=1.0", "matplotlib", "tqdm", "pillow", "opencv-python-headless", "transformers>=5.17,<6", "scipy"],
         "xformers": ["xformers"],
     },
     entry_points={"console_scripts": ["rein-train=rein.train.loop:main", "rein-predict=rein.predict:main",
