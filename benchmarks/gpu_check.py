@@ -91,6 +91,9 @@ def plan(names: list[str], heads: list[str], layers: bool, e2e: bool) -> list[tu
         for pass_ in ("fwd+bwd", "fwd"):
             items += [("layer", first, "bf16", pass_, p, "stack") for p in ("fused", "fused-v2", "eager")]
             items += [("layer", first, "bf16", pass_, p, "call") for p in ("fused", "fused-v2", "eager", "compile")]
+        # a bf16 residual stream, as the library's training defaults run the layer
+        items += [("layer", first, "bf16x", "fwd+bwd", p, "stack") for p in ("fused", "fused-v2", "eager")]
+        items += [("layer", first, "bf16x", "fwd+bwd", p, "call") for p in ("fused", "compile")]
     if e2e:
         for head in heads:
             items += [("e2e", head, s) for s in ("library", "compile-reference", "official")]
@@ -232,7 +235,7 @@ def print_table(report: dict, names: list[str]) -> None:
     print(f"\n{'workload':10s} {'dtype':5s} {'pass':7s} {'mode':5s} " + " ".join(f"{p:>9s}" for p in providers)
           + f" {'floor':>7s} {'/floor':>6s} {'v2/v3':>6s} {'comp/v3':>7s}")
     for name in names:
-        for dtype in ("bf16", "fp32"):
+        for dtype in ("bf16", "bf16x", "fp32"):
             for pass_ in ("fwd+bwd", "fwd"):
                 for mode in ("stack", "call"):
                     t = {p: by.get((name, dtype, pass_, mode, p), {}).get("graph_ms") for p in providers}

@@ -45,7 +45,7 @@ def device_table(run: dict) -> list[str]:
         "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for w in ORDER:
-        for dtype in ("bf16", "fp32"):
+        for dtype in ("bf16", "bf16x", "fp32"):
             for pass_ in ("fwd+bwd", "fwd"):
                 for mode in ("stack", "call"):
                     rows = {p: by.get((w, dtype, pass_, mode, p)) for p in providers}
