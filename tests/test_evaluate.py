@@ -5,8 +5,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from rein.evaluate import ConfusionMatrix, evaluate, slide_scores, window_starts
-from rein.train.data import CLASSES, MEAN, STD
+from rein.data import CLASSES, MEAN, STD
+from rein.inference import slide_scores, window_starts
+from rein.metrics import ConfusionMatrix, evaluate
 
 K = len(CLASSES)
 
@@ -83,7 +84,8 @@ def test_evaluate_through_the_dataset_path():
 
 
 def test_official_test_resize():
-    from rein.evaluate import EVAL_SCALE, fit_scale
+    from rein.data import fit_scale
+    from rein.inference import EVAL_SCALE
 
     assert fit_scale(1024, 2048, EVAL_SCALE["cityscapes"]) == (512, 1024)
     assert fit_scale(1052, 1914, EVAL_SCALE["gtav"]) == (704, 1280)
@@ -92,7 +94,7 @@ def test_official_test_resize():
 
 
 def test_predict_resizes_then_returns_full_resolution_labels():
-    from rein.evaluate import predict
+    from rein.inference import predict
 
     # two halves of different classes: exact at full resolution after a down- and up-resize
     H, W = 1052, 1914
@@ -109,7 +111,8 @@ def test_predict_resizes_then_returns_full_resolution_labels():
 def test_official_scales_and_strides_at_512_and_1024():
     """The 512 configs' test resizes (ACDC at half resolution, 960x540) and stride 341; the
     1024 Cityscapes -> ACDC config's (2048x1024, 1920x1080) and stride 683."""
-    from rein.evaluate import eval_scale, fit_scale
+    from rein.data import fit_scale
+    from rein.inference import eval_scale
 
     assert eval_scale("acdc-night", 512) == (960, 540) and eval_scale("cityscapes", 512) == (1024, 512)
     assert eval_scale("cityscapes", 1024) == (2048, 1024) and eval_scale("acdc-fog", 1024) == (1920, 1080)

@@ -9,11 +9,13 @@ import torch
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
-from rein.evaluate import EVAL_SCALE, evaluate, main  # noqa: E402
-from rein.train.config import SMALL_MASK2FORMER  # noqa: E402
+from rein.data import FolderDataset  # noqa: E402
+from rein.evaluate import main  # noqa: E402
+from rein.inference import EVAL_SCALE  # noqa: E402
+from rein.metrics import evaluate  # noqa: E402
+from rein.model import build_model  # noqa: E402
 from rein.official import _head_key  # noqa: E402
-from rein.train.data import FolderDataset  # noqa: E402
-from rein.train.loop import build_model  # noqa: E402
+from rein.train.config import SMALL_MASK2FORMER  # noqa: E402
 from rein.train.loop import main as train  # noqa: E402
 
 from test_official import official_keys  # noqa: E402
@@ -124,7 +126,7 @@ def test_train_checkpoint_evaluates_and_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_init_from_official_starts_from_the_files_weights(tmp_path, capsys):
-    from rein.train.config import UsageError
+    from rein.errors import UsageError
 
     args = _small_args(depth=2, seed=5)
     source = build_model(args, torch.device("cpu"))

@@ -14,7 +14,8 @@ from rein import ReinBackbone  # noqa: E402
 from rein.heads import build_head  # noqa: E402
 from rein.heads.mask2former import Mask2FormerHead, per_class_masks  # noqa: E402
 from rein.train.config import SMALL_MASK2FORMER  # noqa: E402
-from rein.train.loop import Segmentor, param_groups  # noqa: E402
+from rein.model import Segmentor  # noqa: E402
+from rein.train.loop import param_groups  # noqa: E402
 
 SMALL = dict(SMALL_MASK2FORMER, query_dims=32, num_points=256)
 

@@ -11,7 +11,8 @@ pytest.importorskip("transformers")
 from rein import ReinLayer  # noqa: E402
 from rein.backbones.timm_backbone import ReinBackbone  # noqa: E402
 from rein.heads.mask2former import Mask2FormerHead  # noqa: E402
-from rein.official import convert_official_state_dict, load_official_checkpoint  # noqa: E402
+from rein.model import load_official_checkpoint  # noqa: E402
+from rein.official import convert_official_state_dict  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official_rein_dinov2_keys.txt"
 

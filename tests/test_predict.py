@@ -6,7 +6,8 @@ import pytest
 pytest.importorskip("timm")
 from PIL import Image  # noqa: E402
 
-from rein.predict import LABEL_IDS, PALETTE, colorize, main  # noqa: E402
+from rein.data import LABEL_IDS, PALETTE, colorize  # noqa: E402
+from rein.predict import main  # noqa: E402
 from rein.train.loop import main as train  # noqa: E402
 from test_train import FAST  # noqa: E402
 
@@ -50,10 +51,10 @@ def test_reloaded_model_is_the_trained_one(trained):
 
     import torch
 
-    from rein.evaluate import evaluate
-    from rein.predict import load_model
+    from rein.data import SyntheticDomain
+    from rein.metrics import evaluate
+    from rein.model import load_model
     from rein.train.config import SYNTHETIC
-    from rein.train.data import SyntheticDomain
 
     model, config = load_model(str(trained / "checkpoint.pth"), None, torch.device("cpu"), fused=False)
     val = SyntheticDomain("night", SYNTHETIC["val_size"], config.crop, seed=4)

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("timm")
 from PIL import Image  # noqa: E402
 
-from rein.train.data import FolderDataset  # noqa: E402
+from rein.data import FolderDataset  # noqa: E402
 from rein.train.loop import main  # noqa: E402
 
 FAST = ["--device", "cpu", "--crop", "64", "--batch-size", "2", "--no-fused", "--workers", "0"]
@@ -252,7 +252,7 @@ MAPILLARY_V12 = [
 def _official_mapillary_train_id(readable: str) -> int:
     """The official mapillary2cityscape.py's rules, in its order, on a lower-cased name
     with spaces and '-' removed."""
-    from rein.train.data import CLASSES
+    from rein.data import CLASSES
 
     name = readable.lower().replace(" ", "").replace("-", "")
     exact = {c.replace(" ", ""): i for i, c in enumerate(CLASSES)}
@@ -268,7 +268,7 @@ def _official_mapillary_train_id(readable: str) -> int:
 
 
 def test_mapillary_mapping_is_the_official_one():
-    from rein.train.data import LUTS
+    from rein.data import LUTS
 
     assert len(MAPILLARY_V12) == 66
     got = {i: int(LUTS["mapillary"][i]) for i in range(66)}
@@ -291,8 +291,8 @@ def test_gtav_accepts_the_official_train_id_labels(tmp_path):
 def test_training_batches_from_uint8_pixels_equal_the_float_path(tmp_path):
     """The training split is read as uint8 pixels (no float round trip before the uint8
     augmentation); its batches are bit for bit those built from float images."""
+    from rein.data import datasets_from
     from rein.train.data import TrainBatches
-    from rein.train.loop import datasets_from
 
     roots = make_fixtures(tmp_path)
     train, val = datasets_from([(f"gtav={roots['gtav']}", "train", "--source"),

@@ -229,7 +229,7 @@ def test_model_compiles_without_graph_breaks():
     """--compile: backbone, Rein's custom op (the fused kernels, through the interpreter
     here) and the head in one graph."""
     from rein.train.config import parse_args
-    from rein.train.loop import build_model
+    from rein.model import build_model
 
     args = parse_args(["--crop", "64", "--fused"])
     model = build_model(args, torch.device("cpu"))

@@ -24,34 +24,13 @@ import torch.nn as nn
 
 import rein_kernels
 
-from ..evaluate import evaluate_targets
-from ..heads import build_head
-from .config import (SYNTHETIC, UsageError, backfill, device_from_flag, parse_args, resume_mismatches, validate,
-                     warnings_for)
-from .data import CLASSES, KINDS, DataError, FolderDataset, SyntheticDomain, TrainBatches, train_loader
-
-
-def _kind_and_path(spec: str, flag: str) -> tuple[str, str]:
-    """``KIND=PATH`` split and checked; a spec that names no dataset is a DataError naming
-    the flag."""
-    if "=" not in spec:
-        raise DataError(f"{flag} {spec}: expected KIND=PATH, e.g. cityscapes=/data/cityscapes")
-    kind, path = spec.split("=", 1)
-    kind = kind.strip().lower()
-    if kind not in KINDS:
-        raise DataError(f"{flag} {spec}: unknown dataset kind {kind!r}; choose one of {', '.join(KINDS)}")
-    return kind, path
-
-
-def datasets_from(specs: list[tuple[str, str, str]]) -> list[FolderDataset]:
-    """Datasets from (``KIND=PATH``, split, flag) triples, checked on disk: every spec is
-    parsed before any folder is looked at. Training splits give uint8 pixels (what the
-    training pipeline works on), the others float images."""
-    parsed = [(*_kind_and_path(spec, flag), split) for spec, split, flag in specs]
-    datasets = [FolderDataset(*p, uint8=p[-1] == "train") for p in parsed]
-    for d in datasets:
-        d.check()
-    return datasets
+from ..cli import USER_ERRORS, device_from_flag, report
+from ..data import SyntheticDomain, datasets_from
+from ..errors import UsageError
+from ..metrics import evaluate_targets
+from ..model import backfill, build_model
+from .config import SYNTHETIC, parse_args, resume_mismatches, validate, warnings_for
+from .data import TrainBatches, train_loader
 
 
 def build_data(args):
@@ -64,67 +43,6 @@ def build_data(args):
         return train, vals
     train, *vals = datasets_from([(args.source, "train", "--source"), *((t, "val", "--target") for t in args.target)])
     return train, vals
-
-
-def _features_and_queries(out):
-    """ReinBackbone returns (features, queries), or features alone without queries."""
-    return out if isinstance(out, tuple) else (out, None)
-
-
-class Segmentor(nn.Module):
-    """Backbone + head. In training mode ``forward`` gives the head's raw output (for
-    ``head.loss``), in eval mode the class scores [B, K, h, w] (``head.scores``)."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, images):
-        out = self.head(*_features_and_queries(self.backbone(images)))
-        return out if self.training else self.head.scores(out, images.shape[-2:])
-
-
-def build_model(args, device, checkpoint_flag: str = "--checkpoint", backbone_flag: str = "--backbone") -> Segmentor:
-    """Backbone (from ``args.checkpoint``), Rein and head as the run's flags say; with
-    ``args.init_from_official``, Rein and the head (and, when the file carries it and no
-    --checkpoint was given, the frozen backbone: recorded in ``args.checkpoint`` so that
-    resumed runs and prediction rebuild the same one) from an official checkpoint."""
-    from ..backbones import ReinBackbone
-
-    torch.manual_seed(args.seed)
-    head_kwargs = dict(args.head_kwargs)
-    rein_kwargs = {"link_token_to_query": args.head != "light"}
-    if args.head != "light":  # the head's width is Rein's query width
-        rein_kwargs["query_dims"] = head_kwargs.setdefault("query_dims", 256)
-    try:
-        bb = ReinBackbone.from_timm(args.backbone, checkpoint=args.checkpoint, img_size=args.crop,
-                                    patch_size=args.patch_size, fused=args.fused, conversion=args.conversion,
-                                    **rein_kwargs, **args.timm_kwargs)
-    except TypeError as e:  # a timm model of a family ReinBackbone does not wrap (e.g. a ResNet)
-        raise UsageError(f"{backbone_flag} {args.backbone}: not a backbone Rein can refine here; use a ViT "
-                         f"(DINOv2, CLIP, EVA02), SAM or ConvNeXt model ({e})") from None
-    except (FileNotFoundError, ValueError) as e:
-        if args.checkpoint is None:
-            raise
-        raise UsageError(f"{checkpoint_flag} {args.checkpoint}: {e}") from None
-    bb = bb.to(device)
-    with torch.no_grad():  # the head's input widths, from one small forward where training runs
-        feats, _ = _features_and_queries(bb(torch.zeros(1, 3, args.crop, args.crop, device=device)))
-    try:
-        head = build_head(args.head, [f.shape[1] for f in feats], len(CLASSES), **head_kwargs)
-    except (ValueError, ImportError) as e:  # a checkpoint of a removed head; transformers missing
-        raise UsageError(f"--head {args.head}: {e}") from None
-    if getattr(args, "init_from_official", None):
-        from ..official import load_official_checkpoint
-
-        try:
-            had_backbone = load_official_checkpoint(args.init_from_official, bb, head,
-                                                    load_backbone=args.checkpoint is None)
-        except ValueError as e:
-            raise UsageError(f"--init-from-official {args.init_from_official}: {e}") from None
-        if had_backbone and args.checkpoint is None:
-            args.checkpoint = args.init_from_official
-    return Segmentor(bb, head).to(device)
 
 
 def param_groups(model: nn.Module, weight_decay: float):
@@ -314,11 +232,10 @@ def main(argv=None) -> int:
                       "PyTorch reference path (same numbers, slower)")
             args.fused = False
         model = build_model(args, device)
-    except (UsageError, DataError) as e:
-        print(f"rein-train: {e}", file=sys.stderr)
+    except USER_ERRORS as e:
         if dist.is_available() and dist.is_initialized():  # every process stops here alike
             dist.destroy_process_group()
-        return 2
+        return report("rein-train", e)
     main_proc = rank == 0
     if main_proc:
         for note in warnings_for(args):
