@@ -1,10 +1,10 @@
-"""Inference by the official test protocol: each image resized keeping its ratio,
-sliding-window class scores, scores resized back to the image, argmax.
+"""Inference by the official test protocol: each image resized as mmseg's test pipeline
+does, sliding-window class scores, scores resized back to the image, argmax.
 
 ``slide_scores`` places windows the way mmseg's ``slide_inference`` does: a start every
 ``stride`` pixels, the last window clamped to the border, scores of overlapping windows
 averaged, so that every pixel is predicted by at least one window. ``predict`` follows
-the official test pipelines: each image resized keeping its ratio to fit (1024, 512)
+the official test pipelines: the uint8 image resized keeping its ratio to fit (1024, 512)
 (Cityscapes, Mapillary), (1280, 720) (GTAV, BDD100K) or (960, 540) (ACDC), slide 512 /
 stride 341 there (twice the sizes, 1024 / 683, at crop 1024), scores resized back to
 the image's full resolution.
@@ -14,8 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from torch import Tensor
 
-from .data import fit_scale
+from .data import fit_scale, normalize, rescale
 
 # The official test pipelines of the 512-crop configs resize each image, keeping its
 # ratio, to fit this (long, short) scale before the sliding window; labels stay at full
@@ -68,18 +69,25 @@ def slide_scores(model: nn.Module, img: torch.Tensor, crop: int, stride: int | N
     return (scores / count)[:, :, :H, :W]
 
 
+def model_input(img: Tensor, scale: tuple[int, int] | None) -> Tensor:
+    """The model's input for one image [3, H, W] (uint8, or float in [0, 1]), as mmseg's
+    test pipeline makes it: resized keeping its ratio to fit ``scale`` on its uint8
+    pixels (``rein.data.rescale``; None: as it is), then normalised. Returns [1, 3, h, w]."""
+    if scale is not None and fit_scale(*img.shape[-2:], scale) != tuple(img.shape[-2:]):
+        img = rescale(img, scale)
+    pixels = img.float() / 255 if img.dtype == torch.uint8 else img
+    return normalize(pixels)[None]
+
+
 @torch.no_grad()
-def predict(model: nn.Module, img: torch.Tensor, crop: int, scale: tuple[int, int] | None = None,
-            stride: int | None = None) -> torch.Tensor:
-    """Labels [B, H, W] at the image's own resolution, by the official test protocol: the
-    image (normalised, [B, 3, H, W]) resized keeping its ratio to fit ``scale`` (bilinear;
-    None: as it is), slide-window scores there, resized back bilinearly, argmax."""
+def predict(model: nn.Module, img: Tensor, crop: int, scale: tuple[int, int] | None = None,
+            stride: int | None = None, device: torch.device | str = "cpu") -> Tensor:
+    """Labels [H, W] of one image [3, H, W] (uint8, or float in [0, 1]) at its own
+    resolution, by the official test protocol: the model's input as mmseg's test
+    pipeline makes it (``model_input``), slide-window scores there on ``device``, resized
+    back bilinearly, argmax."""
     H, W = img.shape[-2:]
-    if scale is not None:
-        size = fit_scale(H, W, scale)
-        if size != (H, W):
-            img = F.interpolate(img, size=size, mode="bilinear", align_corners=False)
-    scores = slide_scores(model, img, crop, stride)
+    scores = slide_scores(model, model_input(img, scale).to(device), crop, stride)
     if scores.shape[-2:] != (H, W):
         scores = F.interpolate(scores, size=(H, W), mode="bilinear", align_corners=False)
-    return scores.argmax(1)
+    return scores.argmax(1)[0]

@@ -18,7 +18,7 @@ import torch
 import torch.nn as nn
 from torch import Tensor
 
-from .data import CLASSES, IGNORE, PALETTE, DataError, colorize, normalize, to_uint8
+from .data import CLASSES, IGNORE, PALETTE, DataError, colorize, to_uint8
 from .inference import eval_scale, predict
 
 
@@ -63,10 +63,10 @@ def evaluate(model: nn.Module, dataset, crop: int, device, autocast=None, stride
     for i in range(len(dataset)):
         img, lbl = dataset[i]
         with autocast() if autocast else contextlib.nullcontext():
-            pred = predict(model, normalize(img)[None].to(device), crop, scale, stride)
-        cm.update(pred[0], lbl.to(device))
+            pred = predict(model, img, crop, scale, stride, device)
+        cm.update(pred, lbl.to(device))
         if samples is not None and i < keep:
-            samples.append((to_uint8(img), lbl.numpy(), pred[0].cpu().numpy()))
+            samples.append((to_uint8(img), lbl.numpy(), pred.cpu().numpy()))
     model.train(was_training)
     return cm.summary()
 

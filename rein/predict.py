@@ -21,7 +21,7 @@ import numpy as np
 import torch
 
 from .cli import FLAG_NAMES, USER_ERRORS, add_model_flags, check_out_folder, device_from_flag, parser, report
-from .data import LABEL_IDS, DataError, colorize, normalize, overlay, read_image, to_uint8
+from .data import LABEL_IDS, DataError, colorize, overlay, read_image, to_uint8
 from .errors import UsageError
 from .inference import predict
 from .model import load_model
@@ -90,12 +90,12 @@ def main(argv=None) -> int:
     failed = []
     for f, name in tqdm(files, desc="predict", file=sys.stderr, dynamic_ncols=True):
         try:
-            img = read_image(f)
+            img = read_image(f, uint8=True)
         except DataError as e:
             failed.append(str(e))
             continue
         with amp:
-            labels = predict(model, normalize(img)[None].to(device), config.crop, scale)[0].cpu().numpy()
+            labels = predict(model, img, config.crop, scale, device=device).cpu().numpy()
         rgb = to_uint8(img)
         for kind, picture in (("labelIds", Image.fromarray(LABEL_IDS[labels.astype(np.int64)], mode="L")),
                               ("color", Image.fromarray(colorize(labels))),

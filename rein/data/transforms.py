@@ -1,5 +1,5 @@
 """mmseg's transforms as the official Rein configs use them, on uint8 pixels as there:
-the training pipeline (``augment_official``), and the test resize's size (``fit_scale``)."""
+the training pipeline (``augment_official``) and the test resize (``rescale``)."""
 from __future__ import annotations
 
 import numpy as np
@@ -35,6 +35,21 @@ def fit_scale(h: int, w: int, scale: tuple[int, int]) -> tuple[int, int]:
     long_, short = max(scale), min(scale)
     factor = min(long_ / max(h, w), short / min(h, w))
     return int(h * factor + 0.5), int(w * factor + 0.5)
+
+
+def rescale(img: Tensor, scale: tuple[int, int]) -> Tensor:
+    """mmseg's test ``Resize(scale, keep_ratio=True)``: mmcv's ``imrescale`` with its cv2
+    backend, i.e. OpenCV's bilinear resize of the uint8 pixels (rounded to uint8 by
+    OpenCV) to ``fit_scale``. ``img``: [3, H, W], uint8 or float in [0, 1] (decoded
+    pixels over 255); returns [3, h, w] uint8, the pixels as they are when the size
+    does not change."""
+    import cv2
+
+    h, w = fit_scale(*img.shape[-2:], scale)
+    pixels = to_uint8(img)
+    if (h, w) != pixels.shape[:2]:
+        pixels = cv2.resize(pixels, (w, h), interpolation=cv2.INTER_LINEAR)
+    return torch.from_numpy(np.ascontiguousarray(pixels)).permute(2, 0, 1)
 
 
 def _crop_box(lbl: np.ndarray, crop: int, rng: np.random.Generator, cat_max_ratio: float = 0.75):
