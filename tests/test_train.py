@@ -171,6 +171,32 @@ def test_loaders_map_to_cityscapes_train_ids(tmp_path, kind, split):
     assert 0 <= img.min() and img.max() <= 1
 
 
+# a label file of each layout whose image is not there
+ORPHAN_LABELS = {
+    "gtav": "labels/00007.png",
+    "cityscapes": "gtFine/val/aachen/aachen_7_gtFine_labelIds.png",
+    "bdd100k": "labels/sem_seg/masks/val/b7.png",
+    "mapillary": "validation/labels/m7.png",
+    "acdc-fog": "gt/fog/val/GOPR0475/GOPR0475_frame_000007_gt_labelTrainIds.png",
+}
+
+
+@pytest.mark.parametrize("kind", list(ORPHAN_LABELS))
+def test_labels_without_images_are_reported(tmp_path, kind):
+    """Both directions are checked: a label file with no image is named, with the count,
+    as an image with no label file is (the official converters' train-id files beside
+    the label-id files are not orphans)."""
+    from rein.errors import DataError
+
+    roots = make_fixtures(tmp_path)
+    split = "train" if kind == "gtav" else "val"
+    orphan = roots[kind] / ORPHAN_LABELS[kind]
+    FolderDataset(kind, roots[kind], split)  # the fixtures as written load
+    orphan.write_bytes(next(roots[kind].glob(ORPHAN_LABELS[kind].rsplit("/", 1)[0] + "/*.png")).read_bytes())
+    with pytest.raises(DataError, match=f"^{kind}: 1 label files have no image, e.g. {orphan}$"):
+        FolderDataset(kind, roots[kind], split)
+
+
 def test_train_on_real_layouts(tmp_path):
     roots = make_fixtures(tmp_path / "data")
     out = tmp_path / "run"

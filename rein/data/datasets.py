@@ -18,64 +18,69 @@ ACDC_KINDS = ("acdc-fog", "acdc-night", "acdc-rain", "acdc-snow")
 KINDS = ("gtav", "cityscapes", "bdd100k", "mapillary", *ACDC_KINDS)
 
 
-def _prefer_train_ids(label_ids: Path) -> Path:
-    """The ``*_labelTrainIds.png`` next to a ``*_labelIds.png`` when it exists (its ids are
-    train ids: ``FolderDataset`` reads each file by its suffix)."""
-    train_ids = label_ids.with_name(label_ids.name.replace("_labelIds.png", "_labelTrainIds.png"))
-    return train_ids if train_ids.is_file() else label_ids
+def _train_ids_twin(label_ids: Path) -> Path:
+    """Where the official converters put the train-id file of a label-id file:
+    ``X_labelIds.png`` -> ``X_labelTrainIds.png`` (Cityscapes, ACDC), ``X.png`` ->
+    ``X_labelTrainIds.png`` (GTAV)."""
+    name = label_ids.name
+    if name.endswith("_labelIds.png"):
+        return label_ids.with_name(name.replace("_labelIds.png", "_labelTrainIds.png"))
+    return label_ids.with_name(f"{label_ids.stem}_labelTrainIds.png")
 
 
-def _pairs(kind: str, root: Path, split: str) -> list[tuple[Path, Path]]:
-    """(image, label) paths in the dataset's standard layout."""
+def _layout(kind: str, root: Path, split: str):
+    """(image folder, label folder, glob of the images, an image's label-id file, globs of
+    the label files, whether train-id twins may stand beside the label-id files)."""
     if kind == "gtav":
-        # labels/NNNNN.png (Cityscapes label ids), or the official converter's
-        # labels/NNNNN_labelTrainIds.png (train ids) where it has been run
+        # images/NNNNN.png; labels/NNNNN.png (Cityscapes label ids), or the official
+        # converter's labels/NNNNN_labelTrainIds.png (train ids) where it has been run
         img_dir, lbl_dir = root / "images", root / "labels"
-        need = [img_dir, lbl_dir]
-
-        def find():
-            pairs = []
-            for p in sorted(img_dir.glob("*.png")):
-                converted = lbl_dir / f"{p.stem}_labelTrainIds.png"
-                pairs.append((p, converted if converted.is_file() else lbl_dir / p.name))
-            return pairs
-    elif kind == "cityscapes":
+        return img_dir, lbl_dir, "*.png", lambda p: lbl_dir / p.name, ("*.png",), True
+    if kind == "cityscapes":
         # gtFine/<split>/<city>/*_gtFine_labelTrainIds.png (the official configs read these,
         # made by cityscapesscripts) where present, else *_gtFine_labelIds.png
         img_dir, lbl_dir = root / "leftImg8bit" / split, root / "gtFine" / split
-        need = [img_dir, lbl_dir]
-        find = lambda: [  # noqa: E731
-            (p, _prefer_train_ids(lbl_dir / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png")))
-            for p in sorted(img_dir.glob("*/*_leftImg8bit.png"))]
-    elif kind in ACDC_KINDS:
+        return (img_dir, lbl_dir, "*/*_leftImg8bit.png",
+                lambda p: lbl_dir / p.parent.name / p.name.replace("_leftImg8bit.png", "_gtFine_labelIds.png"),
+                ("*/*_gtFine_labelIds.png", "*/*_gtFine_labelTrainIds.png"), True)
+    if kind in ACDC_KINDS:
         # rgb_anon/<condition>/<split>/<sequence>/*_rgb_anon.png and gt/<condition>/<split>/
         # <sequence>/*_gt_labelTrainIds.png (what the official configs read) or *_gt_labelIds.png
         cond = kind.removeprefix("acdc-")
         img_dir, lbl_dir = root / "rgb_anon" / cond / split, root / "gt" / cond / split
-        need = [img_dir, lbl_dir]
-        find = lambda: [  # noqa: E731
-            (p, _prefer_train_ids(lbl_dir / p.parent.name / p.name.replace("_rgb_anon.png", "_gt_labelIds.png")))
-            for p in sorted(img_dir.glob("*/*_rgb_anon.png"))]
-    elif kind == "bdd100k":
+        return (img_dir, lbl_dir, "*/*_rgb_anon.png",
+                lambda p: lbl_dir / p.parent.name / p.name.replace("_rgb_anon.png", "_gt_labelIds.png"),
+                ("*/*_gt_labelIds.png", "*/*_gt_labelTrainIds.png"), True)
+    if kind == "bdd100k":
         img_dir, lbl_dir = root / "images" / "10k" / split, root / "labels" / "sem_seg" / "masks" / split
-        need = [img_dir, lbl_dir]
-        find = lambda: [(p, lbl_dir / (p.stem + ".png")) for p in sorted(img_dir.glob("*.jpg"))]  # noqa: E731
-    elif kind == "mapillary":
+        return img_dir, lbl_dir, "*.jpg", lambda p: lbl_dir / (p.stem + ".png"), ("*.png",), False
+    if kind == "mapillary":
         sub = {"train": "training", "val": "validation"}[split]
         img_dir, lbl_dir = root / sub / "images", root / sub / "labels"
-        need = [img_dir, lbl_dir]
-        find = lambda: [(p, lbl_dir / (p.stem + ".png")) for p in sorted(img_dir.glob("*.jpg"))]  # noqa: E731
-    else:
-        raise DataError(f"unknown dataset kind {kind!r}: choose one of {', '.join(KINDS)}")
-    for d in need:
+        return img_dir, lbl_dir, "*.jpg", lambda p: lbl_dir / (p.stem + ".png"), ("*.png",), False
+    raise DataError(f"unknown dataset kind {kind!r}: choose one of {', '.join(KINDS)}")
+
+
+def _pairs(kind: str, root: Path, split: str) -> list[tuple[Path, Path]]:
+    """(image, label) paths in the dataset's standard layout; images without a label file
+    and label files without an image are errors."""
+    img_dir, lbl_dir, images, label_of, labels, twins = _layout(kind, root, split)
+    for d in (img_dir, lbl_dir):
         if not d.is_dir():
             raise DataError(f"{kind}: missing folder {d} (expected the standard {kind} layout under {root})")
-    pairs = find()
+    pairs = [(p, label_of(p)) for p in sorted(img_dir.glob(images))]
     if not pairs:
         raise DataError(f"{kind}: no images found under {img_dir}")
+    if twins:  # the train-id file where the official converter wrote one (read by its suffix)
+        pairs = [(p, t if (t := _train_ids_twin(lbl)).is_file() else lbl) for p, lbl in pairs]
     missing = [str(lbl) for _, lbl in pairs if not lbl.is_file()]
     if missing:
         raise DataError(f"{kind}: {len(missing)} images have no label file, e.g. {missing[0]}")
+    known = {label_of(p) for p, _ in pairs}
+    known |= {_train_ids_twin(lbl) for lbl in known} if twins else set()
+    orphans = sorted(str(f) for g in labels for f in lbl_dir.glob(g) if f not in known)
+    if orphans:
+        raise DataError(f"{kind}: {len(orphans)} label files have no image, e.g. {orphans[0]}")
     return pairs
 
 
