@@ -18,7 +18,7 @@ import torch.nn as nn
 import rein_kernels
 
 from .backbones import ReinBackbone
-from .checkpoints import load_tensors
+from .checkpoints import CheckpointError, checkpoint_kind, load_tensors, misfit
 from .data import CLASSES
 from .errors import UsageError
 from .heads import build_head
@@ -98,7 +98,7 @@ def build_model(args, device, checkpoint_flag: str = "--checkpoint", backbone_fl
     except (FileNotFoundError, ValueError) as e:
         if args.checkpoint is None:
             raise
-        raise UsageError(f"{checkpoint_flag} {args.checkpoint}: {e}") from None
+        raise UsageError(_about(checkpoint_flag, args.checkpoint, e)) from None
     bb = bb.to(device)
     with torch.no_grad():  # the head's input widths, from one small forward where training runs
         feats, _ = _features_and_queries(bb(torch.zeros(1, 3, args.crop, args.crop, device=device)))
@@ -111,10 +111,17 @@ def build_model(args, device, checkpoint_flag: str = "--checkpoint", backbone_fl
             had_backbone = load_official_weights(args.init_from_official, bb, head,
                                                  load_backbone=args.checkpoint is None)
         except ValueError as e:
-            raise UsageError(f"--init-from-official {args.init_from_official}: {e}") from None
+            raise UsageError(_about("--init-from-official", args.init_from_official, e)) from None
         if had_backbone and args.checkpoint is None:
             args.checkpoint = args.init_from_official
     return Segmentor(bb, head).to(device)
+
+
+def _about(flag: str, path, error: Exception) -> str:
+    """An error about the file a flag names, as one line that names both once."""
+    if isinstance(error, (CheckpointError, FileNotFoundError)):  # its message starts with the file
+        return f"{flag} {error}"
+    return f"{flag} {path}: {error}"
 
 
 def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.device, fused: bool,
@@ -134,9 +141,13 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
         raise UsageError(f"{n['checkpoint']} {path} does not exist")
     try:
         ck = load_tensors(path)
-    except ValueError as e:
-        raise UsageError(f"{n['checkpoint']} {path}: {e}") from None
-    is_ours = isinstance(ck, dict) and {"config", "rein", "head"} <= set(ck)
+    except CheckpointError as e:
+        raise UsageError(_about(n["checkpoint"], path, e)) from None
+    kind = checkpoint_kind(ck)
+    if kind == "backbone":
+        raise UsageError(f"{n['checkpoint']} {path} holds backbone weights (timm/DINOv2 names), not a Rein "
+                         f"checkpoint: pass it as {n['backbone_checkpoint']}")
+    is_ours = kind == "rein.train"
     if is_ours:
         config = backfill(ck["config"])
     elif official is not None:
@@ -173,14 +184,26 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
         raise UsageError(f"{e}{'' if is_ours else _other_backbone_hint(state, official['backbone'], n)}") from None
     try:
         if is_ours:
-            model.backbone.load_rein_state_dict({k: v.to(device) for k, v in ck["rein"].items()})
-            model.head.load_state_dict(ck["head"])
+            load_trained(model, ck)
         else:
             load_official_weights(state, model.backbone, model.head, load_backbone=backbone_checkpoint is None)
     except (ValueError, RuntimeError) as e:
         hint = "" if is_ours else _other_backbone_hint(state, official["backbone"], n)
         raise UsageError(f"{n['checkpoint']} {path} does not fit the model it describes: {e}{hint}") from None
     return model.eval(), args
+
+
+def load_trained(model: Segmentor, ck: dict) -> None:
+    """Rein's and the head's weights of a ``rein.train`` checkpoint into the model its
+    configuration builds; a ValueError says in one line what does not fit."""
+    rein = {k.removeprefix("rein."): v for k, v in ck["rein"].items()}
+    problems = [f"{part}: {p}" for part, p in (("Rein", misfit(rein, model.backbone.rein.state_dict())),
+                                                ("head", misfit(ck["head"], model.head.state_dict()))) if p]
+    if problems:
+        raise ValueError("; ".join(problems))
+    device = next(model.parameters()).device
+    model.backbone.load_rein_state_dict({k: v.to(device) for k, v in ck["rein"].items()})
+    model.head.load_state_dict(ck["head"])
 
 
 def _other_backbone_hint(state: dict, backbone: str, n: dict) -> str:

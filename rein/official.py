@@ -23,7 +23,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .checkpoints import listing, load_tensors, misfit
+from .checkpoints import flat_state, listing, load_tensors, misfit
 
 # mmdet/mmcv name (after "decode_head.") -> this library's Mask2FormerHead name; each
 # pattern is followed by the parameter's own name (weight, bias), kept as it is.
@@ -81,17 +81,15 @@ def _head_key(name: str, value: Tensor) -> dict[str, Tensor] | None:
 def official_state(ck) -> dict[str, Tensor]:
     """The flat state dict of a loaded official checkpoint (mmengine's ``state_dict``
     wrapper removed, DDP's ``module.`` prefix dropped)."""
-    if isinstance(ck, Mapping) and isinstance(ck.get("state_dict"), Mapping):
-        ck = ck["state_dict"]
     if not isinstance(ck, Mapping):
         raise ValueError(f"the file holds a {type(ck).__name__}, not a state dict")
-    return {k.removeprefix("module."): v for k, v in ck.items() if isinstance(v, Tensor)}
+    return flat_state(ck)
 
 
 def read_official_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     """``official_state`` of a file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"official checkpoint {path} does not exist (or is not a file)")
+        raise FileNotFoundError(f"{path} does not exist (or is not a file)")
     return official_state(load_tensors(path))
 
 
@@ -116,7 +114,7 @@ def convert_official_state_dict(state: Mapping[str, Tensor]) -> dict[str, dict[s
             unplaced.append(k)
     if unplaced:
         raise ValueError(f"{len(unplaced)} key(s) of the official checkpoint have no place in this library's Rein "
-                         f"backbone and Mask2Former head: {listing(sorted(unplaced), 12)}")
+                         f"backbone and Mask2Former head: {listing(sorted(unplaced), 3)}")
     if not out["rein"] or not out["head"]:
         raise ValueError("not an official Rein checkpoint: it needs backbone.reins.* and decode_head.* keys, found "
                          f"{len(out['rein'])} and {len(out['head'])}")
@@ -124,9 +122,9 @@ def convert_official_state_dict(state: Mapping[str, Tensor]) -> dict[str, dict[s
 
 
 def _check_fits(state: Mapping[str, Tensor], module: torch.nn.Module, what: str) -> None:
-    problems = misfit(state, module.state_dict(), ("missing", "unexpected", "shape mismatch"), n=12)
-    if problems:
-        raise ValueError(f"the official checkpoint's {what} does not fit this model; " + "; ".join(problems))
+    problem = misfit(state, module.state_dict())
+    if problem:
+        raise ValueError(f"the official checkpoint's {what} does not fit this model: {problem}")
 
 
 def load_official_weights(path_or_state, backbone, head, load_backbone: bool = True) -> bool:

@@ -103,8 +103,10 @@ def test_palette_and_label_ids_are_cityscapes():
 @pytest.mark.parametrize("extra,needle", [
     (["--images", "/nowhere"], "--images /nowhere: no such file or folder"),
     (["--scale", "big"], "--scale 'big'"),
+    (["--checkpoint", __file__], f"--checkpoint {__file__} is not a PyTorch checkpoint file"),
 ])
 def test_predict_bad_input_is_one_line(trained, tmp_path, capsys, extra, needle):
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     argv = ["--checkpoint", str(trained / "checkpoint.pth"), "--images", str(tmp_path), "--out",
             str(tmp_path / "o"), "--device", "cpu", *extra]
     assert main(argv) == 2

@@ -67,13 +67,42 @@ def test_checkpoint_that_is_text_or_has_wrong_keys(tmp_path, capsys):
     text.write_text("this is not a checkpoint")
     rc, _, err = run(capsys, *base, "--checkpoint", str(text))
     assert rc == 2
-    _one_line_error(err, f"--checkpoint {text}", "not a checkpoint torch.load can read")
+    _one_line_error(err, f"--checkpoint {text} is not a PyTorch checkpoint file")
     wrong = tmp_path / "wrong.pth"
     torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, wrong)
     rc, _, err = run(capsys, *base, "--checkpoint", str(wrong))
     assert rc == 2
-    _one_line_error(err, f"--checkpoint {wrong}", "missing keys", "shape mismatches")
+    _one_line_error(err, f"--checkpoint {wrong} does not fit VisionTransformer", "missing keys", "keys of another shape")
     assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_files_that_cannot_serve_say_why(tmp_path, capsys):
+    """A cut-short file, this library's own training checkpoint and the weights of another
+    ViT size, given as the backbone's --checkpoint; a cut-short checkpoint to --resume."""
+    import timm
+
+    run_dir = tmp_path / "run"
+    assert main(["--max-iters", "1", "--out", str(run_dir), *FAST]) == 0
+    ours, cut, vitb = run_dir / "checkpoint.pth", tmp_path / "cut.pth", tmp_path / "vitb.pth"
+    cut.write_bytes(ours.read_bytes()[:5000])
+    torch.save(timm.create_model("vit_base_patch14_dinov2", depth=4, img_size=64, patch_size=8).state_dict(), vitb)
+    capsys.readouterr()
+    base = ["--max-iters", "1", "--out", str(tmp_path / "o"), *FAST]
+    for ck, says in ((cut, f"--checkpoint {cut} is truncated or corrupt (download or save it again)"),
+                     (ours, f"--checkpoint {ours} is a rein.train checkpoint (Rein and head weights), not a "
+                            "backbone's weights: give it to rein.evaluate or rein.predict as --checkpoint"),
+                     (vitb, f"--checkpoint {vitb} does not fit VisionTransformer: keys of another shape (")):
+        rc, _, err = run(capsys, *base, "--checkpoint", str(ck))
+        assert rc == 2
+        _one_line_error(err, says)
+    assert len(err.strip()) < 500, err  # a ViT-B file on a ViT-S: 50 keys of another shape, summarised
+    listed = Path(err.strip().rsplit("all listed in ", 1)[1]).read_text()
+    assert "blocks.3.attn.qkv.weight: file (2304, 768) vs model (1152, 384)" in listed
+    assert not (tmp_path / "o").exists()
+    ours.write_bytes(cut.read_bytes())
+    rc, _, err = run(capsys, "--max-iters", "1", "--resume", "--out", str(run_dir), *FAST)
+    assert rc == 2
+    _one_line_error(err, f"--resume: {ours} is truncated or corrupt")
 
 
 def test_matplotlib_missing_fails_at_start(tmp_path, capsys, monkeypatch):

@@ -24,11 +24,12 @@ import torch.nn as nn
 
 import rein_kernels
 
+from ..checkpoints import CheckpointError, checkpoint_kind, load_tensors
 from ..cli import USER_ERRORS, device_from_flag, report
 from ..data import SyntheticDomain, datasets_from
 from ..errors import UsageError
 from ..metrics import evaluate_targets
-from ..model import backfill, build_model
+from ..model import backfill, build_model, load_trained
 from .config import SYNTHETIC, parse_args, resume_mismatches, validate, warnings_for
 from .data import TrainBatches, train_loader
 
@@ -136,10 +137,12 @@ def _load_resume(args, out: Path):
     if not path.is_file():
         raise UsageError(f"--resume but no checkpoint at {path}")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        saved = backfill(ck["config"])
-    except Exception as e:
-        raise UsageError(f"--resume: {path} is not a checkpoint this command wrote ({type(e).__name__}: {e})") from None
+        ck = load_tensors(path)
+    except CheckpointError as e:
+        raise UsageError(f"--resume: {e}") from None
+    if checkpoint_kind(ck) != "rein.train":
+        raise UsageError(f"--resume: {path} is not a checkpoint rein.train wrote; give another --out")
+    saved = backfill(ck["config"])
     if (args.checkpoint is None and args.init_from_official is not None
             and saved.get("init_from_official") == args.init_from_official
             and saved.get("checkpoint") == args.init_from_official):
@@ -232,6 +235,12 @@ def main(argv=None) -> int:
                       "PyTorch reference path (same numbers, slower)")
             args.fused = False
         model = build_model(args, device)
+        if ck is not None:
+            try:
+                load_trained(model, ck)
+            except ValueError as e:
+                raise UsageError(f"--resume: {out / 'checkpoint.pth'} does not fit the model its flags describe: "
+                                 f"{e}") from None
     except USER_ERRORS as e:
         if dist.is_available() and dist.is_initialized():  # every process stops here alike
             dist.destroy_process_group()
@@ -258,8 +267,6 @@ def main(argv=None) -> int:
     opt = make_optimizer(model, args, device)
     start, losses = 0, []
     if ck is not None:
-        model.backbone.load_rein_state_dict({k: v.to(device) for k, v in ck["rein"].items()})
-        model.head.load_state_dict(ck["head"])
         opt.load_state_dict(ck["optimizer"])
         start, losses = ck["iteration"], list(ck["losses"])
     if world > 1:
