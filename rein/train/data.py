@@ -2,6 +2,8 @@
 rank), built by DataLoader worker processes."""
 from __future__ import annotations
 
+import signal
+
 import torch
 
 from ..data import DataError, augment_official, normalize
@@ -39,9 +41,19 @@ class TrainBatches(torch.utils.data.Dataset):
         return torch.stack(imgs), torch.stack(lbls)
 
 
+def _leave_stop_signals_to_the_trainer(worker_id: int) -> None:
+    # Ctrl-C reaches every process of the terminal's group, and a scheduler's SIGTERM may:
+    # the training process stops the run between iterations and saves, which a worker
+    # killed by the same signal would turn into a DataLoader error.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
 def train_loader(batches: TrainBatches, start: int, stop: int, workers: int, pin_memory: bool):
     """Batches of iterations start..stop-1 in order, built by ``workers`` processes (0: in
-    this one), pinned for an asynchronous copy to the GPU, prefetched ahead."""
+    this one; they leave SIGINT and SIGTERM to it), pinned for an asynchronous copy to the
+    GPU, prefetched ahead."""
     return torch.utils.data.DataLoader(
         batches, batch_size=None, sampler=range(start, stop), num_workers=workers, pin_memory=pin_memory,
-        persistent_workers=False, prefetch_factor=4 if workers else None)
+        persistent_workers=False, prefetch_factor=4 if workers else None,
+        worker_init_fn=_leave_stop_signals_to_the_trainer)

@@ -11,9 +11,12 @@ augmentation and sliding-window evaluation protocol.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -154,9 +157,26 @@ def _load_resume(args, out: Path):
     return ck
 
 
+@contextlib.contextmanager
+def _stop_requests():
+    """While training, SIGINT (Ctrl-C) and SIGTERM only note their number in the list this
+    yields: the loop stops between two iterations, with a resumable checkpoint, on every
+    process alike. Every signal is noted, none kills: torchrun passes the one it gets on
+    to its workers, which a second default handler would stop mid-step."""
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _train(args, model, ddp, opt, train_set, rank, world, device, start, losses, checkpoint, main_proc):
-    """The training iterations; returns None, or the message of a file that could not be
-    read (after saving a resumable checkpoint at the iteration it stopped at)."""
+    """The training iterations. Returns (the message of a file that could not be read, the
+    signal that asked to stop), both None when every iteration ran; after either, a
+    resumable checkpoint is saved at the iteration it stopped at."""
     from tqdm import tqdm
 
     batches = TrainBatches(train_set, args.batch_size, args.crop, args.seed, rank, world)
@@ -165,63 +185,75 @@ def _train(args, model, ddp, opt, train_set, rank, world, device, start, losses,
                desc="train", dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
     waited = total = 0.0
     it_loader = iter(loader)
-    for it in bar:
-        t0 = time.perf_counter()
-        batch = next(it_loader)
-        t1 = time.perf_counter()
-        error = _agree_on_error(batch["error"] if isinstance(batch, dict) else None, world, device)
-        if error is not None:  # a file could not be read, on some process: keep what was trained
-            checkpoint(it)
-            bar.close()
-            return error
-        images, labels = (t.to(device, non_blocking=True) for t in batch)
-        # like the batch, the step's own randomness (Mask2Former's point sampling) is a
-        # function of (seed, iteration, rank), so a resumed run repeats the uninterrupted one
-        torch.manual_seed((args.seed * 1_000_003 + it) * 4096 + rank)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(it, args)
-        with _autocast(args, device):
-            head_out = ddp(images)
-        loss = model.head.loss(head_out, labels)  # this process's share; DDP averages the gradients
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = loss.detach() / world
-        if world > 1:
-            dist.all_reduce(value)
-        losses.append(float(value))
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"loss became {losses[-1]} at iteration {it}")
-        waited += t1 - t0
-        total += time.perf_counter() - t0
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(it, args):.2e}", data=f"{waited / total:.0%}")
-        done = it + 1
-        if done % args.ckpt_interval == 0 or done == args.max_iters:
-            checkpoint(done)
-        if args.stop_at is not None and done >= args.stop_at:
-            break
+    with _stop_requests() as caught:
+        for it in bar:
+            t0 = time.perf_counter()
+            batch = next(it_loader)
+            t1 = time.perf_counter()
+            error, signum = _agree(batch["error"] if isinstance(batch, dict) else None, max(caught, default=0),
+                                   world, device)
+            if error is not None or signum:  # on some process: keep what was trained
+                checkpoint(it)
+                bar.close()
+                return error, signum or None
+            images, labels = (t.to(device, non_blocking=True) for t in batch)
+            # like the batch, the step's own randomness (Mask2Former's point sampling) is a
+            # function of (seed, iteration, rank), so a resumed run repeats the uninterrupted one
+            torch.manual_seed((args.seed * 1_000_003 + it) * 4096 + rank)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(it, args)
+            with _autocast(args, device):
+                head_out = ddp(images)
+            loss = model.head.loss(head_out, labels)  # this process's share; DDP averages the gradients
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            value = loss.detach() / world
+            if world > 1:
+                dist.all_reduce(value)
+            losses.append(float(value))
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"loss became {losses[-1]} at iteration {it}")
+            waited += t1 - t0
+            total += time.perf_counter() - t0
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(it, args):.2e}", data=f"{waited / total:.0%}")
+            done = it + 1
+            if done % args.ckpt_interval == 0 or done == args.max_iters:
+                checkpoint(done)
+            if args.stop_at is not None and done >= args.stop_at:
+                break
     bar.close()
     if main_proc and total:
         print(f"rein-train: {waited / total:.0%} of the step time was spent waiting for data "
               f"({args.workers} loader workers)")
-    return None
+    return None, None
 
 
-def _agree_on_error(error: str | None, world: int, device) -> str | None:
-    """A data error on any process, known to every process (so that all stop together and
-    rank 0, which saves and reports, can name the file): one collective per iteration."""
+def _agree(error: str | None, signum: int, world: int, device) -> tuple[str | None, int]:
+    """A data error and a stop signal (0: none) on any process, known to every process, so
+    that all stop together and rank 0, which saves and reports, can name the file and the
+    signal: one collective per iteration."""
     if world == 1:
-        return error
-    flag = torch.tensor([error is not None], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if not flag.item():
-        return None
+        return error, signum
+    flags = torch.tensor([error is not None, signum], dtype=torch.int32, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    signum = int(flags[1])
+    if not flags[0]:
+        return None, signum
     errors = [None] * world
     dist.all_gather_object(errors, error)
-    return next(e for e in errors if e is not None)
+    return next(e for e in errors if e is not None), signum
+
+
+def _resume_command(argv: list[str], world: int) -> str:
+    """The command line that continues this run: its own, with --resume."""
+    launcher = ["python", "-m", "rein.train"] if world == 1 else [
+        "torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}", "-m", "rein.train"]
+    return shlex.join(launcher + argv + ([] if "--resume" in argv else ["--resume"]))
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv, __doc__)
     out = Path(args.out)
     try:
@@ -269,6 +301,8 @@ def main(argv=None) -> int:
     if ck is not None:
         opt.load_state_dict(ck["optimizer"])
         start, losses = ck["iteration"], list(ck["losses"])
+        if main_proc:
+            print(f"rein-train: resumed at iteration {start} of {args.max_iters} from {out / 'checkpoint.pth'}")
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
@@ -284,15 +318,17 @@ def main(argv=None) -> int:
                 "config": {k: v for k, v in vars(args).items() if k not in ("resume", "force_resume", "stop_at")}})
 
     t0 = time.time()
-    bad_file = _train(args, model, ddp, opt, train_set, rank, world, device, start, losses, checkpoint, main_proc)
-    if bad_file is not None:
+    bad_file, signum = _train(args, model, ddp, opt, train_set, rank, world, device, start, losses, checkpoint,
+                              main_proc)
+    if bad_file is not None or signum is not None:
         if main_proc:
-            print(f"rein-train: {bad_file}. Saved a resumable checkpoint at iteration "
-                  f"{len(losses)} in {out / 'checkpoint.pth'}; fix the file, then run again with --resume",
-                  file=sys.stderr)
+            why, then = (bad_file, "fix the file, then continue") if bad_file is not None else (
+                f"stopped by {signal.Signals(signum).name}", "continue")
+            print(f"rein-train: {why}. Saved a resumable checkpoint at iteration {len(losses)} of {args.max_iters} "
+                  f"in {out / 'checkpoint.pth'}; {then} with: {_resume_command(argv, world)}", file=sys.stderr)
         if world > 1:
             dist.destroy_process_group()
-        return 2
+        return 2 if bad_file is not None else 128 + signum  # as a shell reports a process the signal ended
     if args.stop_at is not None and len(losses) < args.max_iters:
         if world > 1:
             dist.destroy_process_group()
