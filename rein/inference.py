@@ -36,6 +36,20 @@ def eval_scale(kind: str | None, crop: int) -> tuple[int, int] | None:
     return None if base is None else (round(base[0] * crop / 512), round(base[1] * crop / 512))
 
 
+def run_test_scale(config) -> dict:
+    """The test resize of the first domain a checkpoint's run was evaluated on, as
+    ``{"domain": kind, "scale": [long, short] or None}`` (None: each image at its own
+    size): the first --target of a rein.train run; the synthetic domains (evaluated at
+    their own size) without --source; Cityscapes, the official protocol's first target,
+    for a run without --target and for an official checkpoint (a configuration with no
+    "source")."""
+    if "source" in config and config["source"] is None:
+        return {"domain": "synthetic", "scale": None}
+    kind = (config.get("target") or ["cityscapes"])[0].split("=", 1)[0].strip().lower()
+    scale = eval_scale(kind, config["crop"])
+    return {"domain": kind, "scale": list(scale) if scale else None}
+
+
 def window_starts(size: int, crop: int, stride: int) -> list[int]:
     """Start of every window along one axis of length ``size`` (>= crop): mmseg's grid,
     ceil((size - crop) / stride) + 1 windows, the last one ending at the border."""

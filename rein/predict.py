@@ -23,7 +23,7 @@ import torch
 from .cli import FLAG_NAMES, USER_ERRORS, add_model_flags, check_out_folder, device_from_flag, parser, report
 from .data import LABEL_IDS, DataError, colorize, overlay, read_image, to_uint8
 from .errors import UsageError
-from .inference import predict
+from .inference import predict, run_test_scale
 from .model import load_model
 
 IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".webp"}
@@ -57,13 +57,45 @@ def _images(spec: list[str], out: Path) -> list[tuple[Path, str]]:
     return named
 
 
+def _scale_flag(flag: str | None) -> tuple[int, int] | str | None:
+    """--scale: (long, short), "native", or None (not given)."""
+    if flag is None:
+        return None
+    if flag.lower() == "native":
+        return "native"
+    try:
+        scale = tuple(int(v) for v in flag.lower().split("x"))
+        assert len(scale) == 2 and min(scale) > 0
+    except (ValueError, AssertionError):
+        raise UsageError(f"--scale {flag!r}: expected LONGxSHORT, e.g. 1024x512, or native") from None
+    return scale
+
+
+def _scale(flag: tuple[int, int] | str | None, config) -> tuple[tuple[int, int] | None, str]:
+    """The test resize and the line that says which: --scale's, or by default the one the
+    checkpoint's run was evaluated at (recorded in it; for older and official checkpoints,
+    worked out from its configuration the same way)."""
+    if flag == "native":
+        return None, "each image at its own size (--scale native)"
+    if flag is not None:
+        return flag, f"each image resized keeping its ratio to fit {flag[0]}x{flag[1]} (--scale)"
+    test = getattr(config, "test_scale", None) or run_test_scale(vars(config))
+    if test["scale"] is None:
+        return None, (f"each image at its own size, as {test['domain']} was evaluated (--scale LONGxSHORT "
+                      "resizes)")
+    long_, short = test["scale"]
+    return (long_, short), (f"each image resized keeping its ratio to fit {long_}x{short}, the test scale "
+                            f"of {test['domain']} at crop {config.crop} (--scale native keeps each image's size)")
+
+
 def main(argv=None) -> int:
     ap = parser("rein-predict", __doc__)
     add_model_flags(ap)
     ap.add_argument("--images", nargs="+", required=True, help="image files and/or folders (searched recursively)")
     ap.add_argument("--out", required=True, help="output folder")
-    ap.add_argument("--scale", help="resize each image keeping its ratio to fit LONGxSHORT first, e.g. 1024x512 "
-                                    "(default: its own resolution)")
+    ap.add_argument("--scale", help="resize each image keeping its ratio to fit LONGxSHORT first, e.g. 1024x512, "
+                                    "or 'native' for its own size (default: the test scale of the domain the "
+                                    "checkpoint was evaluated on first)")
     args = ap.parse_args(argv)
 
     from PIL import Image
@@ -71,13 +103,7 @@ def main(argv=None) -> int:
 
     try:
         device = device_from_flag(args.device)
-        scale = None
-        if args.scale:
-            try:
-                scale = tuple(int(v) for v in args.scale.lower().split("x"))
-                assert len(scale) == 2 and min(scale) > 0
-            except (ValueError, AssertionError):
-                raise UsageError(f"--scale {args.scale!r}: expected LONGxSHORT, e.g. 1024x512") from None
+        scale_flag = _scale_flag(args.scale)
         out = Path(args.out)
         check_out_folder(out, "the predicted PNGs")
         files = _images(args.images, out)
@@ -85,6 +111,8 @@ def main(argv=None) -> int:
                                    official=dict(backbone=args.backbone, crop=args.crop), names=FLAG_NAMES)
     except USER_ERRORS as e:
         return report("rein-predict", e)
+    scale, says = _scale(scale_flag, config)
+    print(f"rein-predict: {says}")
     out.mkdir(parents=True, exist_ok=True)
     amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     failed = []

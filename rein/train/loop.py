@@ -31,6 +31,7 @@ from ..checkpoints import CheckpointError, checkpoint_kind, load_tensors
 from ..cli import USER_ERRORS, device_from_flag, report
 from ..data import SyntheticDomain, datasets_from
 from ..errors import UsageError
+from ..inference import run_test_scale
 from ..metrics import evaluate_targets
 from ..model import backfill, build_model, load_trained
 from .config import SYNTHETIC, parse_args, resume_mismatches, validate, warnings_for
@@ -256,6 +257,8 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv, __doc__)
     out = Path(args.out)
+    # what rein.predict resizes to by default: recorded, so it holds whatever later versions change
+    args.test_scale = run_test_scale(vars(args))
     try:
         validate(args)
         rank, world, device = _setup_distributed(args)
