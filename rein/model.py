@@ -100,10 +100,8 @@ def build_model(args, device, checkpoint_flag: str = "--checkpoint", backbone_fl
             raise
         raise UsageError(_about(checkpoint_flag, args.checkpoint, e)) from None
     bb = bb.to(device)
-    with torch.no_grad():  # the head's input widths, from one small forward where training runs
-        feats, _ = _features_and_queries(bb(torch.zeros(1, 3, args.crop, args.crop, device=device)))
     try:
-        head = build_head(args.head, [f.shape[1] for f in feats], len(CLASSES), **head_kwargs)
+        head = build_head(args.head, bb.feature_info.channels(), len(CLASSES), **head_kwargs)
     except (ValueError, ImportError) as e:  # a checkpoint of a removed head; transformers missing
         raise UsageError(f"--head {args.head}: {e}") from None
     if getattr(args, "init_from_official", None):

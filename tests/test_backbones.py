@@ -340,9 +340,40 @@ def test_wrong_checkpoints_name_the_keys(tmp_path):
         build("dinov2", checkpoint=str(tmp_path / "nowhere.pth"))
 
 
+@pytest.mark.parametrize("family", ["dinov2", "sam", "convnext"])
+def test_feature_info_and_num_features_describe_the_maps_as_timm_does(family):
+    """timm's feature-extractor conventions: feature_info's channels and reductions are
+    those of the maps forward returns, its modules exist; num_features is the last map's
+    width."""
+    bb = build(family)
+    with torch.no_grad():
+        feats, _ = bb(torch.zeros(1, 3, IMG, IMG + 32, device=DEVICE))
+    info = bb.feature_info
+    assert info.channels() == [f.shape[1] for f in feats] and bb.num_features == feats[-1].shape[1]
+    assert info.reduction() == [4, 8, 16, 32] == [IMG // f.shape[-2] for f in feats]
+    assert info[0]["num_chs"] == feats[0].shape[1] and len(info.module_name()) == 4
+    modules = dict(bb.named_modules())
+    assert all(name in modules for name in info.module_name())
+    if family == "convnext":
+        assert info.channels() == [40, 80, 160, 320]
+
+
+def test_print_trainable_parameters_as_peft(capsys):
+    bb = build("dinov2")
+    trainable = sum(p.numel() for p in bb.rein.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in bb.parameters())
+    bb.print_trainable_parameters()
+    assert capsys.readouterr().out == (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                                       f"trainable%: {100 * trainable / total:.4f}\n")
+    assert 0 < trainable < total
+
+
 def test_bad_out_indices_and_images():
     with pytest.raises(ValueError, match=r"out_indices must be 4 block indices in \[0, 4\)"):
         build("dinov2", out_indices=[0, 1, 2, 4])
     bb = build("dinov2")
     with pytest.raises(ValueError, match=r"images must be \[B, 3, H, W\]"):
         bb(torch.randn(3, IMG, IMG, device=DEVICE))
+    with pytest.raises(ValueError, match=r"^images of 60x70 pixels do not fit the backbone's 16x16-pixel patches: "
+                                         r"pad or resize them to multiples, e\.g\. 64x80$"):
+        bb(torch.randn(1, 3, 60, 70, device=DEVICE))

@@ -137,7 +137,10 @@ class ReinBackbone(nn.Module):
     ``forward(images)`` returns ``(features, queries)``: four NCHW maps at strides 4, 8,
     16 and 32 made from the ``out_indices`` blocks (bilinear resampling, as the recipe
     does), and the Rein queries [m, Q] (``features`` alone without
-    ``link_token_to_query``).
+    ``link_token_to_query``). As a timm feature extractor describes its maps,
+    ``feature_info`` (``.channels()``, ``.reduction()``, ``.module_name()``, and a dict
+    per map) and ``num_features`` (the last map's channels) describe them, so heads from
+    other libraries can read their widths without a forward pass.
     """
 
     def __init__(self, backbone: nn.Module, rein: nn.Module, out_indices: Sequence[int]):
@@ -152,6 +155,15 @@ class ReinBackbone(nn.Module):
             raise ValueError(f"out_indices must be 4 {'stage' if self.family == 'convnext' else 'block'} "
                              f"indices in [0, {n}), got {list(out_indices)}")
         self.out_indices = list(out_indices)
+        from timm.models import FeatureInfo
+
+        if self.family == "convnext":
+            chans, names = [backbone.feature_info[i]["num_chs"] for i in out_indices], "stages"
+        else:
+            chans, names = [backbone.embed_dim] * 4, "blocks"
+        self.feature_info = FeatureInfo([dict(num_chs=c, reduction=r, module=f"backbone.{names}.{i}")
+                                         for c, r, i in zip(chans, TARGET_STRIDES, out_indices)], (0, 1, 2, 3))
+        self.num_features = chans[-1]
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         self._hooks = [blk.register_forward_hook(_RefineHook(self, key)) for key, blk in self._blocks()]
@@ -235,6 +247,11 @@ class ReinBackbone(nn.Module):
         if images.dim() != 4:
             raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
         H, W = images.shape[-2:]
+        if self.family != "convnext":  # ConvNeXt takes any size; a ViT cuts whole patches
+            ph, pw = self.backbone.patch_embed.patch_size
+            if H % ph or W % pw:
+                raise ValueError(f"images of {H}x{W} pixels do not fit the backbone's {ph}x{pw}-pixel patches: "
+                                 f"pad or resize them to multiples, e.g. {-(-H // ph) * ph}x{-(-W // pw) * pw}")
         unique = sorted(set(self.out_indices))
         with self._rein_prepared():
             maps = self.backbone.forward_intermediates(
@@ -276,6 +293,12 @@ class ReinBackbone(nn.Module):
         """Checkpoint each (block + Rein) pair: timm's checkpointing wraps the block call,
         and Rein runs inside it as the block's forward hook."""
         self.backbone.set_grad_checkpointing(enable)
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's summary line: the parameters that train (Rein's), all of them, and the share."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     def rein_state_dict(self) -> dict[str, Tensor]:
         """Rein's parameters only (no backbone weights), keys prefixed ``rein.``."""
