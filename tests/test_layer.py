@@ -23,7 +23,7 @@ def test_published_parameter_counts():
 
 
 def _reference_shapes(L, m, C, Q, lora=None, zero_mlp=False):
-    """The reference implementation's state_dict (REIN_SPEC table), as name -> shape."""
+    """The reference implementation's state_dict (docs/maths.md's table), as name -> shape."""
     shapes = {
         "mlp_token2feat.weight": (C, C), "mlp_token2feat.bias": (C,),
         "mlp_delta_f.weight": (C, C), "mlp_delta_f.bias": (C,),
