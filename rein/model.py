@@ -185,9 +185,11 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
             load_trained(model, ck)
         else:
             load_official_weights(state, model.backbone, model.head, load_backbone=backbone_checkpoint is None)
-    except (ValueError, RuntimeError) as e:
-        hint = "" if is_ours else _other_backbone_hint(state, official["backbone"], n)
-        raise UsageError(f"{n['checkpoint']} {path} does not fit the model it describes: {e}{hint}") from None
+    except ValueError as e:
+        if is_ours:
+            raise UsageError(f"{n['checkpoint']} {path} does not fit the model it describes: {e}") from None
+        raise UsageError(f"{n['checkpoint']} {path}: {e}{_other_backbone_hint(state, official['backbone'], n)}") \
+            from None
     return model.eval(), args
 
 
