@@ -12,7 +12,7 @@ def __getattr__(name):
 
         return ReinBackbone
     if name == "load_official_checkpoint":
-        from .official import load_official_checkpoint
+        from .model import load_official_checkpoint
 
         return load_official_checkpoint
     raise AttributeError(f"module 'rein' has no attribute {name!r}")

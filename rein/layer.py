@@ -62,8 +62,12 @@ class ReinLayer(nn.Module):
     Call as ``layer(x, layer_index, batch_first=False, has_cls_token=True)``;
     ``num_prefix_tokens`` overrides ``has_cls_token`` for backbones with register
     tokens. ``return_auto(feats)`` returns ``(feats, queries)`` when
-    ``link_token_to_query``, else ``feats``.
+    ``link_token_to_query``, else ``feats``. ``fused_active`` says whether the last call
+    ran the fused kernels.
     """
+
+    # a class attribute, so modules pickled before it existed load with it
+    _fused_active: bool | None = None
 
     def __init__(
         self,
@@ -131,6 +135,14 @@ class ReinLayer(nn.Module):
             v = math.sqrt(6.0 / float(3 * p * p + (C * lora_dim) ** 0.5))
             nn.init.uniform_(self.learnable_tokens_a.data, -v, v)
             nn.init.uniform_(self.learnable_tokens_b.data, -v, v)
+
+    @property
+    def fused_active(self) -> bool | None:
+        """Whether the last forward ran the fused kernels: False when it ran the reference,
+        because ``fused=False`` or because the kernels cannot run on that input (no CUDA
+        GPU and no ``TRITON_INTERPRET=1``, or bf16 in the interpreter; ``fused=True`` then
+        warns once per process); None before the first forward."""
+        return self._fused_active
 
     def extra_repr(self) -> str:
         return (
@@ -222,9 +234,11 @@ class ReinLayer(nn.Module):
         cdtype = rein_kernels.compute_dtype(x, [*self._token_params(), *W])
         if self.fused:
             if rein_kernels.is_available(x, cdtype):
+                self._fused_active = True
                 return rein_kernels.apply_fused(x, *self._operands(layer, cdtype), batch_first,
                                                 num_prefix_tokens, self.use_softmax)
             _warn_fallback_once(x.device)
+        self._fused_active = False
         return rein_layer_reference(
             x, self.get_tokens(layer), *W, self.scale,
             batch_first=batch_first, num_prefix_tokens=num_prefix_tokens, use_softmax=self.use_softmax,

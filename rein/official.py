@@ -8,7 +8,8 @@ Mask2FormerHead as ``ReinMask2FormerHead``), and, when made by the official
 this library's (``rein.*`` for ``ReinBackbone.load_rein_state_dict``, the
 ``Mask2FormerHead`` names, the backbone's), splitting the decoder self-attention's packed
 ``in_proj`` into transformers' q/k/v projections; a key it cannot place is an error that
-names it. ``load_official_checkpoint`` loads the result strictly.
+names it. ``load_official_weights`` loads the result strictly into modules built with
+the same sizes (``rein.model`` builds them).
 
 The official key list this follows is ``tests/fixtures/official_rein_dinov2_keys.txt``
 (how it was derived is written at its top).
@@ -22,7 +23,7 @@ from collections.abc import Mapping
 import torch
 from torch import Tensor
 
-from .checkpoints import listing, load_tensors, misfit
+from .checkpoints import flat_state, listing, load_tensors, misfit
 
 # mmdet/mmcv name (after "decode_head.") -> this library's Mask2FormerHead name; each
 # pattern is followed by the parameter's own name (weight, bias), kept as it is.
@@ -80,17 +81,15 @@ def _head_key(name: str, value: Tensor) -> dict[str, Tensor] | None:
 def official_state(ck) -> dict[str, Tensor]:
     """The flat state dict of a loaded official checkpoint (mmengine's ``state_dict``
     wrapper removed, DDP's ``module.`` prefix dropped)."""
-    if isinstance(ck, Mapping) and isinstance(ck.get("state_dict"), Mapping):
-        ck = ck["state_dict"]
     if not isinstance(ck, Mapping):
         raise ValueError(f"the file holds a {type(ck).__name__}, not a state dict")
-    return {k.removeprefix("module."): v for k, v in ck.items() if isinstance(v, Tensor)}
+    return flat_state(ck)
 
 
 def read_official_checkpoint(path: str | os.PathLike) -> dict[str, Tensor]:
     """``official_state`` of a file."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"official checkpoint {path} does not exist (or is not a file)")
+        raise FileNotFoundError(f"{path} does not exist (or is not a file)")
     return official_state(load_tensors(path))
 
 
@@ -115,7 +114,7 @@ def convert_official_state_dict(state: Mapping[str, Tensor]) -> dict[str, dict[s
             unplaced.append(k)
     if unplaced:
         raise ValueError(f"{len(unplaced)} key(s) of the official checkpoint have no place in this library's Rein "
-                         f"backbone and Mask2Former head: {listing(sorted(unplaced), 12)}")
+                         f"backbone and Mask2Former head: {listing(sorted(unplaced), 3)}")
     if not out["rein"] or not out["head"]:
         raise ValueError("not an official Rein checkpoint: it needs backbone.reins.* and decode_head.* keys, found "
                          f"{len(out['rein'])} and {len(out['head'])}")
@@ -123,44 +122,18 @@ def convert_official_state_dict(state: Mapping[str, Tensor]) -> dict[str, dict[s
 
 
 def _check_fits(state: Mapping[str, Tensor], module: torch.nn.Module, what: str) -> None:
-    problems = misfit(state, module.state_dict(), ("missing", "unexpected", "shape mismatch"), n=12)
-    if problems:
-        raise ValueError(f"the official checkpoint's {what} does not fit this model; " + "; ".join(problems))
+    problem = misfit(state, module.state_dict())
+    if problem:
+        raise ValueError(f"the official checkpoint's {what} does not fit this model: {problem}")
 
 
-# How errors name load_official_checkpoint's inputs when it builds the model.
-_API_NAMES = {"checkpoint": "checkpoint", "backbone_checkpoint": "backbone_checkpoint",
-              "backbone": "backbone_name", "crop": "crop"}
-
-
-def load_official_checkpoint(path_or_state, backbone=None, head=None, load_backbone: bool = True, *,
-                             backbone_checkpoint: str | None = None, backbone_name: str = "vit_large_patch14_dinov2",
-                             crop: int = 512, device=None, fused: bool = True):
+def load_official_weights(path_or_state, backbone, head, load_backbone: bool = True) -> bool:
     """Load an official Rein checkpoint (a file or its state dict) into a ``ReinBackbone``
-    and a ``Mask2FormerHead`` built with the same sizes (for the published DINOv2-L
-    checkpoints: ``ReinBackbone.from_timm("vit_large_patch14_dinov2", lora_dim=16)`` and
-    ``Mask2FormerHead([1024] * 4, 19)``), strictly: every key is placed and every
-    parameter filled, or a ValueError names what does not fit. Frozen backbone weights in
-    the file (``generate_full_weights.py``) are loaded too (unless ``load_backbone=False``);
-    otherwise load them from the DINOv2 file with ``from_timm(checkpoint=...)``. Returns
-    whether the file carried the frozen backbone.
-
-    With a file and no modules, builds the model instead and returns it, in eval mode:
-    ``model = rein.load_official_checkpoint("dinov2_rein_and_head.pth",
-    backbone_checkpoint="dinov2_vitl14_pretrain.pth")``, the recipe's model
-    (``backbone_name``, ``crop``, the Mask2Former head, the official weight conversion);
-    ``model(images)`` gives class scores [B, 19, H, W] for one window."""
-    if backbone is None and head is None:
-        if isinstance(path_or_state, Mapping):
-            raise TypeError("load_official_checkpoint: building the model needs the checkpoint file; to load a "
-                            "state dict, pass the backbone and head to load it into")
-        from .predict import load_model
-
-        dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        return load_model(str(path_or_state), backbone_checkpoint, dev, fused,
-                          official=dict(backbone=backbone_name, crop=crop), names=_API_NAMES)[0]
-    if backbone is None or head is None:
-        raise TypeError("load_official_checkpoint: give both backbone and head, or neither (to build the model)")
+    and a ``Mask2FormerHead`` built with the same sizes, strictly: every key is placed
+    and every parameter filled, or a ValueError names what does not fit. Frozen backbone
+    weights in the file (``generate_full_weights.py``) are loaded too (unless
+    ``load_backbone=False``). Returns whether the file carried the frozen backbone.
+    (``rein.load_official_checkpoint`` also builds the model.)"""
     from .backbones.timm_backbone import load_timm_checkpoint
 
     state = path_or_state if isinstance(path_or_state, Mapping) else read_official_checkpoint(path_or_state)

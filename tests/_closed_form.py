@@ -1,4 +1,4 @@
-"""The Rein layer and all its gradients in closed form, written from REIN_SPEC.md alone.
+"""The Rein layer and all its gradients in closed form, written from docs/maths.md alone.
 
 Independent of ``rein_kernels.reference`` (no autograd, no module) and of the kernels'
 algebra (it never forms U = V W_d^T): if the reference and the kernels were wrong the

@@ -171,7 +171,7 @@ def _dinov2_release_state(registers: bool):
 
 def _official_converter(release):
     """The official Rein converter (tools/convert_models/convert_dinov2_*.py), as issue 11
-    and REIN_SPEC.md state it: plain bicubic F.interpolate, align_corners=False, no
+    and docs/official_rein_reading.md (section 1) state it: plain bicubic F.interpolate, align_corners=False, no
     antialias, no gain fix; patch kernel 14 -> 16; position grid to the model's (5 x 5 ->
     4 x 4 here), the cls position kept."""
     w = F.interpolate(release["patch_embed.proj.weight"].float(), size=(16, 16), mode="bicubic",
@@ -319,22 +319,53 @@ def test_wrong_checkpoints_name_the_keys(tmp_path):
     release = _dinov2_release_state(False)
     missing = dict(release)
     del missing["blocks.1.attn.qkv.weight"]
-    with pytest.raises(ValueError, match=r"missing keys: blocks\.1\.attn\.qkv\.weight"):
+    with pytest.raises(ValueError, match=r"missing keys \(1\): blocks\.1\.attn\.qkv\.weight"):
         build("dinov2", checkpoint=missing)
     extra = {**release, "blocks.9.attn.qkv.weight": torch.zeros(3)}
-    with pytest.raises(ValueError, match=r"unexpected keys: blocks\.9\.attn\.qkv\.weight"):
+    with pytest.raises(ValueError, match=r"unexpected keys \(1\): blocks\.9\.attn\.qkv\.weight"):
         build("dinov2", checkpoint=extra)
     other = timm.create_model("vit_base_patch16_clip_224", pretrained=False, depth=4, img_size=64)
-    with pytest.raises(ValueError, match=r"shape mismatches: .*blocks\.0\.attn\.qkv\.weight: file \(2304, 768\)"):
+    with pytest.raises(ValueError, match=r"keys of another shape \(\d+\): blocks\.0\.attn\.proj\.bias: file \(768,\) vs "
+                                         r"model \(384,\)") as e:
         build("dinov2", checkpoint=other.state_dict())
+    listed = str(e.value).rsplit("all listed in ", 1)[1]  # the full list: every key of another shape
+    assert "blocks.3.attn.qkv.weight: file (2304, 768) vs model (1152, 384)" in open(listed).read()
     torch.save(release, tmp_path / "ok.pth")
-    with pytest.raises(ValueError, match=r"missing keys: blocks\.4"):
+    with pytest.raises(ValueError, match=r"missing keys \(\d+\): blocks\.4"):
         build("dinov2", checkpoint=str(tmp_path / "ok.pth"), depth=6)
     (tmp_path / "notes.txt").write_text("not weights")
-    with pytest.raises(ValueError, match=r"not a checkpoint torch.load can read"):
+    with pytest.raises(ValueError, match=r"notes\.txt is not a PyTorch checkpoint file$"):
         build("dinov2", checkpoint=str(tmp_path / "notes.txt"))
-    with pytest.raises(FileNotFoundError, match=r"checkpoint .*nowhere\.pth does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"nowhere\.pth does not exist"):
         build("dinov2", checkpoint=str(tmp_path / "nowhere.pth"))
+
+
+@pytest.mark.parametrize("family", ["dinov2", "sam", "convnext"])
+def test_feature_info_and_num_features_describe_the_maps_as_timm_does(family):
+    """timm's feature-extractor conventions: feature_info's channels and reductions are
+    those of the maps forward returns, its modules exist; num_features is the last map's
+    width."""
+    bb = build(family)
+    with torch.no_grad():
+        feats, _ = bb(torch.zeros(1, 3, IMG, IMG + 32, device=DEVICE))
+    info = bb.feature_info
+    assert info.channels() == [f.shape[1] for f in feats] and bb.num_features == feats[-1].shape[1]
+    assert info.reduction() == [4, 8, 16, 32] == [IMG // f.shape[-2] for f in feats]
+    assert info[0]["num_chs"] == feats[0].shape[1] and len(info.module_name()) == 4
+    modules = dict(bb.named_modules())
+    assert all(name in modules for name in info.module_name())
+    if family == "convnext":
+        assert info.channels() == [40, 80, 160, 320]
+
+
+def test_print_trainable_parameters_as_peft(capsys):
+    bb = build("dinov2")
+    trainable = sum(p.numel() for p in bb.rein.parameters() if p.requires_grad)
+    total = sum(p.numel() for p in bb.parameters())
+    bb.print_trainable_parameters()
+    assert capsys.readouterr().out == (f"trainable params: {trainable:,d} || all params: {total:,d} || "
+                                       f"trainable%: {100 * trainable / total:.4f}\n")
+    assert 0 < trainable < total
 
 
 def test_bad_out_indices_and_images():
@@ -343,3 +374,6 @@ def test_bad_out_indices_and_images():
     bb = build("dinov2")
     with pytest.raises(ValueError, match=r"images must be \[B, 3, H, W\]"):
         bb(torch.randn(3, IMG, IMG, device=DEVICE))
+    with pytest.raises(ValueError, match=r"^images of 60x70 pixels do not fit the backbone's 16x16-pixel patches: "
+                                         r"pad or resize them to multiples, e\.g\. 64x80$"):
+        bb(torch.randn(1, 3, 60, 70, device=DEVICE))

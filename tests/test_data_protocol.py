@@ -4,8 +4,8 @@ import numpy as np
 import pytest
 import torch
 
-from rein.train.data import (IGNORE, MEAN, _crop_box, _photometric, _short_edge_size, augment_official,
-                             normalize, official_scales)
+from rein.data import IGNORE, MEAN, augment_official, normalize, official_scales
+from rein.data.transforms import _crop_box, _photometric, _short_edge_size
 
 pytest.importorskip("cv2")
 

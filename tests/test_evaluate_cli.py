@@ -9,11 +9,13 @@ import torch
 pytest.importorskip("timm")
 pytest.importorskip("transformers")
 
-from rein.evaluate import EVAL_SCALE, evaluate, main  # noqa: E402
-from rein.train.config import SMALL_MASK2FORMER  # noqa: E402
+from rein.data import FolderDataset  # noqa: E402
+from rein.evaluate import main  # noqa: E402
+from rein.inference import EVAL_SCALE  # noqa: E402
+from rein.metrics import evaluate  # noqa: E402
+from rein.model import build_model  # noqa: E402
 from rein.official import _head_key  # noqa: E402
-from rein.train.data import FolderDataset  # noqa: E402
-from rein.train.loop import build_model  # noqa: E402
+from rein.train.config import SMALL_MASK2FORMER  # noqa: E402
 from rein.train.loop import main as train  # noqa: E402
 
 from test_official import official_keys  # noqa: E402
@@ -105,7 +107,23 @@ def test_train_checkpoint_evaluates_and_bad_input_is_one_line(tmp_path, capsys):
     fails("--checkpoint", str(tmp_path / "none.pth"), says="does not exist")
     fails("--checkpoint", str(run), says=f"is a folder, not a checkpoint file; did you mean {run / 'checkpoint.pth'}")
     (tmp_path / "text.pth").write_text("hello")
-    fails("--checkpoint", str(tmp_path / "text.pth"), says="not a checkpoint")
+    fails("--checkpoint", str(tmp_path / "text.pth"), says=f"--checkpoint {tmp_path / 'text.pth'} is not a PyTorch "
+                                                         "checkpoint file")
+    cut = tmp_path / "cut.pth"
+    cut.write_bytes((run / "checkpoint.pth").read_bytes()[:5000])
+    fails("--checkpoint", str(cut), says=f"--checkpoint {cut} is truncated or corrupt (download or save it again)")
+    import timm
+
+    vit = tmp_path / "vit.pth"
+    torch.save(timm.create_model(SMALL_VIT, depth=1, img_size=64, patch_size=8).state_dict(), vit)
+    fails("--checkpoint", str(vit), says=f"--checkpoint {vit} holds backbone weights (timm/DINOv2 names), not a "
+                                         "Rein checkpoint: pass it as --backbone-checkpoint")
+    ck = torch.load(run / "checkpoint.pth", weights_only=True)
+    ck["config"]["timm_kwargs"] = {"depth": 2}  # a configuration its Rein weights do not fit
+    torch.save(ck, tmp_path / "other.pth")
+    fails("--checkpoint", str(tmp_path / "other.pth"),
+          says=f"--checkpoint {tmp_path / 'other.pth'} does not fit the model it describes: Rein: keys of another "
+               "shape (2): learnable_tokens_a: file (4, 100, 16) vs model (2, 100, 16), learnable_tokens_b")
     torch.save({"state_dict": {"backbone.reins.scale": torch.ones(()),
                                "decode_head.querys2feat.weight": torch.ones(2, 2)}}, tmp_path / "bare.pth")
     fails("--checkpoint", str(tmp_path / "bare.pth"), says="--backbone-checkpoint")
@@ -124,7 +142,7 @@ def test_train_checkpoint_evaluates_and_bad_input_is_one_line(tmp_path, capsys):
 
 
 def test_init_from_official_starts_from_the_files_weights(tmp_path, capsys):
-    from rein.train.config import UsageError
+    from rein.errors import UsageError
 
     args = _small_args(depth=2, seed=5)
     source = build_model(args, torch.device("cpu"))
@@ -148,7 +166,7 @@ def test_init_from_official_starts_from_the_files_weights(tmp_path, capsys):
         assert torch.equal(rebuilt.backbone.backbone.state_dict()[k], v), k
     args.checkpoint, args.init_from_official = None, str(tmp_path / "official.pth")
     args.head_kwargs = dict(SMALL_MASK2FORMER, decoder_layers=2)  # a model the file does not fit
-    with pytest.raises(UsageError, match=r"--init-from-official .*unexpected: transformer.decoder.layers.2"):
+    with pytest.raises(UsageError, match=r"--init-from-official .*unexpected keys \(\d+\): transformer.decoder.layers.2"):
         build_model(args, torch.device("cpu"))
     assert train(["--head", "light", "--init-from-official", str(tmp_path / "official.pth"),
                   "--out", str(tmp_path / "o"), *FAST]) == 2

@@ -14,7 +14,8 @@ from rein import ReinBackbone  # noqa: E402
 from rein.heads import build_head  # noqa: E402
 from rein.heads.mask2former import Mask2FormerHead, per_class_masks  # noqa: E402
 from rein.train.config import SMALL_MASK2FORMER  # noqa: E402
-from rein.train.loop import Segmentor, param_groups  # noqa: E402
+from rein.model import Segmentor  # noqa: E402
+from rein.train.loop import param_groups  # noqa: E402
 
 SMALL = dict(SMALL_MASK2FORMER, query_dims=32, num_points=256)
 
@@ -76,6 +77,27 @@ def test_loss_is_finite_without_any_labelled_pixel():
     loss = model.head.loss(model(torch.randn(2, 3, 64, 64)), torch.full((2, 64, 64), 255))
     assert torch.isfinite(loss)
     loss.backward()
+
+
+def test_mask_count_is_mmdets_with_an_image_without_labels():
+    """mmdet's mask count: per image num_pos = max(number of masks, 1) (its
+    MaskSamplingResult), summed over the batch; the loss's mask and dice terms are divided
+    by it. An image with no labelled pixel adds 1 (where counting 0 made those terms
+    (n + e) / n times mmdet's)."""
+    model = _model()
+    labels = _labels()
+    labels[1] = 255  # the second crop has no labelled pixel
+    counts = []
+    real = model.head.criterion.get_num_masks
+
+    def spy(class_labels, device):
+        counts.append(real(class_labels, device))
+        return counts[-1]
+
+    model.head.criterion.get_num_masks = spy
+    model.head.loss(model(torch.randn(2, 3, 64, 64)), labels)
+    assert {c.item() for c in counts} == {len(torch.unique(labels[0][labels[0] != 255])) + 1}
+    assert real([torch.arange(0), torch.arange(0)], torch.device("cpu")).item() == 2
 
 
 def test_ground_truth_masks_as_mmseg():
@@ -173,7 +195,7 @@ def _num_masks_worker(rank, path):
         head = Mask2FormerHead([48] * 4, 19, **SMALL)
         labels = [torch.arange(3), torch.arange(0)] if rank == 0 else [torch.arange(1), torch.arange(0)]
         n = head.criterion.get_num_masks(labels, torch.device("cpu"))
-        assert n.item() == 2.0, n  # (3 + 1) / 2, on both processes
+        assert n.item() == 3.0, n  # ((3 + 1) + (1 + 1)) / 2, on both processes: an empty image counts 1
 
         # one all-reduce per loss call, not one per prediction (transformers' default)
         reduced, real = [], dist.all_reduce

@@ -23,7 +23,7 @@ def test_published_parameter_counts():
 
 
 def _reference_shapes(L, m, C, Q, lora=None, zero_mlp=False):
-    """The reference implementation's state_dict (REIN_SPEC table), as name -> shape."""
+    """The reference implementation's state_dict (docs/maths.md's table), as name -> shape."""
     shapes = {
         "mlp_token2feat.weight": (C, C), "mlp_token2feat.bias": (C,),
         "mlp_delta_f.weight": (C, C), "mlp_delta_f.bias": (C,),
@@ -144,6 +144,25 @@ def test_fallback_warns_once(monkeypatch):
                           d.mlp_delta_f.weight, d.mlp_delta_f.bias, d.scale,
                           batch_first=False, num_prefix=1, use_softmax=True)
     torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+
+
+def test_fused_active_says_which_path_the_last_call_ran(monkeypatch):
+    """None before any call; True after a call the kernels ran (natively, or in the
+    interpreter here); False after a reference call, asked for or fallen back to."""
+    layer = rein.ReinLayer(2, 16, 4, token_length=5).to(DEVICE)
+    x = torch.randn(2, 7, 16, device=DEVICE)
+    assert layer.fused_active is None
+    layer(x, 0)
+    assert layer.fused_active is True
+    layer.fused = False
+    layer(x, 0)
+    assert layer.fused_active is False
+    layer.fused = True
+    monkeypatch.setattr(rein_kernels, "is_available", lambda x, dtype=None: False)  # e.g. a CPU, no interpreter
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", RuntimeWarning)  # the fallback's one warning: its own test
+        layer(x, 1)
+    assert layer.fused_active is False
 
 
 def test_noncontiguous_inputs_match_reference():

@@ -3,7 +3,7 @@ worked out by hand.
 
 The parity suite checks the kernels against autograd of the reference; if both were
 wrong the same way (a softmax scale, a dropped bias) it would pass. Here the closed
-form of ``_closed_form.py`` (written from REIN_SPEC.md, no autograd, no U) judges the
+form of ``_closed_form.py`` (written from docs/maths.md, no autograd, no U) judges the
 reference in float64 and the kernels in fp32, and two tiny cases are pinned to values
 computed on paper.
 """
@@ -82,7 +82,7 @@ def test_fused_matches_closed_form(name, kernels):
 
 
 LN3 = math.log(3.0)
-# Worked on paper (REIN_SPEC.md's forward and backward), C = 4, m = 2, one cls row and
+# Worked on paper (docs/maths.md's forward and backward), C = 4, m = 2, one cls row and
 # one refined row x = [2, 0, 0, 0]; T = [0 ; (t, 0, 0, 0)], W_t = 0, b_t = (4, 0, 0, 0),
 # W_d = I, b_d = (0, 1, 0, 0), scale = 1/2, g = (1, 0, 0, 0) on the refined row.
 #  softmax, t = ln 3: c z = (0, ln 3), p = (1/4, 3/4), d = (3, 0, 0, 0), y = (5, 1, 0, 0),

@@ -11,7 +11,8 @@ pytest.importorskip("transformers")
 from rein import ReinLayer  # noqa: E402
 from rein.backbones.timm_backbone import ReinBackbone  # noqa: E402
 from rein.heads.mask2former import Mask2FormerHead  # noqa: E402
-from rein.official import convert_official_state_dict, load_official_checkpoint  # noqa: E402
+from rein.model import load_official_checkpoint  # noqa: E402
+from rein.official import convert_official_state_dict  # noqa: E402
 
 FIXTURE = Path(__file__).parent / "fixtures" / "official_rein_dinov2_keys.txt"
 
@@ -152,15 +153,15 @@ def test_what_does_not_fit_is_named(tmp_path):
         load_official_checkpoint(state, _Rein(), head)
     state = random_official_state()
     del state["decode_head.querys2feat.bias"]
-    with pytest.raises(ValueError, match=r"head \(decode_head.\*\).*missing: querys2feat.bias"):
+    with pytest.raises(ValueError, match=r"head \(decode_head.\*\).*missing keys \(1\): querys2feat.bias"):
         load_official_checkpoint(state, _Rein(), head)
-    with pytest.raises(ValueError, match=r"Rein.*shape mismatch: learnable_tokens_a: file \(24, 100, 16\) vs model "
-                                         r"\(24, 100, 8\)"):
+    with pytest.raises(ValueError, match=r"Rein.*keys of another shape \(2\): learnable_tokens_a: file \(24, 100, 16\) vs "
+                                         r"model \(24, 100, 8\)"):
         bb = _Rein()
         bb.rein = ReinLayer(24, 1024, 16, lora_dim=8)
         load_official_checkpoint(random_official_state(), bb, head)
     (tmp_path / "x.pth").write_text("not a checkpoint")
-    with pytest.raises(ValueError, match="not a checkpoint"):
+    with pytest.raises(ValueError, match="x.pth is not a PyTorch checkpoint file"):
         load_official_checkpoint(tmp_path / "x.pth", _Rein(), head)
     with pytest.raises(ValueError, match="not an official Rein checkpoint"):
         convert_official_state_dict({"backbone.blocks.0.norm1.weight": torch.zeros(3)})

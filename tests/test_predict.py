@@ -2,13 +2,15 @@
 pictures training writes; clear errors."""
 import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("timm")
 from PIL import Image  # noqa: E402
 
-from rein.predict import LABEL_IDS, PALETTE, colorize, main  # noqa: E402
+from rein.data import LABEL_IDS, PALETTE, colorize  # noqa: E402
+from rein.predict import main  # noqa: E402
 from rein.train.loop import main as train  # noqa: E402
-from test_train import FAST  # noqa: E402
+from test_train import FAST, make_fixtures  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -48,12 +50,10 @@ def test_reloaded_model_is_the_trained_one(trained):
     """The model predict rebuilds from the checkpoint scores what training measured."""
     import json
 
-    import torch
-
-    from rein.evaluate import evaluate
-    from rein.predict import load_model
+    from rein.data import SyntheticDomain
+    from rein.metrics import evaluate
+    from rein.model import load_model
     from rein.train.config import SYNTHETIC
-    from rein.train.data import SyntheticDomain
 
     model, config = load_model(str(trained / "checkpoint.pth"), None, torch.device("cpu"), fused=False)
     val = SyntheticDomain("night", SYNTHETIC["val_size"], config.crop, seed=4)
@@ -102,8 +102,10 @@ def test_palette_and_label_ids_are_cityscapes():
 @pytest.mark.parametrize("extra,needle", [
     (["--images", "/nowhere"], "--images /nowhere: no such file or folder"),
     (["--scale", "big"], "--scale 'big'"),
+    (["--checkpoint", __file__], f"--checkpoint {__file__} is not a PyTorch checkpoint file"),
 ])
 def test_predict_bad_input_is_one_line(trained, tmp_path, capsys, extra, needle):
+    Image.fromarray(np.zeros((8, 8, 3), dtype=np.uint8)).save(tmp_path / "a.png")
     argv = ["--checkpoint", str(trained / "checkpoint.pth"), "--images", str(tmp_path), "--out",
             str(tmp_path / "o"), "--device", "cpu", *extra]
     assert main(argv) == 2
@@ -127,3 +129,63 @@ def test_predict_names_a_non_image_before_loading_any_model(tmp_path, capsys):
                  "--out", str(tmp_path / "o"), "--device", "cpu"]) == 2
     err = capsys.readouterr().err
     assert "notes.txt: not an image file (expected .bmp" in err and len(err.strip().splitlines()) == 1
+
+
+def _scales_used(monkeypatch) -> list:
+    """The test resize rein.predict passes to the inference, call by call."""
+    import rein.predict
+
+    seen, real = [], rein.predict.predict
+
+    def spy(model, img, crop, scale=None, **kw):
+        seen.append(scale)
+        return real(model, img, crop, scale, **kw)
+
+    monkeypatch.setattr(rein.predict, "predict", spy)
+    return seen
+
+
+def test_predict_defaults_to_the_scale_the_run_was_evaluated_at(tmp_path, capsys, monkeypatch):
+    """A run evaluated on Cityscapes at crop 64 records that test scale (128 x 64); rein.predict
+    resizes to it by default and says so; --scale native keeps each image's size; a
+    checkpoint from before the record, the same from its configuration."""
+    roots = make_fixtures(tmp_path / "data")
+    run = tmp_path / "run"
+    assert train(["--source", f"gtav={roots['gtav']}", "--target", f"cityscapes={roots['cityscapes']}",
+                  "--head", "light", "--max-iters", "1", "--out", str(run), *FAST]) == 0
+    ck = torch.load(run / "checkpoint.pth", weights_only=True)
+    assert ck["config"]["test_scale"] == {"domain": "cityscapes", "scale": [128, 64]}
+    imgs = tmp_path / "imgs"
+    imgs.mkdir()
+    Image.fromarray(np.zeros((70, 90, 3), dtype=np.uint8)).save(imgs / "a.png")
+    seen = _scales_used(monkeypatch)
+    common = ["--images", str(imgs), "--out", str(tmp_path / "pred"), "--device", "cpu", "--no-fused"]
+    capsys.readouterr()
+    assert main(["--checkpoint", str(run / "checkpoint.pth"), *common]) == 0
+    says = "rein-predict: each image resized keeping its ratio to fit 128x64, the test scale of cityscapes at crop 64"
+    assert capsys.readouterr().out.startswith(says)
+    assert main(["--checkpoint", str(run / "checkpoint.pth"), *common, "--scale", "native"]) == 0
+    assert capsys.readouterr().out.startswith("rein-predict: each image at its own size (--scale native)")
+    del ck["config"]["test_scale"]
+    torch.save(ck, tmp_path / "older.pth")
+    assert main(["--checkpoint", str(tmp_path / "older.pth"), *common]) == 0
+    assert capsys.readouterr().out.startswith(says)
+    assert seen == [(128, 64), None, (128, 64)]
+    assert np.asarray(Image.open(tmp_path / "pred" / "labelIds" / "a.png")).shape == (70, 90)
+
+
+def test_predict_default_scale_of_synthetic_and_official_checkpoints(trained, tmp_path, capsys, monkeypatch):
+    import argparse
+
+    from rein.predict import _scale
+
+    assert torch.load(trained / "checkpoint.pth", weights_only=True)["config"]["test_scale"] == {
+        "domain": "synthetic", "scale": None}
+    seen = _scales_used(monkeypatch)
+    Image.fromarray(np.zeros((40, 40, 3), dtype=np.uint8)).save(tmp_path / "a.png")
+    assert main(["--checkpoint", str(trained / "checkpoint.pth"), "--images", str(tmp_path / "a.png"), "--out",
+                 str(tmp_path / "o"), "--device", "cpu", "--no-fused"]) == 0
+    assert capsys.readouterr().out.startswith("rein-predict: each image at its own size, as synthetic was evaluated")
+    assert seen == [None]
+    official = argparse.Namespace(backbone="vit_large_patch14_dinov2", crop=1024)  # load_model's, no "source"
+    assert _scale(None, official)[0] == (2048, 1024)  # the official protocol's Cityscapes scale at 1024

@@ -13,7 +13,7 @@ import torch
 pytest.importorskip("timm")
 from PIL import Image  # noqa: E402
 
-from rein.train.data import FolderDataset  # noqa: E402
+from rein.data import FolderDataset  # noqa: E402
 from rein.train.loop import main  # noqa: E402
 
 FAST = ["--device", "cpu", "--crop", "64", "--batch-size", "2", "--no-fused", "--workers", "0"]
@@ -171,6 +171,32 @@ def test_loaders_map_to_cityscapes_train_ids(tmp_path, kind, split):
     assert 0 <= img.min() and img.max() <= 1
 
 
+# a label file of each layout whose image is not there
+ORPHAN_LABELS = {
+    "gtav": "labels/00007.png",
+    "cityscapes": "gtFine/val/aachen/aachen_7_gtFine_labelIds.png",
+    "bdd100k": "labels/sem_seg/masks/val/b7.png",
+    "mapillary": "validation/labels/m7.png",
+    "acdc-fog": "gt/fog/val/GOPR0475/GOPR0475_frame_000007_gt_labelTrainIds.png",
+}
+
+
+@pytest.mark.parametrize("kind", list(ORPHAN_LABELS))
+def test_labels_without_images_are_reported(tmp_path, kind):
+    """Both directions are checked: a label file with no image is named, with the count,
+    as an image with no label file is (the official converters' train-id files beside
+    the label-id files are not orphans)."""
+    from rein.errors import DataError
+
+    roots = make_fixtures(tmp_path)
+    split = "train" if kind == "gtav" else "val"
+    orphan = roots[kind] / ORPHAN_LABELS[kind]
+    FolderDataset(kind, roots[kind], split)  # the fixtures as written load
+    orphan.write_bytes(next(roots[kind].glob(ORPHAN_LABELS[kind].rsplit("/", 1)[0] + "/*.png")).read_bytes())
+    with pytest.raises(DataError, match=f"^{kind}: 1 label files have no image, e.g. {orphan}$"):
+        FolderDataset(kind, roots[kind], split)
+
+
 def test_train_on_real_layouts(tmp_path):
     roots = make_fixtures(tmp_path / "data")
     out = tmp_path / "run"
@@ -252,7 +278,7 @@ MAPILLARY_V12 = [
 def _official_mapillary_train_id(readable: str) -> int:
     """The official mapillary2cityscape.py's rules, in its order, on a lower-cased name
     with spaces and '-' removed."""
-    from rein.train.data import CLASSES
+    from rein.data import CLASSES
 
     name = readable.lower().replace(" ", "").replace("-", "")
     exact = {c.replace(" ", ""): i for i, c in enumerate(CLASSES)}
@@ -268,7 +294,7 @@ def _official_mapillary_train_id(readable: str) -> int:
 
 
 def test_mapillary_mapping_is_the_official_one():
-    from rein.train.data import LUTS
+    from rein.data import LUTS
 
     assert len(MAPILLARY_V12) == 66
     got = {i: int(LUTS["mapillary"][i]) for i in range(66)}
@@ -291,8 +317,8 @@ def test_gtav_accepts_the_official_train_id_labels(tmp_path):
 def test_training_batches_from_uint8_pixels_equal_the_float_path(tmp_path):
     """The training split is read as uint8 pixels (no float round trip before the uint8
     augmentation); its batches are bit for bit those built from float images."""
+    from rein.data import datasets_from
     from rein.train.data import TrainBatches
-    from rein.train.loop import datasets_from
 
     roots = make_fixtures(tmp_path)
     train, val = datasets_from([(f"gtav={roots['gtav']}", "train", "--source"),

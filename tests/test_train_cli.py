@@ -1,7 +1,14 @@
 """The training command on bad input: one clear line naming the flag or file, exit code 2,
 nothing half-written, and nothing lost when a bad file turns up mid-run."""
 import json
+import os
+import re
+import shlex
+import signal
+import subprocess
 import sys
+import threading
+import time
 from pathlib import Path
 
 import numpy as np
@@ -67,13 +74,42 @@ def test_checkpoint_that_is_text_or_has_wrong_keys(tmp_path, capsys):
     text.write_text("this is not a checkpoint")
     rc, _, err = run(capsys, *base, "--checkpoint", str(text))
     assert rc == 2
-    _one_line_error(err, f"--checkpoint {text}", "not a checkpoint torch.load can read")
+    _one_line_error(err, f"--checkpoint {text} is not a PyTorch checkpoint file")
     wrong = tmp_path / "wrong.pth"
     torch.save({"blocks.0.attn.qkv.weight": torch.zeros(3, 3)}, wrong)
     rc, _, err = run(capsys, *base, "--checkpoint", str(wrong))
     assert rc == 2
-    _one_line_error(err, f"--checkpoint {wrong}", "missing keys", "shape mismatches")
+    _one_line_error(err, f"--checkpoint {wrong} does not fit VisionTransformer", "missing keys", "keys of another shape")
     assert not (tmp_path / "o").exists()
+
+
+def test_checkpoint_files_that_cannot_serve_say_why(tmp_path, capsys):
+    """A cut-short file, this library's own training checkpoint and the weights of another
+    ViT size, given as the backbone's --checkpoint; a cut-short checkpoint to --resume."""
+    import timm
+
+    run_dir = tmp_path / "run"
+    assert main(["--max-iters", "1", "--out", str(run_dir), *FAST]) == 0
+    ours, cut, vitb = run_dir / "checkpoint.pth", tmp_path / "cut.pth", tmp_path / "vitb.pth"
+    cut.write_bytes(ours.read_bytes()[:5000])
+    torch.save(timm.create_model("vit_base_patch14_dinov2", depth=4, img_size=64, patch_size=8).state_dict(), vitb)
+    capsys.readouterr()
+    base = ["--max-iters", "1", "--out", str(tmp_path / "o"), *FAST]
+    for ck, says in ((cut, f"--checkpoint {cut} is truncated or corrupt (download or save it again)"),
+                     (ours, f"--checkpoint {ours} is a rein.train checkpoint (Rein and head weights), not a "
+                            "backbone's weights: give it to rein.evaluate or rein.predict as --checkpoint"),
+                     (vitb, f"--checkpoint {vitb} does not fit VisionTransformer: keys of another shape (")):
+        rc, _, err = run(capsys, *base, "--checkpoint", str(ck))
+        assert rc == 2
+        _one_line_error(err, says)
+    assert len(err.strip()) < 500, err  # a ViT-B file on a ViT-S: 50 keys of another shape, summarised
+    listed = Path(err.strip().rsplit("all listed in ", 1)[1]).read_text()
+    assert "blocks.3.attn.qkv.weight: file (2304, 768) vs model (1152, 384)" in listed
+    assert not (tmp_path / "o").exists()
+    ours.write_bytes(cut.read_bytes())
+    rc, _, err = run(capsys, "--max-iters", "1", "--resume", "--out", str(run_dir), *FAST)
+    assert rc == 2
+    _one_line_error(err, f"--resume: {ours} is truncated or corrupt")
 
 
 def test_matplotlib_missing_fails_at_start(tmp_path, capsys, monkeypatch):
@@ -229,7 +265,7 @@ def test_model_compiles_without_graph_breaks():
     """--compile: backbone, Rein's custom op (the fused kernels, through the interpreter
     here) and the head in one graph."""
     from rein.train.config import parse_args
-    from rein.train.loop import build_model
+    from rein.model import build_model
 
     args = parse_args(["--crop", "64", "--fused"])
     model = build_model(args, torch.device("cpu"))
@@ -278,3 +314,78 @@ def test_dataset_specs_name_their_flag(tmp_path, capsys):
     rc, _, err = run(capsys, "--source", "gtav=/x", "--target", "/data/cityscapes", *out)
     assert rc == 2
     _one_line_error(err, "--target /data/cityscapes: expected KIND=PATH")
+
+
+# ------------------------------------------------------------------ Ctrl-C and SIGTERM
+
+ROOT = Path(__file__).resolve().parents[1]
+PROGRESS = r"\| *[1-9]\d*/400 "  # tqdm's bar once an iteration is done: the stop handlers are in place
+
+
+def _start(cmd: list[str]) -> tuple[subprocess.Popen, list[str]]:
+    """``cmd`` in its own process group, as a terminal runs a command (Ctrl-C signals the
+    whole group: the trainer and its loader workers); its stderr collected as it comes."""
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True, env=dict(os.environ, OMP_NUM_THREADS="1"))
+    err: list[str] = []
+    reader = threading.Thread(target=lambda: err.extend(iter(lambda: proc.stderr.read(1), "")), daemon=True)
+    reader.start()
+    proc.reader = reader
+    return proc, err
+
+
+def _interrupt_when(proc: subprocess.Popen, err: list[str], pattern: str, timeout: float = 600) -> str:
+    """Ctrl-C once ``pattern`` shows on stderr; returns all of stderr after the exit (the
+    group is killed if it does not exit)."""
+    deadline = time.monotonic() + timeout
+    try:
+        while not re.search(pattern, "".join(err)):
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(err)[-3000:]
+            time.sleep(0.2)
+        os.killpg(proc.pid, signal.SIGINT)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+    proc.reader.join(timeout=10)
+    proc.stdout.close()
+    return "".join(err)
+
+
+def test_ctrl_c_saves_a_resumable_checkpoint_and_says_how_to_resume(tmp_path):
+    out = tmp_path / "run"
+    flags = ["--max-iters", "400", "--ckpt-interval", "400", "--out", str(out), *FAST[:-1], "1"]  # 1 loader worker
+    proc, err = _start([sys.executable, "-m", "rein.train", *flags])
+    stderr = _interrupt_when(proc, err, PROGRESS)
+    assert proc.returncode == 128 + signal.SIGINT and "Traceback" not in stderr, stderr[-3000:]
+    lines = [line for line in stderr.splitlines() if line.startswith("rein-train:")]
+    assert len(lines) == 1, stderr[-3000:]
+    m = re.fullmatch(r"rein-train: stopped by SIGINT\. Saved a resumable checkpoint at iteration (\d+) of 400 in "
+                     r"(\S+); continue with: (.+)", lines[0])
+    assert m and m[2] == str(out / "checkpoint.pth"), lines[0]
+    n, command = int(m[1]), shlex.split(m[3])
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert 1 <= n < 400 and ck["iteration"] == len(ck["losses"]) == n
+    assert command == ["python", "-m", "rein.train", *flags, "--resume"]
+    resumed = subprocess.run([sys.executable, *command[1:], "--stop-at", str(n + 1)], cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert f"rein-train: resumed at iteration {n} of 400 from {out / 'checkpoint.pth'}\n" in resumed.stdout
+
+
+@pytest.mark.slow
+def test_ctrl_c_under_torchrun_stops_every_process_at_one_iteration(tmp_path):
+    """torchrun passes the signal on to its workers: each stops at the same iteration (one
+    collective a step), none dies mid-step, rank 0 saves and says how to continue."""
+    out = tmp_path / "run"
+    flags = ["--max-iters", "400", "--ckpt-interval", "400", "--out", str(out), *FAST]
+    proc, err = _start([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node=2", "--master_port=29523",
+                        "-m", "rein.train", *flags])
+    stderr = _interrupt_when(proc, err, PROGRESS)
+    assert proc.returncode != 0
+    m = re.search(r"rein-train: stopped by SIG(INT|TERM)\. Saved a resumable checkpoint at iteration (\d+) of 400 "
+                  r"in \S+; continue with: torchrun --nproc_per_node=2 -m rein\.train .*--resume\n", stderr)
+    assert m, stderr[-3000:]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == int(m[2]) >= 1
+    assert stderr.count("Saved a resumable checkpoint") == 1

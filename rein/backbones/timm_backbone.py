@@ -26,7 +26,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
 
-from ..checkpoints import load_tensors, misfit
+from ..checkpoints import CheckpointError, checkpoint_kind, flat_state, load_tensors, misfit
 from ..layer import ReinLayer
 
 TARGET_STRIDES = (4, 8, 16, 32)
@@ -73,29 +73,35 @@ def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Ten
     features they were trained on, and as the official CLIP backbone does for OpenAI CLIP
     files (``visual.*``: bicubic kernel, bilinear grid); ``"timm"`` with timm's ``checkpoint_filter_fn``
     (pseudo-inverse kernel resize, antialiased grid), which is also what other families
-    get. timm's filter then maps the key names. Raises ValueError naming every missing,
-    unexpected or mis-shaped key, and for a file that is not a checkpoint."""
+    get. timm's filter then maps the key names. Raises ValueError (CheckpointError, naming
+    the file first, for a file) for a file torch cannot read, one that holds another kind
+    of checkpoint, and one that does not fit (in one line: counts and first keys, all of
+    them in a file it names)."""
     from .convert import CONVERSIONS, official_resize, official_resize_clip
 
     if conversion not in CONVERSIONS:
         raise ValueError(f"conversion must be one of {CONVERSIONS}, got {conversion!r}")
-    if isinstance(path_or_state, Mapping):
-        state = dict(path_or_state)
-    else:
+    name, error = "the state dict", ValueError
+    if not isinstance(path_or_state, Mapping):
+        name, error = str(path_or_state), CheckpointError
         if not os.path.isfile(path_or_state):
-            raise FileNotFoundError(f"checkpoint {path_or_state} does not exist (or is not a file)")
-        state = load_tensors(path_or_state)  # ValueError: "not a checkpoint torch.load can read (...)"
-        if not isinstance(state, Mapping):
-            raise ValueError(f"{path_or_state} holds a {type(state).__name__}, not a state dict")
-    for wrapper in ("model", "state_dict", "module"):
-        if wrapper in state and isinstance(state[wrapper], Mapping):
-            state = dict(state[wrapper])
-    state = {k.removeprefix("module."): v for k, v in state.items()}
+            raise FileNotFoundError(f"{name} does not exist (or is not a file)")
+        path_or_state = load_tensors(path_or_state)
+        if checkpoint_kind(path_or_state) == "rein.train":
+            raise error(f"{name} is a rein.train checkpoint (Rein and head weights), not a backbone's weights: "
+                        "give it to rein.evaluate or rein.predict as --checkpoint, or continue its run with "
+                        "rein.train --resume")
+        if not isinstance(path_or_state, Mapping):
+            raise error(f"{name} holds a {type(path_or_state).__name__}, not a state dict")
+    state = flat_state(path_or_state)
     if any(k.startswith("decode_head.") for k in state):
         # an official Rein checkpoint with the frozen backbone (generate_full_weights.py):
         # its backbone.* weights, already converted, Rein's own left out
         state = {k.removeprefix("backbone."): v for k, v in state.items()
                  if k.startswith("backbone.") and not k.startswith("backbone.reins.")}
+        if not state:
+            raise error(f"{name} is an official Rein checkpoint without the frozen backbone's weights: give the "
+                        "backbone's own (e.g. dinov2_vitl14_pretrain.pth)")
     if conversion == "official" and hasattr(model, "patch_embed"):
         patch, grid = tuple(model.patch_embed.proj.weight.shape[-2:]), tuple(model.patch_embed.grid_size)
         if "visual.conv1.weight" in state:
@@ -107,10 +113,10 @@ def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Ten
         try:
             state = filter_fn(state, model)
         except Exception as e:  # a foreign file can break the converter itself
-            raise ValueError(f"checkpoint does not fit {type(model).__name__}: conversion failed ({e})") from e
-    problems = misfit(state, model.state_dict(), ("missing keys", "unexpected keys", "shape mismatches"), n=10)
-    if problems:
-        raise ValueError(f"checkpoint does not fit {type(model).__name__}; " + "; ".join(problems))
+            raise error(f"{name} does not fit {type(model).__name__}: conversion failed ({e})") from e
+    problem = misfit(state, model.state_dict())
+    if problem:
+        raise error(f"{name} does not fit {type(model).__name__}: {problem}")
     model.load_state_dict(state, strict=True)
 
 
@@ -131,7 +137,10 @@ class ReinBackbone(nn.Module):
     ``forward(images)`` returns ``(features, queries)``: four NCHW maps at strides 4, 8,
     16 and 32 made from the ``out_indices`` blocks (bilinear resampling, as the recipe
     does), and the Rein queries [m, Q] (``features`` alone without
-    ``link_token_to_query``).
+    ``link_token_to_query``). As a timm feature extractor describes its maps,
+    ``feature_info`` (``.channels()``, ``.reduction()``, ``.module_name()``, and a dict
+    per map) and ``num_features`` (the last map's channels) describe them, so heads from
+    other libraries can read their widths without a forward pass.
     """
 
     def __init__(self, backbone: nn.Module, rein: nn.Module, out_indices: Sequence[int]):
@@ -146,6 +155,15 @@ class ReinBackbone(nn.Module):
             raise ValueError(f"out_indices must be 4 {'stage' if self.family == 'convnext' else 'block'} "
                              f"indices in [0, {n}), got {list(out_indices)}")
         self.out_indices = list(out_indices)
+        from timm.models import FeatureInfo
+
+        if self.family == "convnext":
+            chans, names = [backbone.feature_info[i]["num_chs"] for i in out_indices], "stages"
+        else:
+            chans, names = [backbone.embed_dim] * 4, "blocks"
+        self.feature_info = FeatureInfo([dict(num_chs=c, reduction=r, module=f"backbone.{names}.{i}")
+                                         for c, r, i in zip(chans, TARGET_STRIDES, out_indices)], (0, 1, 2, 3))
+        self.num_features = chans[-1]
         self.backbone.requires_grad_(False)
         self.backbone.eval()
         self._hooks = [blk.register_forward_hook(_RefineHook(self, key)) for key, blk in self._blocks()]
@@ -229,6 +247,11 @@ class ReinBackbone(nn.Module):
         if images.dim() != 4:
             raise ValueError(f"images must be [B, 3, H, W], got shape {tuple(images.shape)}")
         H, W = images.shape[-2:]
+        if self.family != "convnext":  # ConvNeXt takes any size; a ViT cuts whole patches
+            ph, pw = self.backbone.patch_embed.patch_size
+            if H % ph or W % pw:
+                raise ValueError(f"images of {H}x{W} pixels do not fit the backbone's {ph}x{pw}-pixel patches: "
+                                 f"pad or resize them to multiples, e.g. {-(-H // ph) * ph}x{-(-W // pw) * pw}")
         unique = sorted(set(self.out_indices))
         with self._rein_prepared():
             maps = self.backbone.forward_intermediates(
@@ -270,6 +293,12 @@ class ReinBackbone(nn.Module):
         """Checkpoint each (block + Rein) pair: timm's checkpointing wraps the block call,
         and Rein runs inside it as the block's forward hook."""
         self.backbone.set_grad_checkpointing(enable)
+
+    def print_trainable_parameters(self) -> None:
+        """PEFT's summary line: the parameters that train (Rein's), all of them, and the share."""
+        trainable = sum(p.numel() for p in self.parameters() if p.requires_grad)
+        total = sum(p.numel() for p in self.parameters())
+        print(f"trainable params: {trainable:,d} || all params: {total:,d} || trainable%: {100 * trainable / total:.4f}")
 
     def rein_state_dict(self) -> dict[str, Tensor]:
         """Rein's parameters only (no backbone weights), keys prefixed ``rein.``."""

@@ -23,8 +23,8 @@ of ``w1oves/Rein``). Here:
   then cross-entropy x 2.0 with no-object weight 0.1, and sigmoid BCE x 5.0 and dice x 5.0
   on 12544 points (3x oversampled, 75% chosen by uncertainty) per matched mask. The ground
   truth is one binary mask per class present in the crop (label 255 belongs to none);
-  the mask losses are divided by the number of masks averaged over the processes, as
-  mmdet does;
+  the mask losses are divided by the number of masks averaged over the processes, each
+  image counting at least one (an image without a labelled pixel counts 1), as mmdet does;
 * semantic scores: the last prediction's masks resized bilinearly to the input, then
   sum over queries of softmax(class)[:-1] x sigmoid(mask) (mmseg's ``predict``).
 
@@ -108,8 +108,9 @@ class _EncoderLayer(Mask2FormerPixelDecoderEncoderLayer):
 
 
 class _Criterion(Mask2FormerLoss):
-    """transformers' Mask2FormerLoss, with the number of masks averaged over the processes
-    by torch.distributed (transformers does it only through accelerate), as mmdet does:
+    """transformers' Mask2FormerLoss, with the number of masks counted as mmdet counts it
+    (at least one per image) and averaged over the processes by torch.distributed
+    (transformers does it only through accelerate), as mmdet does:
     once per loss call, where transformers' forward would form it again for each of the
     auxiliary predictions (an all-reduce each)."""
 
@@ -130,7 +131,9 @@ class _Criterion(Mask2FormerLoss):
     def get_num_masks(self, class_labels, device) -> Tensor:
         if self._num_masks is not None:
             return self._num_masks
-        n = torch.tensor(float(sum(len(c) for c in class_labels)), device=device)
+        # mmdet's MaskSamplingResult: num_pos = max(number of masks, 1) per image, so an
+        # image without a labelled pixel counts 1
+        n = torch.tensor(float(sum(max(len(c), 1) for c in class_labels)), device=device)
         if dist.is_available() and dist.is_initialized():
             dist.all_reduce(n)
             n = n / dist.get_world_size()

@@ -6,11 +6,13 @@ import argparse
 import os
 from pathlib import Path
 
-import torch
+from ..cli import check_out_folder, device_from_flag, parser
+from ..errors import UsageError
+from ..model import OFFICIAL_PATCH_SIZE, check_backbone
 
 # The published GTAV config: no warm-up (PolyLR from the first iteration).
-RECIPE = dict(crop=512, batch_size=4, max_iters=40000, backbone="vit_large_patch14_dinov2", patch_size=16,
-              warmup_iters=0, head="mask2former", head_kwargs={})
+RECIPE = dict(crop=512, batch_size=4, max_iters=40000, backbone="vit_large_patch14_dinov2",
+              patch_size=OFFICIAL_PATCH_SIZE, warmup_iters=0, head="mask2former", head_kwargs={})
 # The synthetic default: small enough for a 2-core CPU in minutes, the same pipeline.
 SYNTHETIC = dict(crop=128, batch_size=4, max_iters=300, backbone="vit_small_patch14_dinov2", patch_size=8,
                  warmup_iters=20, depth=4, train_size=400, val_size=12, head="light", head_kwargs={})
@@ -22,20 +24,8 @@ RESUME_KEYS = ("source", "backbone", "checkpoint", "conversion", "head", "head_k
                "weight_decay", "warmup_iters", "seed", "amp", "patch_size")
 
 
-class UsageError(ValueError):
-    """A flag that cannot work: reported in one line, before anything is written."""
-
-
-class OneLineParser(argparse.ArgumentParser):
-    """argparse, with its errors as one line (``prog: message (see --help)``, exit 2)
-    rather than the usage block."""
-
-    def error(self, message):
-        self.exit(2, f"{self.prog}: {message} (see --help)\n")
-
-
 def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
-    ap = OneLineParser(prog="rein-train", description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap = parser("rein-train", description)
     ap.add_argument("--source", metavar="KIND=PATH", help="source domain, e.g. gtav=/data/gtav")
     ap.add_argument("--target", metavar="KIND=PATH", action="append", default=[],
                     help="target domain (repeat): cityscapes=..., bdd100k=..., mapillary=...")
@@ -99,43 +89,6 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     return args
 
 
-def check_out_folder(out: Path, holds: str) -> None:
-    """--out must be a folder (or not exist yet)."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder (it will hold {holds})")
-
-
-def device_from_flag(flag: str | None) -> torch.device:
-    """--device as a torch.device (default: cuda if present, else cpu); a device that
-    cannot be used here is a UsageError."""
-    try:
-        device = torch.device(flag or ("cuda" if torch.cuda.is_available() else "cpu"))
-    except RuntimeError as e:
-        raise UsageError(f"--device {flag!r} is not a device: {e}") from None
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise UsageError("--device cuda, but this machine has no CUDA GPU torch can use; use --device cpu")
-    return device
-
-
-def check_backbone(name: str, patch_size: int, crop: int, names: dict | None = None) -> None:
-    """--backbone is a timm model name and --crop a multiple of its patch (or stride).
-    ``names``: what the caller calls "backbone" and "crop" (default: the flags)."""
-    import timm
-
-    n = {"backbone": "--backbone", "crop": "--crop", **(names or {})}
-
-    if not timm.is_model(name):
-        import difflib
-
-        near = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
-        hint = f" (did you mean {', '.join(near)}?)" if near else " (see timm.list_models())"
-        raise UsageError(f"{n['backbone']} {name!r} is not a timm model name{hint}")
-    stride = 32 if name.startswith("convnext") else patch_size
-    if crop < stride or crop % stride:
-        raise UsageError(f"{n['crop']} {crop} is not a multiple of the backbone's {stride}-pixel "
-                         f"{'stride' if stride == 32 else 'patch'}; e.g. {n['crop']} {max(stride, crop // stride * stride)}")
-
-
 def validate(args) -> None:
     """Every check of the flags alone; raises UsageError naming the flag and the fix."""
     check_out_folder(Path(args.out), "checkpoint.pth, metrics.json, loss.png")
@@ -166,16 +119,6 @@ def warnings_for(args) -> list[str]:
     if not args.synthetic and not args.target:
         notes.append("no --target: nothing will be evaluated and metrics.json will be empty")
     return notes
-
-
-def backfill(saved: dict) -> dict:
-    """A saved run configuration with the flags added since it was written set to what
-    that run did: before --conversion existed, checkpoints were converted as timm does; before
-    head_kwargs, every head had its default size."""
-    saved = dict(saved)
-    saved.setdefault("conversion", "timm")
-    saved.setdefault("head_kwargs", {})
-    return saved
 
 
 def resume_mismatches(saved: dict, args) -> list[str]:

@@ -11,9 +11,12 @@ augmentation and sliding-window evaluation protocol.
 """
 from __future__ import annotations
 
+import contextlib
 import datetime
 import math
 import os
+import shlex
+import signal
 import sys
 import time
 from pathlib import Path
@@ -24,34 +27,15 @@ import torch.nn as nn
 
 import rein_kernels
 
-from ..evaluate import evaluate_targets
-from ..heads import build_head
-from .config import (SYNTHETIC, UsageError, backfill, device_from_flag, parse_args, resume_mismatches, validate,
-                     warnings_for)
-from .data import CLASSES, KINDS, DataError, FolderDataset, SyntheticDomain, TrainBatches, train_loader
-
-
-def _kind_and_path(spec: str, flag: str) -> tuple[str, str]:
-    """``KIND=PATH`` split and checked; a spec that names no dataset is a DataError naming
-    the flag."""
-    if "=" not in spec:
-        raise DataError(f"{flag} {spec}: expected KIND=PATH, e.g. cityscapes=/data/cityscapes")
-    kind, path = spec.split("=", 1)
-    kind = kind.strip().lower()
-    if kind not in KINDS:
-        raise DataError(f"{flag} {spec}: unknown dataset kind {kind!r}; choose one of {', '.join(KINDS)}")
-    return kind, path
-
-
-def datasets_from(specs: list[tuple[str, str, str]]) -> list[FolderDataset]:
-    """Datasets from (``KIND=PATH``, split, flag) triples, checked on disk: every spec is
-    parsed before any folder is looked at. Training splits give uint8 pixels (what the
-    training pipeline works on), the others float images."""
-    parsed = [(*_kind_and_path(spec, flag), split) for spec, split, flag in specs]
-    datasets = [FolderDataset(*p, uint8=p[-1] == "train") for p in parsed]
-    for d in datasets:
-        d.check()
-    return datasets
+from ..checkpoints import CheckpointError, checkpoint_kind, load_tensors
+from ..cli import USER_ERRORS, device_from_flag, report
+from ..data import SyntheticDomain, datasets_from
+from ..errors import UsageError
+from ..inference import run_test_scale
+from ..metrics import evaluate_targets
+from ..model import backfill, build_model, load_trained
+from .config import SYNTHETIC, parse_args, resume_mismatches, validate, warnings_for
+from .data import TrainBatches, train_loader
 
 
 def build_data(args):
@@ -64,67 +48,6 @@ def build_data(args):
         return train, vals
     train, *vals = datasets_from([(args.source, "train", "--source"), *((t, "val", "--target") for t in args.target)])
     return train, vals
-
-
-def _features_and_queries(out):
-    """ReinBackbone returns (features, queries), or features alone without queries."""
-    return out if isinstance(out, tuple) else (out, None)
-
-
-class Segmentor(nn.Module):
-    """Backbone + head. In training mode ``forward`` gives the head's raw output (for
-    ``head.loss``), in eval mode the class scores [B, K, h, w] (``head.scores``)."""
-
-    def __init__(self, backbone: nn.Module, head: nn.Module):
-        super().__init__()
-        self.backbone, self.head = backbone, head
-
-    def forward(self, images):
-        out = self.head(*_features_and_queries(self.backbone(images)))
-        return out if self.training else self.head.scores(out, images.shape[-2:])
-
-
-def build_model(args, device, checkpoint_flag: str = "--checkpoint", backbone_flag: str = "--backbone") -> Segmentor:
-    """Backbone (from ``args.checkpoint``), Rein and head as the run's flags say; with
-    ``args.init_from_official``, Rein and the head (and, when the file carries it and no
-    --checkpoint was given, the frozen backbone: recorded in ``args.checkpoint`` so that
-    resumed runs and prediction rebuild the same one) from an official checkpoint."""
-    from ..backbones import ReinBackbone
-
-    torch.manual_seed(args.seed)
-    head_kwargs = dict(args.head_kwargs)
-    rein_kwargs = {"link_token_to_query": args.head != "light"}
-    if args.head != "light":  # the head's width is Rein's query width
-        rein_kwargs["query_dims"] = head_kwargs.setdefault("query_dims", 256)
-    try:
-        bb = ReinBackbone.from_timm(args.backbone, checkpoint=args.checkpoint, img_size=args.crop,
-                                    patch_size=args.patch_size, fused=args.fused, conversion=args.conversion,
-                                    **rein_kwargs, **args.timm_kwargs)
-    except TypeError as e:  # a timm model of a family ReinBackbone does not wrap (e.g. a ResNet)
-        raise UsageError(f"{backbone_flag} {args.backbone}: not a backbone Rein can refine here; use a ViT "
-                         f"(DINOv2, CLIP, EVA02), SAM or ConvNeXt model ({e})") from None
-    except (FileNotFoundError, ValueError) as e:
-        if args.checkpoint is None:
-            raise
-        raise UsageError(f"{checkpoint_flag} {args.checkpoint}: {e}") from None
-    bb = bb.to(device)
-    with torch.no_grad():  # the head's input widths, from one small forward where training runs
-        feats, _ = _features_and_queries(bb(torch.zeros(1, 3, args.crop, args.crop, device=device)))
-    try:
-        head = build_head(args.head, [f.shape[1] for f in feats], len(CLASSES), **head_kwargs)
-    except (ValueError, ImportError) as e:  # a checkpoint of a removed head; transformers missing
-        raise UsageError(f"--head {args.head}: {e}") from None
-    if getattr(args, "init_from_official", None):
-        from ..official import load_official_checkpoint
-
-        try:
-            had_backbone = load_official_checkpoint(args.init_from_official, bb, head,
-                                                    load_backbone=args.checkpoint is None)
-        except ValueError as e:
-            raise UsageError(f"--init-from-official {args.init_from_official}: {e}") from None
-        if had_backbone and args.checkpoint is None:
-            args.checkpoint = args.init_from_official
-    return Segmentor(bb, head).to(device)
 
 
 def param_groups(model: nn.Module, weight_decay: float):
@@ -218,10 +141,12 @@ def _load_resume(args, out: Path):
     if not path.is_file():
         raise UsageError(f"--resume but no checkpoint at {path}")
     try:
-        ck = torch.load(path, map_location="cpu", weights_only=True)
-        saved = backfill(ck["config"])
-    except Exception as e:
-        raise UsageError(f"--resume: {path} is not a checkpoint this command wrote ({type(e).__name__}: {e})") from None
+        ck = load_tensors(path)
+    except CheckpointError as e:
+        raise UsageError(f"--resume: {e}") from None
+    if checkpoint_kind(ck) != "rein.train":
+        raise UsageError(f"--resume: {path} is not a checkpoint rein.train wrote; give another --out")
+    saved = backfill(ck["config"])
     if (args.checkpoint is None and args.init_from_official is not None
             and saved.get("init_from_official") == args.init_from_official
             and saved.get("checkpoint") == args.init_from_official):
@@ -233,9 +158,26 @@ def _load_resume(args, out: Path):
     return ck
 
 
+@contextlib.contextmanager
+def _stop_requests():
+    """While training, SIGINT (Ctrl-C) and SIGTERM only note their number in the list this
+    yields: the loop stops between two iterations, with a resumable checkpoint, on every
+    process alike. Every signal is noted, none kills: torchrun passes the one it gets on
+    to its workers, which a second default handler would stop mid-step."""
+    caught: list[int] = []
+    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
+                for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield caught
+    finally:
+        for s, handler in previous.items():
+            signal.signal(s, handler)
+
+
 def _train(args, model, ddp, opt, train_set, rank, world, device, start, losses, checkpoint, main_proc):
-    """The training iterations; returns None, or the message of a file that could not be
-    read (after saving a resumable checkpoint at the iteration it stopped at)."""
+    """The training iterations. Returns (the message of a file that could not be read, the
+    signal that asked to stop), both None when every iteration ran; after either, a
+    resumable checkpoint is saved at the iteration it stopped at."""
     from tqdm import tqdm
 
     batches = TrainBatches(train_set, args.batch_size, args.crop, args.seed, rank, world)
@@ -244,65 +186,79 @@ def _train(args, model, ddp, opt, train_set, rank, world, device, start, losses,
                desc="train", dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
     waited = total = 0.0
     it_loader = iter(loader)
-    for it in bar:
-        t0 = time.perf_counter()
-        batch = next(it_loader)
-        t1 = time.perf_counter()
-        error = _agree_on_error(batch["error"] if isinstance(batch, dict) else None, world, device)
-        if error is not None:  # a file could not be read, on some process: keep what was trained
-            checkpoint(it)
-            bar.close()
-            return error
-        images, labels = (t.to(device, non_blocking=True) for t in batch)
-        # like the batch, the step's own randomness (Mask2Former's point sampling) is a
-        # function of (seed, iteration, rank), so a resumed run repeats the uninterrupted one
-        torch.manual_seed((args.seed * 1_000_003 + it) * 4096 + rank)
-        for g in opt.param_groups:
-            g["lr"] = lr_at(it, args)
-        with _autocast(args, device):
-            head_out = ddp(images)
-        loss = model.head.loss(head_out, labels)  # this process's share; DDP averages the gradients
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
-        value = loss.detach() / world
-        if world > 1:
-            dist.all_reduce(value)
-        losses.append(float(value))
-        if not math.isfinite(losses[-1]):
-            raise FloatingPointError(f"loss became {losses[-1]} at iteration {it}")
-        waited += t1 - t0
-        total += time.perf_counter() - t0
-        bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(it, args):.2e}", data=f"{waited / total:.0%}")
-        done = it + 1
-        if done % args.ckpt_interval == 0 or done == args.max_iters:
-            checkpoint(done)
-        if args.stop_at is not None and done >= args.stop_at:
-            break
+    with _stop_requests() as caught:
+        for it in bar:
+            t0 = time.perf_counter()
+            batch = next(it_loader)
+            t1 = time.perf_counter()
+            error, signum = _agree(batch["error"] if isinstance(batch, dict) else None, max(caught, default=0),
+                                   world, device)
+            if error is not None or signum:  # on some process: keep what was trained
+                checkpoint(it)
+                bar.close()
+                return error, signum or None
+            images, labels = (t.to(device, non_blocking=True) for t in batch)
+            # like the batch, the step's own randomness (Mask2Former's point sampling) is a
+            # function of (seed, iteration, rank), so a resumed run repeats the uninterrupted one
+            torch.manual_seed((args.seed * 1_000_003 + it) * 4096 + rank)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(it, args)
+            with _autocast(args, device):
+                head_out = ddp(images)
+            loss = model.head.loss(head_out, labels)  # this process's share; DDP averages the gradients
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            value = loss.detach() / world
+            if world > 1:
+                dist.all_reduce(value)
+            losses.append(float(value))
+            if not math.isfinite(losses[-1]):
+                raise FloatingPointError(f"loss became {losses[-1]} at iteration {it}")
+            waited += t1 - t0
+            total += time.perf_counter() - t0
+            bar.set_postfix(loss=f"{losses[-1]:.4f}", lr=f"{lr_at(it, args):.2e}", data=f"{waited / total:.0%}")
+            done = it + 1
+            if done % args.ckpt_interval == 0 or done == args.max_iters:
+                checkpoint(done)
+            if args.stop_at is not None and done >= args.stop_at:
+                break
     bar.close()
     if main_proc and total:
         print(f"rein-train: {waited / total:.0%} of the step time was spent waiting for data "
               f"({args.workers} loader workers)")
-    return None
+    return None, None
 
 
-def _agree_on_error(error: str | None, world: int, device) -> str | None:
-    """A data error on any process, known to every process (so that all stop together and
-    rank 0, which saves and reports, can name the file): one collective per iteration."""
+def _agree(error: str | None, signum: int, world: int, device) -> tuple[str | None, int]:
+    """A data error and a stop signal (0: none) on any process, known to every process, so
+    that all stop together and rank 0, which saves and reports, can name the file and the
+    signal: one collective per iteration."""
     if world == 1:
-        return error
-    flag = torch.tensor([error is not None], dtype=torch.int32, device=device)
-    dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-    if not flag.item():
-        return None
+        return error, signum
+    flags = torch.tensor([error is not None, signum], dtype=torch.int32, device=device)
+    dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+    signum = int(flags[1])
+    if not flags[0]:
+        return None, signum
     errors = [None] * world
     dist.all_gather_object(errors, error)
-    return next(e for e in errors if e is not None)
+    return next(e for e in errors if e is not None), signum
+
+
+def _resume_command(argv: list[str], world: int) -> str:
+    """The command line that continues this run: its own, with --resume."""
+    launcher = ["python", "-m", "rein.train"] if world == 1 else [
+        "torchrun", f"--nproc_per_node={os.environ.get('LOCAL_WORLD_SIZE', world)}", "-m", "rein.train"]
+    return shlex.join(launcher + argv + ([] if "--resume" in argv else ["--resume"]))
 
 
 def main(argv=None) -> int:
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = parse_args(argv, __doc__)
     out = Path(args.out)
+    # what rein.predict resizes to by default: recorded, so it holds whatever later versions change
+    args.test_scale = run_test_scale(vars(args))
     try:
         validate(args)
         rank, world, device = _setup_distributed(args)
@@ -314,11 +270,16 @@ def main(argv=None) -> int:
                       "PyTorch reference path (same numbers, slower)")
             args.fused = False
         model = build_model(args, device)
-    except (UsageError, DataError) as e:
-        print(f"rein-train: {e}", file=sys.stderr)
+        if ck is not None:
+            try:
+                load_trained(model, ck)
+            except ValueError as e:
+                raise UsageError(f"--resume: {out / 'checkpoint.pth'} does not fit the model its flags describe: "
+                                 f"{e}") from None
+    except USER_ERRORS as e:
         if dist.is_available() and dist.is_initialized():  # every process stops here alike
             dist.destroy_process_group()
-        return 2
+        return report("rein-train", e)
     main_proc = rank == 0
     if main_proc:
         for note in warnings_for(args):
@@ -341,10 +302,10 @@ def main(argv=None) -> int:
     opt = make_optimizer(model, args, device)
     start, losses = 0, []
     if ck is not None:
-        model.backbone.load_rein_state_dict({k: v.to(device) for k, v in ck["rein"].items()})
-        model.head.load_state_dict(ck["head"])
         opt.load_state_dict(ck["optimizer"])
         start, losses = ck["iteration"], list(ck["losses"])
+        if main_proc:
+            print(f"rein-train: resumed at iteration {start} of {args.max_iters} from {out / 'checkpoint.pth'}")
     if world > 1:
         ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
@@ -360,15 +321,17 @@ def main(argv=None) -> int:
                 "config": {k: v for k, v in vars(args).items() if k not in ("resume", "force_resume", "stop_at")}})
 
     t0 = time.time()
-    bad_file = _train(args, model, ddp, opt, train_set, rank, world, device, start, losses, checkpoint, main_proc)
-    if bad_file is not None:
+    bad_file, signum = _train(args, model, ddp, opt, train_set, rank, world, device, start, losses, checkpoint,
+                              main_proc)
+    if bad_file is not None or signum is not None:
         if main_proc:
-            print(f"rein-train: {bad_file}. Saved a resumable checkpoint at iteration "
-                  f"{len(losses)} in {out / 'checkpoint.pth'}; fix the file, then run again with --resume",
-                  file=sys.stderr)
+            why, then = (bad_file, "fix the file, then continue") if bad_file is not None else (
+                f"stopped by {signal.Signals(signum).name}", "continue")
+            print(f"rein-train: {why}. Saved a resumable checkpoint at iteration {len(losses)} of {args.max_iters} "
+                  f"in {out / 'checkpoint.pth'}; {then} with: {_resume_command(argv, world)}", file=sys.stderr)
         if world > 1:
             dist.destroy_process_group()
-        return 2
+        return 2 if bad_file is not None else 128 + signum  # as a shell reports a process the signal ended
     if args.stop_at is not None and len(losses) < args.max_iters:
         if world > 1:
             dist.destroy_process_group()

@@ -1,0 +1,72 @@
+"""What the three commands (``rein.train``, ``rein.evaluate``, ``rein.predict``) share:
+their argument parser, the flags that name a trained model, the checks of --device and
+--out, and reporting a user's error as one line with exit code 2."""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import torch
+
+from .errors import DataError, UsageError
+
+# The errors a user fixes (a flag, a file): one line each, never a traceback.
+USER_ERRORS = (UsageError, DataError)
+# How rein.model.load_model's errors name its inputs in the commands: their flags.
+FLAG_NAMES = {"checkpoint": "--checkpoint", "backbone_checkpoint": "--backbone-checkpoint",
+              "backbone": "--backbone", "crop": "--crop"}
+
+
+class OneLineParser(argparse.ArgumentParser):
+    """argparse, with its errors as one line (``prog: message (see --help)``, exit 2)
+    rather than the usage block."""
+
+    def error(self, message):
+        self.exit(2, f"{self.prog}: {message} (see --help)\n")
+
+
+def parser(prog: str, description: str | None) -> OneLineParser:
+    """A command's parser; ``description`` (its module docstring) shows under --help as written."""
+    return OneLineParser(prog=prog, description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+
+
+def report(prog: str, error: Exception) -> int:
+    """A user's error as the one line ``prog: message`` on stderr; returns the exit code, 2."""
+    print(f"{prog}: {error}", file=sys.stderr)
+    return 2
+
+
+def add_model_flags(ap: argparse.ArgumentParser) -> None:
+    """The flags that name a trained model (``rein.model.load_model``'s arguments), for the
+    commands that use one."""
+    ap.add_argument("--checkpoint", required=True,
+                    help="OUT/checkpoint.pth of a rein.train run, or an official Rein checkpoint (mmseg format)")
+    ap.add_argument("--backbone-checkpoint",
+                    help="the frozen backbone's weights (release or timm format; default: those of the run; "
+                         "needed for an official checkpoint unless it carries them)")
+    ap.add_argument("--backbone", default="vit_large_patch14_dinov2",
+                    help="official checkpoints: the timm backbone they were trained on (default DINOv2-L)")
+    ap.add_argument("--crop", type=int, default=512,
+                    help="official checkpoints: the training crop, 512 or 1024 (a rein.train run knows its own)")
+    ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
+                    help="Rein's Triton kernels where they can run (default) or the PyTorch reference")
+
+
+def check_out_folder(out: Path, holds: str) -> None:
+    """--out must be a folder (or not exist yet)."""
+    if out.exists() and not out.is_dir():
+        raise UsageError(f"--out {out} is a file; give a folder (it will hold {holds})")
+
+
+def device_from_flag(flag: str | None) -> torch.device:
+    """--device as a torch.device (default: cuda if present, else cpu); a device that
+    cannot be used here is a UsageError."""
+    try:
+        device = torch.device(flag or ("cuda" if torch.cuda.is_available() else "cpu"))
+    except RuntimeError as e:
+        raise UsageError(f"--device {flag!r} is not a device: {e}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise UsageError("--device cuda, but this machine has no CUDA GPU torch can use; use --device cpu")
+    return device
