@@ -1,5 +1,5 @@
 """Workloads, providers, the floor and the measurements shared by the pytest-benchmark
-suite and the one-shot GPU script (PERFORMANCE.md is the contract).
+suite and the one-shot GPU script (benchmarks/README.md says what they mean).
 
 Providers: ``eager`` (the reference, fused=False), ``compile`` (torch.compile of that
 reference), ``fused`` (this library's kernels, v3) and ``fused-v2`` (the v2 kernels, kept
@@ -74,7 +74,7 @@ PASSES = ("fwd", "fwd+bwd")
 
 
 def flops(w: Workload, pass_: str) -> float:
-    """PERFORMANCE.md: per layer and row, fwd ~ 2C(C + 2m), fwd+bwd ~ 2C(3C + 7m)."""
+    """benchmarks/README.md: per layer and row, fwd ~ 2C(C + 2m), fwd+bwd ~ 2C(3C + 7m)."""
     per_row = 2 * w.C * (w.C + 2 * w.m) if pass_ == "fwd" else 2 * w.C * (3 * w.C + 7 * w.m)
     return float(w.rows * per_row)
 

@@ -2,7 +2,7 @@
 frozen backbone, Rein after every block, a head (``light``, or the recipe's ``mask2former``
 on transformers' parts), its loss, an AdamW step.
 
-Rows (PERFORMANCE.md): like for like (eager vs fused Rein, everything else equal), and
+Rows (benchmarks/README.md): like for like (eager vs fused Rein, everything else equal), and
 ``SETTINGS``: the official setting (fp32, the eager reference Rein, nothing captured)
 against this library's defaults for a GPU (bf16 frozen weights under autocast, fused Rein,
 the forward and backward captured in CUDA graphs by torch.compile's "reduce-overhead"

@@ -1,7 +1,7 @@
 """The Rein layer in plain PyTorch: the ground truth for every test and the fallback path.
 
-This follows the reference implementation op for op (REIN_SPEC.md, "Forward of
-layer l"), so that it reproduces its numbers, its dtype promotion under autocast
+This follows the reference implementation op for op (docs/maths.md, "The forward
+pass of layer l"), so that it reproduces its numbers, its dtype promotion under autocast
 and its NaN behaviour. It runs in any dtype, float64 included.
 """
 from __future__ import annotations

@@ -2,7 +2,7 @@
 GPU run has measured v3 (``rein_layer.py``) beside it. Custom ops ``rein::layer_fwd_v2`` and
 ``rein::layer_bwd_v2``.
 
-Math (REIN_SPEC.md). For every refined row x (length C) of layer l, with tokens
+Math (docs/maths.md). For every refined row x (length C) of layer l, with tokens
 T [m, C], c = C^-1/2 (1 without softmax), W_d, b_d = mlp_delta_f and
 U = mlp_token2feat(T[1:]) W_d^T [m-1, C] (an input, formed from the parameters by
 ``rein_kernels.prepare``: per call, or once per forward pass for all layers):
