@@ -52,6 +52,9 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                     help="Rein's Triton kernels where they can run (default) or the PyTorch reference")
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
+                    help="on CUDA, record the sliding window's forward once and replay it for every window "
+                         "(default)")
 
 
 def check_out_folder(out: Path, holds: str) -> None:

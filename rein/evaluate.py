@@ -35,7 +35,7 @@ def main(argv=None) -> int:
     except USER_ERRORS as e:
         return report("rein-evaluate", e)
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)  # noqa: E731
-    failed = evaluate_targets(model, datasets, config.crop, device, out, amp)
+    failed = evaluate_targets(model, datasets, config.crop, device, out, amp, cuda_graphs=args.cuda_graphs)
     print(f"rein-evaluate: wrote {out / 'metrics.json'} and {out / 'samples'}/")
     for msg in failed:
         print(f"rein-evaluate: evaluation stopped on a bad file: {msg}", file=sys.stderr)

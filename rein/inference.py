@@ -11,6 +11,9 @@ the image's full resolution.
 """
 from __future__ import annotations
 
+import sys
+import weakref
+
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -59,20 +62,74 @@ def window_starts(size: int, crop: int, stride: int) -> list[int]:
     return [min(i * stride, size - crop) for i in range(n)]
 
 
+class WindowGraph:
+    """``model(window)`` for windows of one shape, recorded once as a CUDA graph and replayed
+    for every window: the host issues one replay instead of the forward's hundreds of
+    launches. Recorded after two warm-up calls on a side stream (Triton's autotuning, lazy
+    initialisation), under the caller's autocast and grad modes; parameters are read where
+    they live, so in-place updates (training, load_state_dict) are seen. The result is the
+    graph's own buffer, overwritten by the next replay."""
+
+    def __init__(self, model: nn.Module, example: Tensor):
+        self.input = example.clone()
+        side = torch.cuda.Stream()
+        side.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(side):
+            for _ in range(2):
+                model(self.input)
+        torch.cuda.current_stream().wait_stream(side)
+        self.graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(self.graph):
+            self.output = model(self.input)
+
+    def __call__(self, window: Tensor) -> Tensor:
+        self.input.copy_(window)
+        self.graph.replay()
+        return self.output
+
+
+# per model: {(window shape, dtype, autocast, training, parameters' addresses): WindowGraph or
+# None where recording failed}
+_GRAPHS: "weakref.WeakKeyDictionary[nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def window_runner(model: nn.Module, window: Tensor, cuda_graphs: bool = True):
+    """What runs ``model`` on windows like ``window``: a replayed ``WindowGraph`` on CUDA
+    (recorded at the first window of its kind), else the model itself. Where recording
+    fails, one line says why and the model runs as it is."""
+    if not (cuda_graphs and window.is_cuda):
+        return model
+    dev = window.device.type
+    key = (tuple(window.shape), window.dtype, torch.is_autocast_enabled(dev), torch.get_autocast_dtype(dev),
+           model.training, tuple(p.data_ptr() for p in model.parameters()))
+    graphs = _GRAPHS.setdefault(model, {})
+    if key not in graphs:
+        try:
+            graphs[key] = WindowGraph(model, window)
+        except Exception as e:  # an op that cannot be captured: say so once, run uncaptured
+            print(f"rein: sliding-window inference runs uncaptured ({type(e).__name__}: {str(e)[:200]})",
+                  file=sys.stderr)
+            graphs[key] = None
+    return graphs[key] or model
+
+
 @torch.no_grad()
-def slide_scores(model: nn.Module, img: torch.Tensor, crop: int, stride: int | None = None) -> torch.Tensor:
+def slide_scores(model: nn.Module, img: torch.Tensor, crop: int, stride: int | None = None,
+                 cuda_graphs: bool = True) -> torch.Tensor:
     """Class scores [B, K, H, W] for normalised images [B, 3, H, W]: windows of ``crop``
     every ``stride`` (default: the official test_cfg, 341 for 512 and 683 for 1024), scores of
     overlapping windows averaged. Images smaller than one window are padded at the
-    bottom and right and the padding is cut off again."""
+    bottom and right and the padding is cut off again. On CUDA every window is a replay
+    of one recorded graph (``cuda_graphs=False``: the model is called as it is)."""
     stride = stride or SLIDE_STRIDE.get(crop, max(1, crop * 2 // 3))
     _, _, H, W = img.shape
     x = F.pad(img, (0, max(0, crop - W), 0, max(0, crop - H)))
     Hp, Wp = x.shape[-2:]
     scores = count = None
+    run = window_runner(model, x[:, :, :crop, :crop], cuda_graphs)
     for y in window_starts(Hp, crop, stride):
         for x0 in window_starts(Wp, crop, stride):
-            out = model(x[:, :, y:y + crop, x0:x0 + crop])
+            out = run(x[:, :, y:y + crop, x0:x0 + crop])
             out = F.interpolate(out.float(), size=(crop, crop), mode="bilinear", align_corners=False)
             if scores is None:
                 scores = torch.zeros(out.shape[0], out.shape[1], Hp, Wp, device=out.device)
@@ -95,13 +152,13 @@ def model_input(img: Tensor, scale: tuple[int, int] | None) -> Tensor:
 
 @torch.no_grad()
 def predict(model: nn.Module, img: Tensor, crop: int, scale: tuple[int, int] | None = None,
-            stride: int | None = None, device: torch.device | str = "cpu") -> Tensor:
+            stride: int | None = None, device: torch.device | str = "cpu", cuda_graphs: bool = True) -> Tensor:
     """Labels [H, W] of one image [3, H, W] (uint8, or float in [0, 1]) at its own
     resolution, by the official test protocol: the model's input as mmseg's test
     pipeline makes it (``model_input``), slide-window scores there on ``device``, resized
     back bilinearly, argmax."""
     H, W = img.shape[-2:]
-    scores = slide_scores(model, model_input(img, scale).to(device), crop, stride)
+    scores = slide_scores(model, model_input(img, scale).to(device), crop, stride, cuda_graphs)
     if scores.shape[-2:] != (H, W):
         scores = F.interpolate(scores, size=(H, W), mode="bilinear", align_corners=False)
     return scores.argmax(1)[0]

@@ -49,12 +49,14 @@ class ConfusionMatrix:
 
 
 def evaluate(model: nn.Module, dataset, crop: int, device, autocast=None, stride: int | None = None,
-             scale: tuple[int, int] | None = None, samples: list | None = None, keep: int = 3) -> dict:
+             scale: tuple[int, int] | None = None, samples: list | None = None, keep: int = 3,
+             cuda_graphs: bool = True) -> dict:
     """mIoU and per-class IoU of ``model`` on every image of ``dataset``, labels at full
     resolution; ``scale``: the test resize (default: the official one for the dataset's
     kind at this crop, ``eval_scale``; synthetic domains are used as they are); ``autocast``: a
     context-manager factory for the forward passes. With a ``samples`` list, the first
-    ``keep`` (image uint8 [H, W, 3], label, prediction) are appended to it."""
+    ``keep`` (image uint8 [H, W, 3], label, prediction) are appended to it. On CUDA the
+    sliding windows replay one recorded graph (``cuda_graphs=False``: not)."""
     if scale is None:
         scale = eval_scale(getattr(dataset, "kind", None), crop)
     was_training = model.training
@@ -63,7 +65,7 @@ def evaluate(model: nn.Module, dataset, crop: int, device, autocast=None, stride
     for i in range(len(dataset)):
         img, lbl = dataset[i]
         with autocast() if autocast else contextlib.nullcontext():
-            pred = predict(model, img, crop, scale, stride, device)
+            pred = predict(model, img, crop, scale, stride, device, cuda_graphs)
         cm.update(pred, lbl.to(device))
         if samples is not None and i < keep:
             samples.append((to_uint8(img), lbl.numpy(), pred.cpu().numpy()))
@@ -97,7 +99,8 @@ def save_samples(path: Path, samples: list[tuple[np.ndarray, np.ndarray, np.ndar
     plt.close(fig)
 
 
-def evaluate_targets(model: nn.Module, datasets, crop: int, device, out: Path, autocast=None) -> list[str]:
+def evaluate_targets(model: nn.Module, datasets, crop: int, device, out: Path, autocast=None,
+                     cuda_graphs: bool = True) -> list[str]:
     """Evaluate on every dataset; write ``out/metrics.json`` (``{domain: {"mIoU": ...,
     "per_class": {...}}}``, strict JSON) and ``out/samples/<domain>.png``. A file that
     cannot be read stops that domain only (its entry becomes ``{"mIoU": null, "error":
@@ -106,7 +109,8 @@ def evaluate_targets(model: nn.Module, datasets, crop: int, device, out: Path, a
     for ds in datasets:
         try:
             samples = []
-            metrics[ds.name] = evaluate(model, ds, crop, device, autocast=autocast, samples=samples)
+            metrics[ds.name] = evaluate(model, ds, crop, device, autocast=autocast, samples=samples,
+                                        cuda_graphs=cuda_graphs)
             save_samples(out / "samples" / f"{ds.name}.png", samples,
                          f"{ds.name}: mIoU {metrics[ds.name]['mIoU']} (image | ground truth | prediction)")
             miou = metrics[ds.name]["mIoU"]

@@ -123,7 +123,8 @@ def main(argv=None) -> int:
             failed.append(str(e))
             continue
         with amp:
-            labels = predict(model, img, config.crop, scale, device=device).cpu().numpy()
+            labels = predict(model, img, config.crop, scale, device=device,
+                             cuda_graphs=args.cuda_graphs).cpu().numpy()
         rgb = to_uint8(img)
         for kind, picture in (("labelIds", Image.fromarray(LABEL_IDS[labels.astype(np.int64)], mode="L")),
                               ("color", Image.fromarray(colorize(labels))),

@@ -261,17 +261,65 @@ def test_unsupported_backbone_family(tmp_path, capsys):
     _one_line_error(err, "--backbone resnet18", "not a backbone Rein can refine")
 
 
-def test_model_compiles_without_graph_breaks():
-    """--compile: backbone, Rein's custom op (the fused kernels, through the interpreter
-    here) and the head in one graph."""
-    from rein.train.config import parse_args
+@pytest.mark.parametrize("head", ["light", "mask2former"])
+@pytest.mark.parametrize("training", [True, False])
+def test_model_compiles_without_graph_breaks(head, training):
+    """What the captured step compiles (--compile, and CUDA graphs' reduce-overhead mode):
+    backbone, Rein's custom op (the fused kernels, through the interpreter here) and either
+    head, in one graph, in training (the step) and in evaluation (the sliding window). The
+    loss runs between graphs (the Mask2Former matcher works on the host)."""
     from rein.model import build_model
+    from rein.train.config import parse_args
 
-    args = parse_args(["--crop", "64", "--fused"])
-    model = build_model(args, torch.device("cpu"))
-    explanation = torch._dynamo.explain(model)(torch.randn(1, 3, 64, 64))
-    assert explanation.graph_break_count == 0, explanation.break_reasons
-    assert explanation.graph_count == 1
+    args = parse_args(["--crop", "64", "--fused", "--head", head])
+    model = build_model(args, torch.device("cpu")).train(training)
+    explanation = torch._dynamo.explain(model)(torch.randn(2, 3, 64, 64))
+    assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
+
+
+def test_captured_step_compiles_once_whatever_the_classes():
+    """20 training steps whose labels hold 1 to 19 classes: the compiled part (the model's
+    forward; the loss with its per-image targets runs between graphs) is compiled once."""
+    from torch._dynamo.testing import CompileCounter
+
+    from rein.model import build_model
+    from rein.train.config import parse_args
+
+    args = parse_args(["--crop", "64", "--no-fused", "--head", "mask2former"])
+    model = build_model(args, torch.device("cpu")).train()
+    counter = CompileCounter()
+    forward = torch.compile(model, backend=counter)
+    gen = torch.Generator().manual_seed(0)
+    images = torch.randn(2, 3, 64, 64, generator=gen)
+    for step in range(20):
+        classes = torch.randperm(19, generator=gen)[: 1 + step % 19]
+        labels = classes[torch.randint(0, len(classes), (2, 64, 64), generator=gen)]
+        model.head.loss(forward(images), labels).backward()
+    assert counter.frame_count == 1
+
+
+def test_training_step_capture_and_its_fallbacks(capsys):
+    """Captured on CUDA by default; the reason printed where not (another device, torchrun,
+    --no-cuda-graphs); a compiled step that fails at its first forward runs uncaptured."""
+    from argparse import Namespace
+
+    from rein.train.loop import _capture, _first_forward
+
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert _capture(Namespace(cuda_graphs=None), cuda, 1) is None
+    assert _capture(Namespace(cuda_graphs=True), cuda, 1) is None
+    assert "--no-cuda-graphs" in _capture(Namespace(cuda_graphs=False), cuda, 1)
+    assert "need a CUDA GPU" in _capture(Namespace(cuda_graphs=None), cpu, 1)
+    assert "torchrun" in _capture(Namespace(cuda_graphs=None), cuda, 2)
+
+    def broken(images):
+        raise RuntimeError("cannot record")
+
+    model = torch.nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    out, used = _first_forward(broken, model, x, Namespace(amp=False), cpu, True)
+    assert used is model and torch.equal(out, model(x))
+    assert "continuing uncaptured" in capsys.readouterr().err
 
 
 @pytest.mark.slow

@@ -50,6 +50,11 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
                          "keep fp32 master weights)")
     ap.add_argument("--compile", action="store_true",
                     help="torch.compile the model (backbone, Rein's custom op inside the graph, head)")
+    ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
+                    help="on CUDA (the default there): the model's forward and backward compiled and replayed as "
+                         "CUDA graphs (torch.compile's reduce-overhead mode), and evaluation's sliding window "
+                         "replayed from one graph, so that the GPU, not Python, sets the pace; the loss and the "
+                         "optimizer step run between the graphs")
     ap.add_argument("--grad-checkpointing", action="store_true",
                     help="recompute each (backbone block + Rein) in the backward pass: less memory, more time")
     ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")

@@ -174,8 +174,9 @@ def _stop_requests():
             signal.signal(s, handler)
 
 
-def _train(args, model, ddp, opt, train_set, rank, world, device, start, losses, checkpoint, main_proc):
-    """The training iterations. Returns (the message of a file that could not be read, the
+def _train(args, model, wrapped, ddp, opt, train_set, rank, world, device, start, losses, checkpoint, main_proc):
+    """The training iterations (``wrapped``: the model, in DDP under torchrun; ``ddp``: that,
+    compiled where it is). Returns (the message of a file that could not be read, the
     signal that asked to stop), both None when every iteration ran; after either, a
     resumable checkpoint is saved at the iteration it stopped at."""
     from tqdm import tqdm
@@ -203,8 +204,11 @@ def _train(args, model, ddp, opt, train_set, rank, world, device, start, losses,
             torch.manual_seed((args.seed * 1_000_003 + it) * 4096 + rank)
             for g in opt.param_groups:
                 g["lr"] = lr_at(it, args)
-            with _autocast(args, device):
-                head_out = ddp(images)
+            if ddp is not wrapped and it == start:
+                head_out, ddp = _first_forward(ddp, wrapped, images, args, device, main_proc)
+            else:
+                with _autocast(args, device):
+                    head_out = ddp(images)
             loss = model.head.loss(head_out, labels)  # this process's share; DDP averages the gradients
             opt.zero_grad(set_to_none=True)
             loss.backward()
@@ -228,6 +232,34 @@ def _train(args, model, ddp, opt, train_set, rank, world, device, start, losses,
         print(f"rein-train: {waited / total:.0%} of the step time was spent waiting for data "
               f"({args.workers} loader workers)")
     return None, None
+
+
+def _capture(args, device, world) -> str | None:
+    """Why the training step runs uncaptured (None: it is captured). CUDA graphs are the
+    default on CUDA (``--no-cuda-graphs`` turns them off); elsewhere, and under torchrun,
+    where DDP's gradient all-reduce would run inside the captured backward, the step runs
+    as it is and the reason is printed."""
+    if args.cuda_graphs is False:
+        return "--no-cuda-graphs"
+    if device.type != "cuda":
+        return f"CUDA graphs need a CUDA GPU (this run is on {device.type})"
+    if world > 1:
+        return "CUDA graphs are not used under torchrun yet (DDP all-reduces gradients inside the backward)"
+    return None
+
+
+def _first_forward(ddp, eager, images, args, device, main_proc):
+    """The first forward of a compiled (captured) model, falling back to the model as it
+    is, with one line saying why, where compiling or recording fails."""
+    try:
+        with _autocast(args, device):
+            return ddp(images), ddp
+    except Exception as e:  # torch.compile and CUDA graphs raise many kinds: the step itself must go on
+        if main_proc:
+            print(f"rein-train: the compiled training step failed ({type(e).__name__}: {str(e)[:200]}); "
+                  "continuing uncaptured (--no-cuda-graphs skips the attempt)", file=sys.stderr)
+        with _autocast(args, device):
+            return eager(images), eager
 
 
 def _agree(error: str | None, signum: int, world: int, device) -> tuple[str | None, int]:
@@ -307,11 +339,19 @@ def main(argv=None) -> int:
         if main_proc:
             print(f"rein-train: resumed at iteration {start} of {args.max_iters} from {out / 'checkpoint.pth'}")
     if world > 1:
-        ddp = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
-        ddp = model
-    if args.compile:
-        ddp = torch.compile(ddp)
+        wrapped = model
+    why_not = _capture(args, device, world)
+    ddp = wrapped
+    if why_not is None:
+        ddp = torch.compile(wrapped, mode="reduce-overhead")
+    elif args.compile:
+        ddp = torch.compile(wrapped)
+    if main_proc:
+        print("rein-train: training step " + ("captured: torch.compile (reduce-overhead) replays the forward and "
+              "backward as CUDA graphs; the first iterations compile and record" if why_not is None
+              else f"uncaptured: {why_not}"))
 
     def checkpoint(it):
         if main_proc:
@@ -321,8 +361,8 @@ def main(argv=None) -> int:
                 "config": {k: v for k, v in vars(args).items() if k not in ("resume", "force_resume", "stop_at")}})
 
     t0 = time.time()
-    bad_file, signum = _train(args, model, ddp, opt, train_set, rank, world, device, start, losses, checkpoint,
-                              main_proc)
+    bad_file, signum = _train(args, model, wrapped, ddp, opt, train_set, rank, world, device, start, losses,
+                              checkpoint, main_proc)
     if bad_file is not None or signum is not None:
         if main_proc:
             why, then = (bad_file, "fix the file, then continue") if bad_file is not None else (
@@ -339,7 +379,8 @@ def main(argv=None) -> int:
 
     failed = []
     if main_proc:
-        failed = evaluate_targets(model, val_sets, args.crop, device, out, lambda: _autocast(args, device))
+        failed = evaluate_targets(model, val_sets, args.crop, device, out, lambda: _autocast(args, device),
+                                  cuda_graphs=args.cuda_graphs is not False)
         _plot_losses(losses, out / "loss.png")
         print(f"rein-train: {args.max_iters - start} iterations in {time.time() - t0:.0f} s; wrote "
               f"{out / 'checkpoint.pth'} (Rein + head only), {out / 'metrics.json'}, {out / 'loss.png'}, "
