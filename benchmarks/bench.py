@@ -224,12 +224,13 @@ def graph_ms(case: Case, warmup_ms: float = 50, rep_ms: float = 300) -> float:
     return triton.testing.do_bench(g.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
-def host_ms(case: Case, n: int = 50) -> float:
-    """Wall time per call of n calls issued without synchronising, ms (CUDA)."""
+def host_ms(fn, n: int = 50) -> float:
+    """Wall time per call of n calls of fn issued without synchronising, ms (CUDA): close to
+    the call's event time, the host sets the pace; well under it, the device."""
     torch.cuda.synchronize()
     t0 = time.perf_counter()
     for _ in range(n):
-        case()
+        fn()
     t1 = time.perf_counter()
     torch.cuda.synchronize()
     return (t1 - t0) * 1e3 / n

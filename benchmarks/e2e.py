@@ -17,13 +17,12 @@ head's Hungarian matching on the host) and the optimizer step run outside the gr
 from __future__ import annotations
 
 import contextlib
-import time
 
 import torch
 
 import rein
 import rein_kernels
-from bench import median_ms, peak_mem_mb
+from bench import host_ms, median_ms, peak_mem_mb
 from rein.heads import build_head
 
 LIBRARY = dict(fused=True, dtype="bf16", bf16_weights=True, compile="reduce-overhead", fused_adamw=True)
@@ -114,20 +113,6 @@ class TrainStep:
         self.graph = graph
 
 
-def host_ms(step: TrainStep, device: str, n: int = 10) -> float | None:
-    """Wall time per step of n steps issued without synchronising, ms: close to the step's
-    event time, the step is bound by the host; well under it, by the device."""
-    if device != "cuda":
-        return None
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        step()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) * 1e3 / n
-
-
 def held_after_forward_mb(step: TrainStep, device: str) -> float | None:
     """Memory a forward leaves allocated for its backward (activations, casts), MiB: with
     the peak, it tells saved tensors from backward transients. None on a CPU or for a
@@ -155,7 +140,7 @@ def measure(fused: bool, dtype: str, device: str, provider: str | None = None, *
                peak_mem_mb=peak_mem_mb(step, device, relative=False),
                held_after_forward_mb=held_after_forward_mb(step, device))
     row["median_ms_repeat"] = median_ms(step, device, warmup_ms=500, rep_ms=2000, cpu_runs=5)
-    row["host_ms"] = host_ms(step, device)
+    row["host_ms"] = host_ms(step, n=10) if device == "cuda" else None
     # CUDA graphs keep their memory in private pools, which the allocated peak does not
     # count between replays: the memory held by the caching allocator bounds it from above
     row["reserved_mb"] = torch.cuda.memory_reserved() / 2**20 if device == "cuda" else None

@@ -16,7 +16,6 @@ import argparse
 import json
 import os
 import sys
-import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
@@ -25,31 +24,7 @@ sys.path[:0] = [str(HERE), str(HERE.parent)]
 import torch  # noqa: E402
 import triton.testing  # noqa: E402
 
-from bench import PASSES, PROVIDERS, WORKLOADS, Case  # noqa: E402
-
-
-def host_ms(case: Case, n: int = 200) -> float:
-    torch.cuda.synchronize()
-    t0 = time.perf_counter()
-    for _ in range(n):
-        case()
-    t1 = time.perf_counter()
-    torch.cuda.synchronize()
-    return (t1 - t0) * 1e3 / n
-
-
-def graph_ms(case: Case) -> float:
-    """Device time of one call: captured once, replayed (warm-up and autotuning done)."""
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            case()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        case()
-    return triton.testing.do_bench(g.replay, warmup=50, rep=300, return_mode="median")
+from bench import PASSES, PROVIDERS, WORKLOADS, Case, graph_ms, host_ms  # noqa: E402
 
 
 def top_ops(case: Case, n: int = 12) -> dict:
@@ -97,7 +72,7 @@ def main() -> int:
                     case = Case(w, provider, dtype, pass_, "cuda")
                     case.run_synced()
                     row["events_ms"] = triton.testing.do_bench(case, warmup=50, rep=300, return_mode="median")
-                    row["host_ms"] = host_ms(case)
+                    row["host_ms"] = host_ms(case, n=200)
                     row["graph_ms"] = graph_ms(case) if provider != "compile" else None
                     if provider == "fused":
                         row["profile"] = top_ops(case)

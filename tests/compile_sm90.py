@@ -13,7 +13,6 @@ per variant; exits non-zero on any failure.
 """
 import contextlib
 import io
-import itertools
 import os
 import re
 import sys

@@ -1,6 +1,5 @@
 """Under torch.autocast the GEMMs run in the autocast dtype; the result dtype and the
 parameters' gradient dtypes are the reference's."""
-import contextlib
 import warnings
 
 import pytest
