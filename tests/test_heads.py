@@ -220,12 +220,14 @@ def test_number_of_masks_is_averaged_over_processes(tmp_path):
 
 
 def test_forward_has_no_host_sync_in_training():
-    """transformers' encoder layer tests isfinite(...).all() in training, a host sync and a
-    graph break in each layer that mmdet's does not have: the head keeps those layers in
-    eval mode (their dropouts are 0), so the forward compiles to one graph in training."""
+    """transformers' encoder layer tests isfinite(...).all() in training, and before 5.24 its
+    decoder compares a layerdrop draw on the host in each layer: host syncs and graph breaks
+    that mmdet's layers do not have. The head keeps those modules in eval mode (their
+    dropouts are 0), so the forward compiles to one graph in training."""
     torch.manual_seed(0)
     head = build_head("mask2former", [32] * 4, 5, **dict(SMALL, encoder_layers=2)).train()
     assert head.training and not any(layer.training for layer in head.pixel_decoder.encoder.layers)
+    assert not head.transformer.decoder.training
     feats = [torch.randn(2, 32, s, s) for s in (16, 8, 4, 2)]
     explained = torch._dynamo.explain(head)(feats, torch.randn(7, 32))
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons

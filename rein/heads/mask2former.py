@@ -45,6 +45,7 @@ try:
     from transformers.models.mask2former.modeling_mask2former import (
         Mask2FormerConfig,
         Mask2FormerLoss,
+        Mask2FormerMaskedAttentionDecoder,
         Mask2FormerPixelDecoder,
         Mask2FormerPixelDecoderEncoderLayer,
         Mask2FormerPixelDecoderEncoderMultiscaleDeformableAttention,
@@ -97,14 +98,25 @@ class _ReinQueryDecoder(Mask2FormerTransformerModule):
                             query_position_embeddings=query_pos, feature_size_list=sizes, return_dict=True)
 
 
-class _EncoderLayer(Mask2FormerPixelDecoderEncoderLayer):
-    """transformers' deformable encoder layer, always in eval mode: in training it tests
-    ``isfinite(hidden_states).all()`` and clamps (a host sync in each of the 6 layers, and a
-    graph break under torch.compile) where mmdet's layer does nothing; its dropouts are 0,
-    so eval mode changes nothing else."""
+class _AlwaysEval:
+    """A transformers module kept in eval mode, whatever the head's mode: every dropout in
+    the head is 0 (as in the official config), so eval mode changes nothing but the
+    training-only host work below."""
 
     def train(self, mode: bool = True):
         return super().train(False)
+
+
+class _EncoderLayer(_AlwaysEval, Mask2FormerPixelDecoderEncoderLayer):
+    """The deformable encoder layer: in training transformers tests
+    ``isfinite(hidden_states).all()`` and clamps, a host sync (and a graph break under
+    torch.compile) in each of the 6 layers that mmdet's layer does not have."""
+
+
+class _Decoder(_AlwaysEval, Mask2FormerMaskedAttentionDecoder):
+    """The masked-attention decoder: in training transformers' layerdrop (0 here) draws a
+    random number per layer, and before 5.24 compares it on the host in each of the 9 layers
+    (a sync and a graph break)."""
 
 
 class _Criterion(Mask2FormerLoss):
@@ -199,6 +211,8 @@ class Mask2FormerHead(nn.Module):
             layer.__class__ = _EncoderLayer
             layer.train(False)
         self.transformer = _ReinQueryDecoder(config)
+        self.transformer.decoder.__class__ = _Decoder
+        self.transformer.decoder.train(False)
         self.querys2feat = nn.Linear(query_dims, query_dims)
         self.class_predictor = nn.Linear(query_dims, num_classes + 1)
         self.criterion = _Criterion(config, weight_dict=LOSS_WEIGHTS)
