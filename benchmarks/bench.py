@@ -207,17 +207,23 @@ def peak_mem_mb(fn, device: str, relative: bool = True) -> float | None:
     return (torch.cuda.max_memory_allocated() - base) / 2**20
 
 
+def warm_up_on_side_stream(fn, n: int = 3) -> None:
+    """n calls of fn on a side stream, as CUDA graph capture wants before it records
+    (compile, autotuning and lazy initialisation done, on a stream other than the default)."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(n):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+
+
 def graph_ms(case: Case, warmup_ms: float = 50, rep_ms: float = 300) -> float:
     """Device time of one call, ms: captured once in a CUDA graph (after warm-up on a side
     stream, compile and autotuning done) and replayed, so no host work is timed."""
     import triton.testing
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            case()
-    torch.cuda.current_stream().wait_stream(s)
+    warm_up_on_side_stream(case)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         case()

@@ -22,7 +22,7 @@ import torch
 
 import rein
 import rein_kernels
-from bench import host_ms, median_ms, peak_mem_mb
+from bench import host_ms, median_ms, peak_mem_mb, warm_up_on_side_stream
 from rein.heads import build_head
 
 LIBRARY = dict(fused=True, dtype="bf16", bf16_weights=True, compile="reduce-overhead", fused_adamw=True)
@@ -98,12 +98,7 @@ class TrainStep:
         steps on a side stream (compile, autotuning, the optimizer's state), then one step
         captured with the gradients unset, so that the backward allocates them inside the
         graph and every replay writes them in place; later calls replay it."""
-        s = torch.cuda.Stream()
-        s.wait_stream(torch.cuda.current_stream())
-        with torch.cuda.stream(s):
-            for _ in range(3):
-                self()
-        torch.cuda.current_stream().wait_stream(s)
+        warm_up_on_side_stream(self)
         self.opt.zero_grad(set_to_none=True)
         graph = torch.cuda.CUDAGraph()
         with torch.cuda.graph(graph):

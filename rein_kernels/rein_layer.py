@@ -334,11 +334,6 @@ def _logits_path(prec: str, C: int, T: Tensor, *ts: Tensor) -> str:
     return "small"
 
 
-def _slots(R: int, C: int) -> tuple[int, int, int]:
-    """The dscale shares' slots: the row kernel's, and the GEMM's grid (rows, columns)."""
-    return triton.cdiv(R, SLOT_R), triton.cdiv(R, SLOT_R), triton.cdiv(C, SLOT_N)
-
-
 def _direct(kernel):
     return kernel
 
@@ -425,13 +420,14 @@ def _backward(g, x, T, U, W_d, b_d, scale, lse, num_prefix, seq_dim, use_softmax
     GS = new(torch.empty(R, C, device=dev, dtype=cd))
     P1 = new(torch.empty(R, _stride_m(M), device=dev, dtype=cd))
     GZ = new(torch.empty(R, _stride_m(M), device=dev, dtype=cd))
-    n_rows, n_r, n_n = _slots(R, C)
-    partials = new(torch.empty(n_rows + n_r * n_n, device=dev, dtype=torch.float32))
+    # the dscale shares' slots: the row kernel's n_r, then the GEMM's n_r x n_n grid
+    n_r, n_n = triton.cdiv(R, SLOT_R), triton.cdiv(C, SLOT_N)
+    partials = new(torch.empty(n_r + n_r * n_n, device=dev, dtype=torch.float32))
     if R:
         _launch_logits(x2, S1, sd, T, U, lse, P1, num_prefix, use_softmax, launch,
-                       g2=g2, b_d=b_d, scale=scale, GZ=GZ, XC=XC, GS=GS, partial=partials[:n_rows])
+                       g2=g2, b_d=b_d, scale=scale, GZ=GZ, XC=XC, GS=GS, partial=partials[:n_r])
         _launch_gemm(g2, S1, sd, GZ, M, W_d, T, None, scale, dx, num_prefix, launch,
-                     xs=XC, partial=partials[n_rows:], n_slots=(n_r, n_n))
+                     xs=XC, partial=partials[n_r:], n_slots=(n_r, n_n))
     dx = dx.view(xv.shape)
     if swapped:
         dx = dx.transpose(0, 1)
