@@ -64,9 +64,12 @@ def test_sliding_window_replayed_from_a_graph_equals_the_model():
         torch.testing.assert_close(captured, plain, rtol=1e-4, atol=1e-4)
 
 
-def test_training_is_captured_on_cuda_and_trains_as_uncaptured(tmp_path, capsys):
-    """The default synthetic run on a GPU: its step captured (torch.compile, reduce-overhead),
-    the losses of 4 iterations those of the uncaptured step up to kernel rounding."""
+@pytest.mark.parametrize("head", ["light", "mask2former"])
+def test_training_is_captured_on_cuda_and_trains_as_uncaptured(tmp_path, capsys, head):
+    """The synthetic run on a GPU: its step captured (torch.compile, reduce-overhead: the
+    forward and backward, the loss's device stages, the AdamW step) without falling back,
+    the losses of 4 iterations those of the uncaptured step up to kernel rounding; and a
+    CPU run's checkpoint resumes captured."""
     import json
 
     from rein.train.loop import main
@@ -74,10 +77,18 @@ def test_training_is_captured_on_cuda_and_trains_as_uncaptured(tmp_path, capsys)
     losses = {}
     for flag in ("--cuda-graphs", "--no-cuda-graphs"):
         out = tmp_path / flag
-        assert main(["--max-iters", "4", "--out", str(out), "--device", "cuda", flag]) == 0
-        printed = capsys.readouterr().out
-        assert ("training step captured" in printed) == (flag == "--cuda-graphs"), printed[-2000:]
+        assert main(["--max-iters", "4", "--out", str(out), "--device", "cuda", "--head", head, flag]) == 0
+        printed = capsys.readouterr()
+        assert ("training step captured" in printed.out) == (flag == "--cuda-graphs"), printed.out[-2000:]
+        assert "continuing uncaptured" not in printed.err, printed.err[-2000:]
         losses[flag] = torch.load(out / "checkpoint.pth", weights_only=False)["losses"]
         assert json.loads((out / "metrics.json").read_text())
     torch.testing.assert_close(torch.tensor(losses["--cuda-graphs"]), torch.tensor(losses["--no-cuda-graphs"]),
                                rtol=1e-3, atol=1e-3)
+
+    out = tmp_path / "from-cpu"
+    common = ["--max-iters", "4", "--out", str(out), "--head", head, "--ckpt-interval", "1"]
+    assert main([*common, "--device", "cpu", "--stop-at", "2"]) == 0
+    assert main([*common, "--device", "cuda", "--resume"]) == 0
+    printed = capsys.readouterr()
+    assert "training step captured" in printed.out and "continuing uncaptured" not in printed.err, printed.err

@@ -15,18 +15,18 @@ from rein.heads import build_head  # noqa: E402
 from rein.heads.mask2former import Mask2FormerHead, per_class_masks  # noqa: E402
 from rein.train.config import SMALL_MASK2FORMER  # noqa: E402
 from rein.model import Segmentor  # noqa: E402
-from rein.train.loop import param_groups  # noqa: E402
+from rein.train.optim import param_groups  # noqa: E402
 
 SMALL = dict(SMALL_MASK2FORMER, query_dims=32, num_points=256)
 
 
-def _model(seed=0, tokens=7):
+def _model(seed=0, tokens=7, criterion="static"):
     torch.manual_seed(seed)
     bb = ReinBackbone.from_timm("vit_small_patch14_dinov2", img_size=64, patch_size=8, depth=2, fused=False,
                                 token_length=tokens, query_dims=SMALL["query_dims"])
     with torch.no_grad():
         chans = [f.shape[1] for f in bb(torch.zeros(1, 3, 64, 64))[0]]
-    return Segmentor(bb, build_head("mask2former", chans, 19, **SMALL)).train()
+    return Segmentor(bb, build_head("mask2former", chans, 19, criterion=criterion, **SMALL)).train()
 
 
 def _labels(b=2, size=64, seed=0):
@@ -83,8 +83,9 @@ def test_mask_count_is_mmdets_with_an_image_without_labels():
     """mmdet's mask count: per image num_pos = max(number of masks, 1) (its
     MaskSamplingResult), summed over the batch; the loss's mask and dice terms are divided
     by it. An image with no labelled pixel adds 1 (where counting 0 made those terms
-    (n + e) / n times mmdet's)."""
-    model = _model()
+    (n + e) / n times mmdet's). Here for transformers' criterion; the static one's count is
+    tested in tests/test_mask2former_loss.py."""
+    model = _model(criterion="transformers")
     labels = _labels()
     labels[1] = 255  # the second crop has no labelled pixel
     counts = []
@@ -192,7 +193,7 @@ def _num_masks_worker(rank, path):
 
     dist.init_process_group("gloo", init_method=f"file://{path}", rank=rank, world_size=2)
     try:
-        head = Mask2FormerHead([48] * 4, 19, **SMALL)
+        head = Mask2FormerHead([48] * 4, 19, criterion="transformers", **SMALL)
         labels = [torch.arange(3), torch.arange(0)] if rank == 0 else [torch.arange(1), torch.arange(0)]
         n = head.criterion.get_num_masks(labels, torch.device("cpu"))
         assert n.item() == 3.0, n  # ((3 + 1) + (1 + 1)) / 2, on both processes: an empty image counts 1
@@ -209,6 +210,19 @@ def _num_masks_worker(rank, path):
         assert len(out["class_logits"]) == SMALL["decoder_layers"] + 1 > 2
         assert len(reduced) == 1 and reduced[0].item() == len(torch.unique(lbl)), reduced
         assert head.criterion._num_masks is None  # nothing kept for the next call
+
+        # the static criterion: one all-reduce of the same count, averaged over the processes
+        static = Mask2FormerHead([48] * 4, 19, criterion="static", **SMALL)
+        lbl = torch.full((2, 64, 64), 255)
+        for c in range(3 if rank == 0 else 1):
+            lbl[0, c] = c
+        reduced, used, matched_loss = [], [], static.criterion.matched_loss
+        static.criterion.matched_loss = lambda *a: used.append(a[-1].item()) or matched_loss(*a)
+        dist.all_reduce = lambda t, *a, **k: reduced.append(t.clone()) or real(t, *a, **k)
+        static.loss(static([f.repeat(2, 1, 1, 1) for f in feats], torch.randn(7, SMALL["query_dims"])), lbl).backward()
+        dist.all_reduce = real
+        assert [t.item() for t in reduced] == [4.0 if rank == 0 else 2.0], reduced  # 3 classes + an empty image
+        assert used == [3.0], used  # their mean
     finally:
         dist.destroy_process_group()
 

@@ -59,7 +59,7 @@ def test_optimizer_groups_and_schedule():
 
     import torch.nn as nn
 
-    from rein.train.loop import lr_at, param_groups
+    from rein.train.optim import lr_at, param_groups
 
     class Toy(nn.Module):
         def __init__(self):

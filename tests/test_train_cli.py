@@ -226,11 +226,11 @@ def test_amp_keeps_frozen_weights_in_bf16_and_checkpointing_runs(tmp_path, monke
     seen = {}
     real_optimizer = loop.make_optimizer
 
-    def spy(model, args, device):  # called once the model is ready to train
+    def spy(model, args, device, captured):  # called once the model is ready to train
         seen["backbone"] = {p.dtype for p in model.backbone.backbone.parameters()}
         seen["trained"] = {p.dtype for p in model.parameters() if p.requires_grad}
         seen["checkpointing"] = model.backbone.backbone.grad_checkpointing
-        return real_optimizer(model, args, device)
+        return real_optimizer(model, args, device, captured)
 
     monkeypatch.setattr(loop, "make_optimizer", spy)
     out = tmp_path / "o"
@@ -278,48 +278,110 @@ def test_model_compiles_without_graph_breaks(head, training):
 
 
 def test_captured_step_compiles_once_whatever_the_classes():
-    """20 training steps whose labels hold 1 to 19 classes: the compiled part (the model's
-    forward; the loss with its per-image targets runs between graphs) is compiled once."""
+    """20 training steps of the published head whose labels hold 1 to 19 classes, and
+    none: each compiled part of the captured step (the model's forward, the loss's two
+    device stages, the AdamW step, whose learning rate changes every step) is compiled
+    once, with no graph break. Only the matching runs between graphs."""
     from torch._dynamo.testing import CompileCounter
 
     from rein.model import build_model
     from rein.train.config import parse_args
+    from rein.train.optim import lr_at, make_optimizer, set_lr
+    from rein.train.step import captured_step
 
-    args = parse_args(["--crop", "64", "--no-fused", "--head", "mask2former"])
-    model = build_model(args, torch.device("cpu")).train()
+    args = parse_args(["--crop", "64", "--no-fused", "--head", "mask2former", "--max-iters", "20"])
+    cpu = torch.device("cpu")
+    model = build_model(args, cpu).train()
+    opt = make_optimizer(model, args, cpu, captured=True)
     counter = CompileCounter()
-    forward = torch.compile(model, backend=counter)
+    steps = captured_step(model, model, opt, backend=counter)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 64, 64, generator=gen)
     for step in range(20):
         classes = torch.randperm(19, generator=gen)[: 1 + step % 19]
         labels = classes[torch.randint(0, len(classes), (2, 64, 64), generator=gen)]
-        model.head.loss(forward(images), labels).backward()
-    assert counter.frame_count == 1
+        if step == 19:
+            labels[:] = 255
+        set_lr(opt, lr_at(step, args))
+        assert torch.isfinite(steps.run(images, labels, opt, args, cpu))
+    assert (counter.frame_count, counter.op_count > 0) == (4, True), counter.frame_count
+    assert opt.param_groups[0]["lr"].item() == pytest.approx(lr_at(19, args))
 
 
 def test_training_step_capture_and_its_fallbacks(capsys):
     """Captured on CUDA by default; the reason printed where not (another device, torchrun,
-    --no-cuda-graphs); a compiled step that fails at its first forward runs uncaptured."""
+    --no-cuda-graphs); a compiled step that fails to compile or record (at its first call,
+    or at a later warm-up call, where CUDA graphs are recorded) runs uncaptured from then
+    on, with one line saying why; a failure after the warm-up is raised."""
     from argparse import Namespace
 
-    from rein.train.loop import _capture, _first_forward
+    from rein.train.step import WARM_STEPS, Step, run_compiled, why_uncaptured
 
     cuda, cpu = torch.device("cuda"), torch.device("cpu")
-    assert _capture(Namespace(cuda_graphs=None), cuda, 1) is None
-    assert _capture(Namespace(cuda_graphs=True), cuda, 1) is None
-    assert "--no-cuda-graphs" in _capture(Namespace(cuda_graphs=False), cuda, 1)
-    assert "need a CUDA GPU" in _capture(Namespace(cuda_graphs=None), cpu, 1)
-    assert "torchrun" in _capture(Namespace(cuda_graphs=None), cuda, 2)
+    assert why_uncaptured(Namespace(cuda_graphs=None), cuda, 1) is None
+    assert why_uncaptured(Namespace(cuda_graphs=True), cuda, 1) is None
+    assert "--no-cuda-graphs" in why_uncaptured(Namespace(cuda_graphs=False), cuda, 1)
+    assert "need a CUDA GPU" in why_uncaptured(Namespace(cuda_graphs=None), cpu, 1)
+    assert "torchrun" in why_uncaptured(Namespace(cuda_graphs=None), cuda, 2)
 
-    def broken(images):
+    def broken(*args):
         raise RuntimeError("cannot record")
 
     model = torch.nn.Linear(3, 2)
-    x = torch.randn(4, 3)
-    out, used = _first_forward(broken, model, x, Namespace(amp=False), cpu, True)
-    assert used is model and torch.equal(out, model(x))
-    assert "continuing uncaptured" in capsys.readouterr().err
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    eager = Step(model, lambda out, labels: (out - labels).square().mean(), opt.step)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    for failing in (eager._replace(forward=broken), eager._replace(opt_step=broken)):
+        for done in range(WARM_STEPS):
+            before = model.weight.detach().clone()
+            want = eager.loss(model(x), y)
+            used, loss = run_compiled(failing, eager, done, x, y, opt, Namespace(amp=False), cpu, True)
+            assert used is eager and torch.equal(loss, want)
+            assert not torch.equal(model.weight, before)  # the step was taken, once
+            assert "continuing uncaptured" in capsys.readouterr().err
+        with pytest.raises(RuntimeError, match="cannot record"):
+            run_compiled(failing, eager, WARM_STEPS, x, y, opt, Namespace(amp=False), cpu, True)
+
+
+@pytest.mark.parametrize("first", ["captured", "uncaptured"])
+def test_resume_across_captured_and_uncaptured_optimizers(first):
+    """A checkpoint's optimizer state (learning rates as numbers) loads into the other kind
+    of optimizer, which keeps its own implementation, learning-rate kind and step-count
+    device, and continues exactly as the first would have. (The captured optimizer's step
+    runs compiled, as in the captured step: eagerly, capturable AdamW needs a GPU.)"""
+    import copy
+    from argparse import Namespace
+
+    from rein.train.optim import load_optimizer_state, make_optimizer, optimizer_state, set_lr
+
+    cpu = torch.device("cpu")
+    args = Namespace(lr=1e-2, weight_decay=0.05)
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(5, 4), torch.nn.LayerNorm(4))
+    x = torch.randn(8, 5)
+
+    def step(opt, lr):
+        set_lr(opt, lr)
+        opt.zero_grad(set_to_none=True)
+        model(x).square().mean().backward()
+        (torch.compile(opt.step, backend="eager") if opt.param_groups[0]["capturable"] else opt.step)()
+
+    a = make_optimizer(model, args, cpu, captured=first == "captured")
+    step(a, 1e-2)
+    state = copy.deepcopy(optimizer_state(a))  # as saved: the optimizer's own tensors change in place
+    assert all(isinstance(g["lr"], float) for g in state["param_groups"])
+    saved = {k: v.clone() for k, v in model.state_dict().items()}
+    step(a, 5e-3)
+    want = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model.load_state_dict(saved)
+    b = make_optimizer(model, args, cpu, captured=first != "captured")
+    load_optimizer_state(b, state)
+    for g in b.param_groups:
+        assert isinstance(g["lr"], torch.Tensor) == (first != "captured") and g["capturable"] == (first != "captured")
+    step(b, 5e-3)
+    for k, v in model.state_dict().items():
+        torch.testing.assert_close(v, want[k], rtol=1e-6, atol=1e-7, msg=k)
 
 
 @pytest.mark.slow

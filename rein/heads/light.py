@@ -3,6 +3,7 @@ resampled to stride 4 and summed; one 3x3 conv and a per-pixel classifier follow
 trained with per-pixel cross-entropy; its scores are the logits at stride 4."""
 from __future__ import annotations
 
+import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
@@ -49,6 +50,10 @@ class LightHead(nn.Module):
 
     def loss(self, out: Tensor, labels: Tensor) -> Tensor:
         return pixel_cross_entropy(out, labels)
+
+    def captured_loss(self, **compile_kw):
+        """``loss`` torch.compiled (``mode="reduce-overhead"``: one CUDA graph)."""
+        return torch.compile(self.loss, **compile_kw)
 
     def scores(self, out: Tensor, size=None) -> Tensor:
         return out

@@ -18,13 +18,17 @@ of ``w1oves/Rein``). Here:
   ``querys2feat(q)``, a Linear(256, 256);
 * class predictor Linear(256, K + 1) (the last class is "no object") and the mask MLP,
   applied to the normalised queries before the first layer and after each: 10 predictions;
-* loss: transformers' ``Mask2FormerLoss`` on all 10 predictions: Hungarian matching
+* loss: on all 10 predictions, Hungarian matching
   (costs: class 2.0 as -p(class), sigmoid BCE 5.0 and dice 5.0 on 12544 random points),
   then cross-entropy x 2.0 with no-object weight 0.1, and sigmoid BCE x 5.0 and dice x 5.0
   on 12544 points (3x oversampled, 75% chosen by uncertainty) per matched mask. The ground
   truth is one binary mask per class present in the crop (label 255 belongs to none);
   the mask losses are divided by the number of masks averaged over the processes, each
-  image counting at least one (an image without a labelled pixel counts 1), as mmdet does;
+  image counting at least one (an image without a labelled pixel counts 1), as mmdet does.
+  ``criterion="static"`` (the default) computes it on fixed shapes, so that all but the
+  matching can be captured in CUDA graphs (``rein.heads.mask2former_loss``);
+  ``criterion="transformers"`` is transformers' ``Mask2FormerLoss`` as it is: the same
+  loss, its random points drawn in other shapes;
 * semantic scores: the last prediction's masks resized bilinearly to the input, then
   sum over queries of softmax(class)[:-1] x sigmoid(mask) (mmseg's ``predict``).
 
@@ -56,9 +60,9 @@ except ImportError as e:  # transformers (and scipy, for the matching) come with
                       "(or pip install -e '.[train]')") from e
 
 from .light import IGNORE_INDEX
+from .mask2former_loss import LOSS_WEIGHTS, StaticMask2FormerLoss
 
-# mmdet's loss weights in the official config
-LOSS_WEIGHTS = {"loss_cross_entropy": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
+CRITERIA = ("static", "transformers")
 
 
 def hf_config(num_classes: int, dims: int = 256, num_heads: int = 8, encoder_layers: int = 6,
@@ -193,12 +197,15 @@ class Mask2FormerHead(nn.Module):
     channels (strides 4, 8, 16, 32); ``query_dims``: the head's width, which must equal
     Rein's ``query_dims`` (256 in the recipe); the number of queries is Rein's
     ``token_length``. The defaults are the official config; ``num_points`` sets the
-    points sampled per mask for the matching and the loss (12544 there)."""
+    points sampled per mask for the matching and the loss (12544 there); ``criterion``
+    the loss's implementation (module docstring)."""
 
     def __init__(self, in_channels: list[int], num_classes: int, query_dims: int = 256, num_heads: int = 8,
                  encoder_layers: int = 6, decoder_layers: int = 9, encoder_ffn_dims: int = 1024,
-                 decoder_ffn_dims: int = 2048, num_points: int = 12544):
+                 decoder_ffn_dims: int = 2048, num_points: int = 12544, criterion: str = "static"):
         super().__init__()
+        if criterion not in CRITERIA:
+            raise ValueError(f"criterion {criterion!r}: choose one of {', '.join(CRITERIA)}")
         if len(in_channels) != 4:
             raise ValueError(f"Mask2FormerHead needs 4 feature maps (strides 4, 8, 16, 32), got {len(in_channels)}")
         if query_dims % 32:
@@ -215,9 +222,12 @@ class Mask2FormerHead(nn.Module):
         self.transformer.decoder.train(False)
         self.querys2feat = nn.Linear(query_dims, query_dims)
         self.class_predictor = nn.Linear(query_dims, num_classes + 1)
-        self.criterion = _Criterion(config, weight_dict=LOSS_WEIGHTS)
-        # the no-object class weight is a constant of the loss, not a parameter to save
-        self.criterion.register_buffer("empty_weight", self.criterion.empty_weight, persistent=False)
+        if criterion == "static":
+            self.criterion = StaticMask2FormerLoss(num_classes, num_points)
+        else:
+            self.criterion = _Criterion(config, weight_dict=LOSS_WEIGHTS)
+            # the no-object class weight is a constant of the loss, not a parameter to save
+            self.criterion.register_buffer("empty_weight", self.criterion.empty_weight, persistent=False)
         self.init_weights()
 
     @torch.no_grad()
@@ -272,12 +282,23 @@ class Mask2FormerHead(nn.Module):
                 "mask_logits": tuple(dec.masks_queries_logits)}
 
     def loss(self, out: dict, labels: Tensor) -> Tensor:
+        if isinstance(self.criterion, StaticMask2FormerLoss):
+            return self.criterion(out["class_logits"], out["mask_logits"], labels)
         classes, masks = per_class_masks(labels)
         cls = [c.float() for c in out["class_logits"]]
         msk = [m.float() for m in out["mask_logits"]]
         aux = [{"class_queries_logits": c, "masks_queries_logits": m} for c, m in zip(cls[:-1], msk[:-1])]
         terms = self.criterion(msk[-1], cls[-1], masks, classes, auxiliary_predictions=aux)
         return sum(LOSS_WEIGHTS[k.rstrip("_0123456789")] * v for k, v in terms.items())
+
+    def captured_loss(self, **compile_kw):
+        """``loss`` with its device stages torch.compiled (``mode="reduce-overhead"``: CUDA
+        graphs), the matching on the host between them; None for the transformers
+        criterion, whose shapes change with the classes present."""
+        if not isinstance(self.criterion, StaticMask2FormerLoss):
+            return None
+        run = self.criterion.compiled(**compile_kw)
+        return lambda out, labels: run(out["class_logits"], out["mask_logits"], labels)
 
     def scores(self, out: dict, size) -> Tensor:
         """[B, K, H, W] at the input's ``size``: sum over queries of softmax(class)[:-1] x

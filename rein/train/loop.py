@@ -36,6 +36,8 @@ from ..metrics import evaluate_targets
 from ..model import backfill, build_model, load_trained
 from .config import SYNTHETIC, parse_args, resume_mismatches, validate, warnings_for
 from .data import TrainBatches, train_loader
+from .optim import load_optimizer_state, lr_at, make_optimizer, optimizer_state, set_lr
+from .step import Step, autocast_for, why_uncaptured, captured_step, run_compiled
 
 
 def build_data(args):
@@ -48,46 +50,6 @@ def build_data(args):
         return train, vals
     train, *vals = datasets_from([(args.source, "train", "--source"), *((t, "val", "--target") for t in args.target)])
     return train, vals
-
-
-def param_groups(model: nn.Module, weight_decay: float):
-    """AdamW groups as the recipe: no decay on Rein's tokens and scale, on normalisation
-    layers and on the Mask2Former decoder's level embedding; everything else (weights and
-    biases) decays. (The official custom key "level_embed" does not match the pixel
-    decoder's level encoding, so that one decays, there and here.)"""
-    norm_types = (nn.GroupNorm, nn.LayerNorm, nn.modules.batchnorm._BatchNorm)
-    plain = {id(p) for m in model.modules() if isinstance(m, norm_types) for p in m.parameters()}
-    decay, no_decay = [], []
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if (id(p) in plain or "learnable_tokens" in name or name.rsplit(".", 1)[-1] == "scale"
-                or name == "head.transformer.level_embed.weight"):
-            no_decay.append(p)
-        else:
-            decay.append(p)
-    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
-
-
-def make_optimizer(model: nn.Module, args, device) -> torch.optim.Optimizer:
-    """AdamW as the recipe (betas 0.9/0.999, eps 1e-8), its fused CUDA kernel on a GPU and
-    the multi-tensor (foreach) one elsewhere."""
-    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
-    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8,
-                             **impl)
-
-
-def lr_at(it: int, args) -> float:
-    """Linear warm-up over ``warmup_iters``, then poly decay to 0 with power 0.9 (the
-    published config's PolyLR; it has no warm-up: ``--warmup-iters 0`` reproduces that)."""
-    if it < args.warmup_iters:
-        return args.lr * (it + 1) / args.warmup_iters
-    progress = (it - args.warmup_iters) / max(1, args.max_iters - args.warmup_iters)
-    return args.lr * (1 - progress) ** 0.9
-
-
-def _autocast(args, device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
 
 
 def _save(path: Path, obj) -> None:
@@ -174,9 +136,11 @@ def _stop_requests():
             signal.signal(s, handler)
 
 
-def _train(args, model, wrapped, ddp, opt, train_set, rank, world, device, start, losses, checkpoint, main_proc):
-    """The training iterations (``wrapped``: the model, in DDP under torchrun; ``ddp``: that,
-    compiled where it is). Returns (the message of a file that could not be read, the
+def _train(args, steps: Step, eager: Step, opt, train_set, rank, world, device, start, losses, checkpoint,
+           main_proc):
+    """The training iterations (``steps``: the step's functions, compiled or captured where
+    they are; ``eager``: the same uncompiled, which the first iterations fall back to if
+    compiling or recording fails). Returns (the message of a file that could not be read, the
     signal that asked to stop), both None when every iteration ran; after either, a
     resumable checkpoint is saved at the iteration it stopped at."""
     from tqdm import tqdm
@@ -202,17 +166,12 @@ def _train(args, model, wrapped, ddp, opt, train_set, rank, world, device, start
             # like the batch, the step's own randomness (Mask2Former's point sampling) is a
             # function of (seed, iteration, rank), so a resumed run repeats the uninterrupted one
             torch.manual_seed((args.seed * 1_000_003 + it) * 4096 + rank)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(it, args)
-            if ddp is not wrapped and it == start:
-                head_out, ddp = _first_forward(ddp, wrapped, images, args, device, main_proc)
+            set_lr(opt, lr_at(it, args))
+            if steps is eager:
+                loss = eager.run(images, labels, opt, args, device)
             else:
-                with _autocast(args, device):
-                    head_out = ddp(images)
-            loss = model.head.loss(head_out, labels)  # this process's share; DDP averages the gradients
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            opt.step()
+                torch.compiler.cudagraph_mark_step_begin()  # a new iteration: earlier graph outputs are free
+                steps, loss = run_compiled(steps, eager, it - start, images, labels, opt, args, device, main_proc)
             value = loss.detach() / world
             if world > 1:
                 dist.all_reduce(value)
@@ -232,34 +191,6 @@ def _train(args, model, wrapped, ddp, opt, train_set, rank, world, device, start
         print(f"rein-train: {waited / total:.0%} of the step time was spent waiting for data "
               f"({args.workers} loader workers)")
     return None, None
-
-
-def _capture(args, device, world) -> str | None:
-    """Why the training step runs uncaptured (None: it is captured). CUDA graphs are the
-    default on CUDA (``--no-cuda-graphs`` turns them off); elsewhere, and under torchrun,
-    where DDP's gradient all-reduce would run inside the captured backward, the step runs
-    as it is and the reason is printed."""
-    if args.cuda_graphs is False:
-        return "--no-cuda-graphs"
-    if device.type != "cuda":
-        return f"CUDA graphs need a CUDA GPU (this run is on {device.type})"
-    if world > 1:
-        return "CUDA graphs are not used under torchrun yet (DDP all-reduces gradients inside the backward)"
-    return None
-
-
-def _first_forward(ddp, eager, images, args, device, main_proc):
-    """The first forward of a compiled (captured) model, falling back to the model as it
-    is, with one line saying why, where compiling or recording fails."""
-    try:
-        with _autocast(args, device):
-            return ddp(images), ddp
-    except Exception as e:  # torch.compile and CUDA graphs raise many kinds: the step itself must go on
-        if main_proc:
-            print(f"rein-train: the compiled training step failed ({type(e).__name__}: {str(e)[:200]}); "
-                  "continuing uncaptured (--no-cuda-graphs skips the attempt)", file=sys.stderr)
-        with _autocast(args, device):
-            return eager(images), eager
 
 
 def _agree(error: str | None, signum: int, world: int, device) -> tuple[str | None, int]:
@@ -331,10 +262,11 @@ def main(argv=None) -> int:
         model.backbone.backbone.to(torch.bfloat16)
     if args.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
-    opt = make_optimizer(model, args, device)
+    why_not = why_uncaptured(args, device, world)
+    opt = make_optimizer(model, args, device, captured=why_not is None)
     start, losses = 0, []
     if ck is not None:
-        opt.load_state_dict(ck["optimizer"])
+        load_optimizer_state(opt, ck["optimizer"])
         start, losses = ck["iteration"], list(ck["losses"])
         if main_proc:
             print(f"rein-train: resumed at iteration {start} of {args.max_iters} from {out / 'checkpoint.pth'}")
@@ -342,26 +274,27 @@ def main(argv=None) -> int:
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
         wrapped = model
-    why_not = _capture(args, device, world)
-    ddp = wrapped
+    eager = steps = Step(wrapped, model.head.loss, opt.step)
     if why_not is None:
-        ddp = torch.compile(wrapped, mode="reduce-overhead")
+        steps = captured_step(model, wrapped, opt)
     elif args.compile:
-        ddp = torch.compile(wrapped)
+        steps = eager._replace(forward=torch.compile(wrapped))
     if main_proc:
-        print("rein-train: training step " + ("captured: torch.compile (reduce-overhead) replays the forward and "
-              "backward as CUDA graphs; the first iterations compile and record" if why_not is None
-              else f"uncaptured: {why_not}"))
+        print("rein-train: training step " + (
+            "captured: torch.compile (reduce-overhead) replays the forward and backward, the loss"
+            + (" (all but the matching, on the host)" if args.head == "mask2former" else "")
+            + " and the AdamW step as CUDA graphs; the first iterations compile and record"
+            if why_not is None else f"uncaptured: {why_not}"))
 
     def checkpoint(it):
         if main_proc:
             _save(out / "checkpoint.pth", {
                 "rein": model.backbone.rein_state_dict(), "head": model.head.state_dict(),
-                "optimizer": opt.state_dict(), "iteration": it, "losses": losses,
+                "optimizer": optimizer_state(opt), "iteration": it, "losses": losses,
                 "config": {k: v for k, v in vars(args).items() if k not in ("resume", "force_resume", "stop_at")}})
 
     t0 = time.time()
-    bad_file, signum = _train(args, model, wrapped, ddp, opt, train_set, rank, world, device, start, losses,
+    bad_file, signum = _train(args, steps, eager, opt, train_set, rank, world, device, start, losses,
                               checkpoint, main_proc)
     if bad_file is not None or signum is not None:
         if main_proc:
@@ -379,7 +312,7 @@ def main(argv=None) -> int:
 
     failed = []
     if main_proc:
-        failed = evaluate_targets(model, val_sets, args.crop, device, out, lambda: _autocast(args, device),
+        failed = evaluate_targets(model, val_sets, args.crop, device, out, lambda: autocast_for(args, device),
                                   cuda_graphs=args.cuda_graphs is not False)
         _plot_losses(losses, out / "loss.png")
         print(f"rein-train: {args.max_iters - start} iterations in {time.time() - t0:.0f} s; wrote "
