@@ -4,19 +4,22 @@ on transformers' parts), its loss, an AdamW step.
 
 Rows (benchmarks/README.md): like for like (eager vs fused Rein, everything else equal), and
 ``SETTINGS``: the official setting (fp32, the eager reference Rein, nothing captured)
-against this library's defaults for a GPU (bf16 frozen weights under autocast, fused Rein,
-the forward and backward captured in CUDA graphs by torch.compile's "reduce-overhead"
-mode, fused AdamW) and against the strongest free alternative (the same with the reference
-Rein). Each row records the step time (CUDA-event median), the host time per step (wall
+against this library's defaults for a GPU (``rein.train``'s captured step: bf16 frozen
+weights under autocast, fused Rein, the forward and backward, the loss's device stages and
+the multi-tensor AdamW compiled by torch.compile's "reduce-overhead" mode and replayed as
+CUDA graphs, the Mask2Former matching on the host between them) and against the strongest
+free alternative (the same with the reference Rein); ``library-forward-graphs`` is the
+previous default (only the forward and backward captured, loss and fused AdamW between the
+graphs), and ``library-transformers-loss`` the Mask2Former head with transformers' loss. Each row records the step time (CUDA-event median), the host time per step (wall
 time of unsynchronised steps: near the step time, the host sets the pace), peak memory
 allocated (for captured steps an underestimate: graphs keep their memory in private pools)
 and the memory the caching allocator holds, and what a forward leaves allocated for its
-backward. The loss (with the Mask2Former
-head's Hungarian matching on the host) and the optimizer step run outside the graphs.
+backward.
 """
 from __future__ import annotations
 
 import contextlib
+from argparse import Namespace
 
 import torch
 
@@ -24,12 +27,19 @@ import rein
 import rein_kernels
 from bench import host_ms, median_ms, peak_mem_mb, warm_up_on_side_stream
 from rein.heads import build_head
+from rein.model import Segmentor
+from rein.train.optim import make_optimizer
+from rein.train.step import captured_step
 
-LIBRARY = dict(fused=True, dtype="bf16", bf16_weights=True, compile="reduce-overhead", fused_adamw=True)
+LIBRARY = dict(fused=True, dtype="bf16", bf16_weights=True, train_step=True)
+FORWARD_GRAPHS = dict(fused=True, dtype="bf16", bf16_weights=True, compile="reduce-overhead", fused_adamw=True)
 SETTINGS = {
     "official": dict(fused=False, dtype="fp32"),
     "library": LIBRARY,
     "compile-reference": dict(LIBRARY, fused=False),
+    "library-forward-graphs": FORWARD_GRAPHS,
+    "compile-reference-forward-graphs": dict(FORWARD_GRAPHS, fused=False),
+    "library-transformers-loss": dict(LIBRARY, head_kwargs={"criterion": "transformers"}),  # mask2former only
     "library-v2": dict(LIBRARY, kernels="v2"),
     "library-triton-op": dict(LIBRARY, registration="triton_op"),
     # like for like, nothing captured
@@ -48,9 +58,11 @@ class TrainStep:
                  img: int = 512, batch: int = 4, num_classes: int = 19, bf16_weights: bool = False,
                  compile: bool | str = False, fused_adamw: bool = False, head: str = "light",
                  kernels: str = "v3", head_kwargs: dict | None = None, capture: bool = False,
-                 registration: str = "custom_op", **timm_kwargs):
+                 registration: str = "custom_op", train_step: bool | dict = False, **timm_kwargs):
         torch.manual_seed(0)
         self.device, self.dtype, self.kernels, self.registration = device, dtype, kernels, registration
+        if head != "light":  # Rein's tokens are the head's queries, of its width
+            timm_kwargs.update(link_token_to_query=True, query_dims=(head_kwargs or {}).get("query_dims", 256))
         self.model = rein.ReinBackbone.from_timm(backbone, img_size=img, patch_size=16, fused=fused,
                                                  **timm_kwargs).to(device)
         chans = [f.shape[1] for f in self.model(torch.zeros(1, 3, 32, 32, device=device))[0]]
@@ -63,9 +75,14 @@ class TrainStep:
         self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05,
                                      **({"fused": True} if fused_adamw else {}),
                                      **({"capturable": True} if capture else {}))
-        self.graph = None
+        self.graph = self.steps = None
         mode = compile if isinstance(compile, str) else None
         self.forward = torch.compile(self._forward, mode=mode) if compile else self._forward
+        if train_step:  # rein.train's captured step, its optimizer included (a dict: other compile settings)
+            segmentor = Segmentor(self.model, self.head)
+            self.args = Namespace(lr=1e-4, weight_decay=0.05, amp=dtype == "bf16")
+            self.opt = make_optimizer(segmentor, self.args, torch.device(device), captured=True)
+            self.steps = captured_step(segmentor, segmentor, self.opt, **(train_step if train_step is not True else {}))
         self.images = torch.randn(batch, 3, img, img, device=device)
         self.labels = torch.randint(0, num_classes, (batch, img, img), device=device)
 
@@ -73,17 +90,25 @@ class TrainStep:
         feats, queries = self.model(images)
         return self.head(feats, queries)
 
-    def loss(self):
-        ctx = torch.autocast(self.device, dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
+    @contextlib.contextmanager
+    def _kernels(self):
         saved = rein_kernels.KERNELS, rein_kernels.REGISTRATION
         rein_kernels.KERNELS, rein_kernels.REGISTRATION = self.kernels, self.registration
         try:
-            with ctx:
-                return self.head.loss(self.forward(self.images), self.labels)
+            yield
         finally:
             rein_kernels.KERNELS, rein_kernels.REGISTRATION = saved
 
+    def loss(self):
+        ctx = torch.autocast(self.device, dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
+        with self._kernels(), ctx:
+            return self.head.loss(self.forward(self.images), self.labels)
+
     def __call__(self):
+        if self.steps is not None:
+            torch.compiler.cudagraph_mark_step_begin()
+            with self._kernels():
+                return self.steps.run(self.images, self.labels, self.opt, self.args, torch.device(self.device))
         if self.graph is not None:
             self.graph.replay()
             return self.static_loss
@@ -112,7 +137,7 @@ def held_after_forward_mb(step: TrainStep, device: str) -> float | None:
     """Memory a forward leaves allocated for its backward (activations, casts), MiB: with
     the peak, it tells saved tensors from backward transients. None on a CPU or for a
     captured step (its memory is the graph's pool)."""
-    if device != "cuda" or step.graph is not None:
+    if device != "cuda" or step.graph is not None or step.steps is not None:
         return None
     torch.cuda.synchronize()
     base = torch.cuda.memory_allocated()

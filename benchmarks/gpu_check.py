@@ -83,8 +83,9 @@ def plan(names: list[str], heads: list[str], layers: bool, e2e: bool) -> list[tu
     """What to measure, most important first (a short lease measures the head of it):
     the recipe's layer (vitl-512 bf16) per layer as a backbone runs it (stack: v3, v2,
     eager) and called alone (v3, v2, eager, compile); the training step with each head
-    (library defaults, compile of the reference, the official setting, then the like-for-
-    like uncaptured rows and v2 captured); then the other workloads and fp32."""
+    (library defaults, compile of the reference, the official setting, the previous
+    default and transformers' loss, the whole step as one graph, then the like-for-like
+    uncaptured rows and v2 captured); then the other workloads and fp32."""
     items = []
     first, rest = names[0], names[1:]
     if layers:
@@ -97,6 +98,9 @@ def plan(names: list[str], heads: list[str], layers: bool, e2e: bool) -> list[tu
     if e2e:
         for head in heads:
             items += [("e2e", head, s) for s in ("library", "compile-reference", "official")]
+        # the previous default (only the forward and backward captured) and transformers' loss
+        items += [("e2e", head, "library-forward-graphs") for head in heads]
+        items += [("e2e", "mask2former", "library-transformers-loss")] if "mask2former" in heads else []
         items += [("e2e", heads[0], s) for s in ("library-graph", "library-compile-graph", "library-triton-op")]
         for head in heads:
             items += [("e2e", head, s) for s in ("fused-bf16", "eager-bf16", "library-v2")]

@@ -1,6 +1,7 @@
 """The benchmark machinery the GPU script relies on, exercised on the CPU: measure(),
 the floor, and RESULTS.md generation from a result file (synthetic here, in a temp dir)."""
 import json
+import math
 import sys
 from pathlib import Path
 
@@ -68,19 +69,26 @@ def test_results_md_and_plot_from_a_result_file(tmp_path):
     assert make_results.plot(runs[0], png) and png.stat().st_size > 1000
 
 
-def test_e2e_headline_settings_build_and_step_on_cpu():
-    """The official setting and the library's one (bf16 frozen weights, compile, fused
-    AdamW; fused Rein is GPU-only, so the reference here) run a step on a tiny ViT."""
+@pytest.mark.parametrize("head", ["light", "mask2former"])
+def test_e2e_headline_settings_build_and_step_on_cpu(head):
+    """The official setting and the library's one (bf16 frozen weights, rein.train's
+    captured step with its loss and AdamW compiled; fused Rein is GPU-only, so the reference
+    here, and the eager compile backend) run steps on a tiny ViT with either head, and the
+    library's step trains: its loss falls on a fixed batch."""
     import torch
 
     import e2e
 
-    kw = dict(backbone="vit_small_patch14_dinov2", img=32, batch=1, depth=2)
+    kw = dict(backbone="vit_small_patch14_dinov2", img=32 if head == "light" else 64, batch=1, depth=2, head=head)
+    if head == "mask2former":
+        kw["head_kwargs"] = dict(query_dims=32, num_heads=4, encoder_layers=1, decoder_layers=2,
+                                 encoder_ffn_dims=64, decoder_ffn_dims=64, num_points=64)
     off = e2e.TrainStep(**e2e.SETTINGS["official"], device="cpu", **kw)
-    # CPU: no fused kernels or fused AdamW, and compiling is covered by tests/test_composability.py
-    lib_setting = dict(e2e.SETTINGS["library"], fused=False, fused_adamw=False, compile=False)
+    lib_setting = dict(e2e.SETTINGS["library"], fused=False, train_step={"backend": "eager"})
     lib = e2e.TrainStep(**lib_setting, device="cpu", **kw)
     assert next(lib.model.backbone.parameters()).dtype == torch.bfloat16
     assert lib.model.rein.scale.dtype == torch.float32  # Rein keeps fp32 master weights
-    for step in (off, lib):
-        assert torch.isfinite(step())
+    assert isinstance(lib.opt.param_groups[0]["lr"], torch.Tensor)  # the captured optimizer
+    assert torch.isfinite(off())
+    losses = [lib().item() for _ in range(6)]
+    assert all(map(math.isfinite, losses)) and min(losses[-2:]) < losses[0], losses

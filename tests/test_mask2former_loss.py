@@ -147,7 +147,7 @@ def test_host_operations_do_not_grow_with_the_classes_present():
     """Dispatcher calls of one loss forward + backward (10 predictions, batch 4, 12 classes
     present per image): a fixed number for the static loss, against a number that grows with
     predictions x images x classes for transformers'. Counted when written (torch 2.14, CPU):
-    about 270 against about 2,900."""
+    376 against 3,806."""
     static, reference = _heads(7)
     cls, msk = _predictions(L=10, B=4)
     g = torch.Generator().manual_seed(0)
@@ -160,7 +160,7 @@ def test_host_operations_do_not_grow_with_the_classes_present():
         counts.append(sum(mode.calls.values()))
     print("dispatcher calls per loss (static, transformers):", counts)
     assert counts[0] * 5 < counts[1], counts
-    assert counts[0] <= 400, counts
+    assert counts[0] <= 450, counts
 
 
 def test_bad_criterion_is_clear():
