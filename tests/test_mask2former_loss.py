@@ -133,6 +133,25 @@ def test_device_stages_are_one_graph_each_and_compile_once():
     torch._dynamo.reset()
 
 
+@pytest.mark.slow
+def test_inductor_compiled_stages_equal_eager(same_points):
+    """The stages as Inductor compiles them (the default backend, as the captured step uses
+    it, here generating C++): the same loss and gradients as eager, given the same points
+    (the patched torch.rand is traced into the graphs as a constant)."""
+    torch._dynamo.reset()
+    loss = StaticMask2FormerLoss(K, POINTS)
+    cls, msk = _predictions()
+    labels = _labels()
+    got = loss.compiled()(cls, msk, labels)
+    grads = torch.autograd.grad(got, cls + msk)
+    want = loss(cls, msk, labels)
+    want_grads = torch.autograd.grad(want, cls + msk)
+    torch._dynamo.reset()
+    assert got.item() == pytest.approx(want.item(), rel=1e-5)
+    for i, (a, b) in enumerate(zip(grads, want_grads)):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-6, msg=f"gradient {i}")
+
+
 class _Calls(TorchDispatchMode):
     def __init__(self):
         super().__init__()
