@@ -10,7 +10,9 @@ the multi-tensor AdamW compiled by torch.compile's "reduce-overhead" mode and re
 CUDA graphs, the Mask2Former matching on the host between them) and against the strongest
 free alternative (the same with the reference Rein); ``library-forward-graphs`` is the
 previous default (only the forward and backward captured, loss and fused AdamW between the
-graphs), and ``library-transformers-loss`` the Mask2Former head with transformers' loss. Each row records the step time (CUDA-event median), the host time per step (wall
+graphs), and ``library-transformers-loss`` the Mask2Former head with transformers' loss.
+``measure_evaluation`` times the sliding-window evaluation of one image, replayed from a
+recorded graph against called as it is. Each row records the step time (CUDA-event median), the host time per step (wall
 time of unsynchronised steps: near the step time, the host sets the pace), peak memory
 allocated (for captured steps an underestimate: graphs keep their memory in private pools)
 and the memory the caching allocator holds, and what a forward leaves allocated for its
@@ -27,6 +29,7 @@ import rein
 import rein_kernels
 from bench import host_ms, median_ms, peak_mem_mb, warm_up_on_side_stream
 from rein.heads import build_head
+from rein.inference import slide_scores
 from rein.model import Segmentor
 from rein.train.optim import make_optimizer
 from rein.train.step import captured_step
@@ -53,20 +56,26 @@ SETTINGS = {
 }
 
 
+def build_segmentor(fused: bool, device: str, backbone: str = "vit_large_patch14_dinov2", img: int = 512,
+                    num_classes: int = 19, head: str = "light", head_kwargs: dict | None = None,
+                    **timm_kwargs) -> Segmentor:
+    """A timm backbone (random weights, patch 16) with Rein after every block, and a head."""
+    torch.manual_seed(0)
+    if head != "light":  # Rein's tokens are the head's queries, of its width
+        timm_kwargs.update(link_token_to_query=True, query_dims=(head_kwargs or {}).get("query_dims", 256))
+    model = rein.ReinBackbone.from_timm(backbone, img_size=img, patch_size=16, fused=fused, **timm_kwargs).to(device)
+    chans = [f.shape[1] for f in model(torch.zeros(1, 3, 32, 32, device=device))[0]]
+    return Segmentor(model, build_head(head, chans, num_classes, **(head_kwargs or {})).to(device))
+
+
 class TrainStep:
-    def __init__(self, fused: bool, dtype: str, device: str, backbone: str = "vit_large_patch14_dinov2",
-                 img: int = 512, batch: int = 4, num_classes: int = 19, bf16_weights: bool = False,
-                 compile: bool | str = False, fused_adamw: bool = False, head: str = "light",
-                 kernels: str = "v3", head_kwargs: dict | None = None, capture: bool = False,
-                 registration: str = "custom_op", train_step: bool | dict = False, **timm_kwargs):
-        torch.manual_seed(0)
+    def __init__(self, fused: bool, dtype: str, device: str, img: int = 512, batch: int = 4, num_classes: int = 19,
+                 bf16_weights: bool = False, compile: bool | str = False, fused_adamw: bool = False,
+                 kernels: str = "v3", capture: bool = False, registration: str = "custom_op",
+                 train_step: bool | dict = False, **model_kwargs):
         self.device, self.dtype, self.kernels, self.registration = device, dtype, kernels, registration
-        if head != "light":  # Rein's tokens are the head's queries, of its width
-            timm_kwargs.update(link_token_to_query=True, query_dims=(head_kwargs or {}).get("query_dims", 256))
-        self.model = rein.ReinBackbone.from_timm(backbone, img_size=img, patch_size=16, fused=fused,
-                                                 **timm_kwargs).to(device)
-        chans = [f.shape[1] for f in self.model(torch.zeros(1, 3, 32, 32, device=device))[0]]
-        self.head = build_head(head, chans, num_classes, **(head_kwargs or {})).to(device)
+        segmentor = build_segmentor(fused, device, img=img, num_classes=num_classes, **model_kwargs)
+        self.model, self.head = segmentor.backbone, segmentor.head
         if bf16_weights:
             self.model.backbone.to(torch.bfloat16)
         self.model.train()
@@ -79,7 +88,6 @@ class TrainStep:
         mode = compile if isinstance(compile, str) else None
         self.forward = torch.compile(self._forward, mode=mode) if compile else self._forward
         if train_step:  # rein.train's captured step, its optimizer included (a dict: other compile settings)
-            segmentor = Segmentor(self.model, self.head)
             self.args = Namespace(lr=1e-4, weight_decay=0.05, amp=dtype == "bf16")
             self.opt = make_optimizer(segmentor, self.args, torch.device(device), captured=True)
             self.steps = captured_step(segmentor, segmentor, self.opt, **(train_step if train_step is not True else {}))
@@ -146,6 +154,32 @@ def held_after_forward_mb(step: TrainStep, device: str) -> float | None:
     held = torch.cuda.memory_allocated() - base
     del loss
     return held / 2**20
+
+
+def measure_evaluation(head: str, dtype: str, device: str, cuda_graphs: bool, size=(512, 1024), crop: int = 512,
+                       **model_kwargs) -> dict:
+    """Sliding-window class scores and labels of one image at the Cityscapes test protocol
+    (2048 x 1024 resized to 1024 x 512: 3 windows of 512, stride 341; the input given
+    resized, the labels at that size), fused Rein, fp32 or
+    bf16 autocast (``rein.evaluate``'s ``--amp``), every window a replay of one recorded
+    graph (``cuda_graphs``, the default) or the model called as it is."""
+    model = build_segmentor(True, device, img=crop, head=head, **model_kwargs).eval()
+    image = torch.randn(1, 3, *size, device=device)
+    ctx = torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
+
+    def run():
+        with ctx:
+            return slide_scores(model, image, crop, cuda_graphs=cuda_graphs).argmax(1)
+
+    for _ in range(2):  # record the graph (and tune the kernels) outside the timing
+        run()
+    row = dict(workload=f"eval-{size[1]}x{size[0]}", provider="window-graph" if cuda_graphs else "uncaptured",
+               dtype=dtype, head=head, median_ms=median_ms(run, device, warmup_ms=300, rep_ms=1500, cpu_runs=3))
+    row["host_ms"] = host_ms(run, n=10) if device == "cuda" else None
+    del model
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return row
 
 
 def measure(fused: bool, dtype: str, device: str, provider: str | None = None, **kw) -> dict:

@@ -83,9 +83,10 @@ def plan(names: list[str], heads: list[str], layers: bool, e2e: bool) -> list[tu
     """What to measure, most important first (a short lease measures the head of it):
     the recipe's layer (vitl-512 bf16) per layer as a backbone runs it (stack: v3, v2,
     eager) and called alone (v3, v2, eager, compile); the training step with each head
-    (library defaults, compile of the reference, the official setting, the previous
-    default and transformers' loss, the whole step as one graph, then the like-for-like
-    uncaptured rows and v2 captured); then the other workloads and fp32."""
+    (library defaults, compile of the reference, the official setting); the sliding-window
+    evaluation replayed and called; the previous default and transformers' loss, the whole
+    step as one graph, then the like-for-like uncaptured rows and v2 captured; then the
+    other workloads and fp32."""
     items = []
     first, rest = names[0], names[1:]
     if layers:
@@ -98,6 +99,9 @@ def plan(names: list[str], heads: list[str], layers: bool, e2e: bool) -> list[tu
     if e2e:
         for head in heads:
             items += [("e2e", head, s) for s in ("library", "compile-reference", "official")]
+        # the sliding-window evaluation of one Cityscapes image, replayed against called
+        items += [("eval", head, dtype, graphs) for head in heads for dtype in ("fp32", "bf16")
+                  for graphs in (True, False)]
         # the previous default (only the forward and backward captured) and transformers' loss
         items += [("e2e", head, "library-forward-graphs") for head in heads]
         items += [("e2e", "mask2former", "library-transformers-loss")] if "mask2former" in heads else []
@@ -173,6 +177,13 @@ def main() -> int:
                 print(f"{name:10s} {dtype} {pass_:7s} {mode:5s} {provider:9s} events {row['median_ms']:7.3f} "
                       f"graph {row.get('graph_ms') or float('nan'):7.3f} host {row.get('host_ms') or 0:7.3f} ms "
                       f"(floor {row['floor_ms']:.3f}) {row.get('graph_error', '')}", flush=True)
+            elif item[0] == "eval":
+                from e2e import measure_evaluation
+
+                _, head, dtype, graphs = item
+                row = measure_evaluation(head, dtype, "cuda", graphs)
+                e2e.append(row)
+                print("eval", row, flush=True)
             else:
                 _, head, setting = item
                 row = run_e2e(head, setting)
@@ -255,7 +266,8 @@ def print_table(report: dict, names: list[str]) -> None:
                           + f" {fl or 0:7.3f} {ratio(t['fused'], fl)} {ratio(t['fused-v2'], t['fused'])} "
                           f"{ratio(t['compile'], t['fused']):>7s}")
     for row in report["e2e"]:
-        print(f"e2e {row.get('head', 'light'):11s} {row.get('provider'):17s} {row.get('dtype')} step "
+        print(f"{row.get('workload', 'vitl-512'):16s} {row.get('head', 'light'):11s} {row.get('provider'):17s} "
+              f"{row.get('dtype')} "
               f"{row.get('median_ms') or 0:7.1f} ms, host {row.get('host_ms') or 0:6.1f} ms, peak "
               f"{row.get('peak_mem_mb') or 0:7.0f} MB {row.get('error', '')}")
     if report["parity"]:

@@ -92,3 +92,33 @@ def test_e2e_headline_settings_build_and_step_on_cpu(head):
     assert torch.isfinite(off())
     losses = [lib().item() for _ in range(6)]
     assert all(map(math.isfinite, losses)) and min(losses[-2:]) < losses[0], losses
+
+
+def test_evaluation_row_on_cpu():
+    """The sliding-window evaluation row runs (uncaptured: graphs need CUDA) on a tiny ViT."""
+    import e2e
+
+    row = e2e.measure_evaluation("light", "fp32", "cpu", False, size=(32, 64), crop=32,
+                                 backbone="vit_small_patch14_dinov2", depth=2)
+    assert row["workload"] == "eval-64x32" and row["provider"] == "uncaptured" and row["median_ms"] > 0
+
+
+def test_gpu_check_plans_every_row_of_the_captured_step_issue():
+    """One gpu_check call measures every row issue 18 names, for both heads: the library's
+    step against the official setting and compile(reference) (peak memory beside each), and
+    the evaluation replayed against called; after the recipe's layer rows when they run."""
+    import gpu_check
+
+    items = gpu_check.plan(["vitl-512"], ["light", "mask2former"], layers=False, e2e=True)
+    for head in ("light", "mask2former"):
+        for setting in ("library", "official", "compile-reference", "library-forward-graphs"):
+            assert ("e2e", head, setting) in items
+        for dtype in ("fp32", "bf16"):
+            assert {("eval", head, dtype, True), ("eval", head, dtype, False)} <= set(items)
+    assert ("e2e", "mask2former", "library-transformers-loss") in items
+    import e2e
+
+    assert all(item[2] in e2e.SETTINGS for item in items if item[0] == "e2e")
+    layers = gpu_check.plan(["vitl-512"], ["light"], layers=True, e2e=True)
+    first_e2e = layers.index(("e2e", "light", "library"))
+    assert {i[0] for i in layers[:first_e2e]} == {"layer"} and {i[1] for i in layers[:first_e2e]} == {"vitl-512"}
