@@ -176,9 +176,6 @@ def measure_evaluation(head: str, dtype: str, device: str, cuda_graphs: bool, si
     row = dict(workload=f"eval-{size[1]}x{size[0]}", provider="window-graph" if cuda_graphs else "uncaptured",
                dtype=dtype, head=head, median_ms=median_ms(run, device, warmup_ms=300, rep_ms=1500, cpu_runs=3))
     row["host_ms"] = host_ms(run, n=10) if device == "cuda" else None
-    del model
-    if device == "cuda":
-        torch.cuda.empty_cache()
     return row
 
 
