@@ -35,14 +35,15 @@ from rein.train.optim import make_optimizer
 from rein.train.step import captured_step
 
 LIBRARY = dict(fused=True, dtype="bf16", bf16_weights=True, train_step=True)
-FORWARD_GRAPHS = dict(fused=True, dtype="bf16", bf16_weights=True, compile="reduce-overhead", fused_adamw=True)
+# ``criterion``: the Mask2Former head's loss (static, its default, or transformers'), as
+# the official setting and the previous default ran it
 SETTINGS = {
-    "official": dict(fused=False, dtype="fp32"),
+    "official": dict(fused=False, dtype="fp32", criterion="transformers"),
     "library": LIBRARY,
     "compile-reference": dict(LIBRARY, fused=False),
-    "library-forward-graphs": FORWARD_GRAPHS,
-    "compile-reference-forward-graphs": dict(FORWARD_GRAPHS, fused=False),
-    "library-transformers-loss": dict(LIBRARY, head_kwargs={"criterion": "transformers"}),  # mask2former only
+    "library-forward-graphs": dict(fused=True, dtype="bf16", bf16_weights=True, compile="reduce-overhead",
+                                   fused_adamw=True, criterion="transformers"),
+    "library-transformers-loss": dict(LIBRARY, criterion="transformers"),
     "library-v2": dict(LIBRARY, kernels="v2"),
     "library-triton-op": dict(LIBRARY, registration="triton_op"),
     # like for like, nothing captured
@@ -58,11 +59,13 @@ SETTINGS = {
 
 def build_segmentor(fused: bool, device: str, backbone: str = "vit_large_patch14_dinov2", img: int = 512,
                     num_classes: int = 19, head: str = "light", head_kwargs: dict | None = None,
-                    **timm_kwargs) -> Segmentor:
-    """A timm backbone (random weights, patch 16) with Rein after every block, and a head."""
+                    criterion: str | None = None, **timm_kwargs) -> Segmentor:
+    """A timm backbone (random weights, patch 16) with Rein after every block, and a head
+    (``criterion``: the Mask2Former head's loss; None: its default)."""
     torch.manual_seed(0)
     if head != "light":  # Rein's tokens are the head's queries, of its width
         timm_kwargs.update(link_token_to_query=True, query_dims=(head_kwargs or {}).get("query_dims", 256))
+        head_kwargs = dict(head_kwargs or {}, **({"criterion": criterion} if criterion else {}))
     model = rein.ReinBackbone.from_timm(backbone, img_size=img, patch_size=16, fused=fused, **timm_kwargs).to(device)
     chans = [f.shape[1] for f in model(torch.zeros(1, 3, 32, 32, device=device))[0]]
     return Segmentor(model, build_head(head, chans, num_classes, **(head_kwargs or {})).to(device))
@@ -80,10 +83,6 @@ class TrainStep:
             self.model.backbone.to(torch.bfloat16)
         self.model.train()
         self.head.train()
-        params = [p for p in self.model.parameters() if p.requires_grad] + list(self.head.parameters())
-        self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05,
-                                     **({"fused": True} if fused_adamw else {}),
-                                     **({"capturable": True} if capture else {}))
         self.graph = self.steps = None
         mode = compile if isinstance(compile, str) else None
         self.forward = torch.compile(self._forward, mode=mode) if compile else self._forward
@@ -91,6 +90,11 @@ class TrainStep:
             self.args = Namespace(lr=1e-4, weight_decay=0.05, amp=dtype == "bf16")
             self.opt = make_optimizer(segmentor, self.args, torch.device(device), captured=True)
             self.steps = captured_step(segmentor, segmentor, self.opt, **(train_step if train_step is not True else {}))
+        else:
+            params = [p for p in self.model.parameters() if p.requires_grad] + list(self.head.parameters())
+            self.opt = torch.optim.AdamW(params, lr=1e-4, weight_decay=0.05,
+                                         **({"fused": True} if fused_adamw else {}),
+                                         **({"capturable": True} if capture else {}))
         self.images = torch.randn(batch, 3, img, img, device=device)
         self.labels = torch.randint(0, num_classes, (batch, img, img), device=device)
 
@@ -108,9 +112,12 @@ class TrainStep:
             rein_kernels.KERNELS, rein_kernels.REGISTRATION = saved
 
     def loss(self):
+        """The forward under autocast (bf16), the loss outside it, as ``rein.train``."""
         ctx = torch.autocast(self.device, dtype=torch.bfloat16) if self.dtype == "bf16" else contextlib.nullcontext()
-        with self._kernels(), ctx:
-            return self.head.loss(self.forward(self.images), self.labels)
+        with self._kernels():
+            with ctx:
+                out = self.forward(self.images)
+            return self.head.loss(out, self.labels)
 
     def __call__(self):
         if self.steps is not None:

@@ -68,8 +68,10 @@ def test_sliding_window_replayed_from_a_graph_equals_the_model():
 def test_training_is_captured_on_cuda_and_trains_as_uncaptured(tmp_path, capsys, head):
     """The synthetic run on a GPU: its step captured (torch.compile, reduce-overhead: the
     forward and backward, the loss's device stages, the AdamW step) without falling back,
-    the losses of 4 iterations those of the uncaptured step up to kernel rounding; and a
-    CPU run's checkpoint resumes captured."""
+    the losses of 4 iterations those of the uncaptured step up to kernel rounding (for
+    Mask2Former also up to its random points, which compiled code draws from other streams:
+    the synthetic head's loss varies by ~0.3% from draw to draw); and a CPU run's checkpoint
+    resumes captured."""
     import json
 
     from rein.train.loop import main
@@ -83,8 +85,9 @@ def test_training_is_captured_on_cuda_and_trains_as_uncaptured(tmp_path, capsys,
         assert "continuing uncaptured" not in printed.err, printed.err[-2000:]
         losses[flag] = torch.load(out / "checkpoint.pth", weights_only=False)["losses"]
         assert json.loads((out / "metrics.json").read_text())
+    rtol = 1e-3 if head == "light" else 3e-2
     torch.testing.assert_close(torch.tensor(losses["--cuda-graphs"]), torch.tensor(losses["--no-cuda-graphs"]),
-                               rtol=1e-3, atol=1e-3)
+                               rtol=rtol, atol=1e-3)
 
     out = tmp_path / "from-cpu"
     common = ["--max-iters", "4", "--out", str(out), "--head", head, "--ckpt-interval", "1"]

@@ -45,7 +45,7 @@ def test_official_sizes():
     assert head.pixel_decoder.encoder.layers[0].fc1.out_features == 1024
     assert head.transformer.decoder.layers[0].fc1.out_features == 2048
     assert head.class_predictor.out_features == 20
-    assert head.criterion.num_points == 12544 and head.criterion.eos_coef == 0.1
+    assert head.criterion.num_points == 12544 and head.criterion.empty_weight[-1] == 0.1
     assert not any(k.startswith("criterion") for k in head.state_dict())
     assert not hasattr(head.transformer, "queries_embedder")  # Rein's queries replace the learned ones
 

@@ -78,8 +78,8 @@ def test_matching_equals_transformers(same_points):
     static, reference = _heads(7)
     cls, msk = _predictions()
     labels = _labels()
-    packed = static.criterion.match(*static.criterion.costs(cls, msk, labels))
     L, B, Q = len(cls), cls[0].shape[0], cls[0].shape[1]
+    packed = static.criterion.match(static.criterion.costs(cls, msk, labels), (L, B, Q))
     query_of, matched, class_of = packed[:-1].split([L * B * K, L * B * K, L * B * Q])
     query_of, matched, class_of = query_of.view(L, B, K), matched.view(L, B, K), class_of.view(L, B, Q)
     classes = [torch.unique(lbl[lbl != 255]) for lbl in labels]
@@ -115,7 +115,7 @@ def test_device_stages_are_one_graph_each_and_compile_once():
     loss = StaticMask2FormerLoss(K, POINTS)
     cls, msk = _predictions()
     labels = _labels()
-    packed = loss.match(*loss.costs(cls, msk, labels))
+    packed = loss.match(loss.costs(cls, msk, labels), (len(cls), *cls[0].shape[:2]))
     n = packed[-1].float()
     for stage, args in ((loss.costs, (cls, msk, labels)), (loss.matched_loss, (cls, msk, labels, packed, n))):
         explained = torch._dynamo.explain(stage)(*args)

@@ -308,11 +308,12 @@ def test_captured_step_compiles_once_whatever_the_classes():
     assert opt.param_groups[0]["lr"].item() == pytest.approx(lr_at(19, args))
 
 
-def test_training_step_capture_and_its_fallbacks(capsys):
+def test_training_step_capture_and_its_fallbacks(capsys, monkeypatch):
     """Captured on CUDA by default; the reason printed where not (another device, torchrun,
     --no-cuda-graphs); a compiled step that fails to compile or record (at its first call,
     or at a later warm-up call, where CUDA graphs are recorded) runs uncaptured from then
-    on, with one line saying why; a failure after the warm-up is raised."""
+    on, with one line saying why, after freeing what compiling held (compiled code, CUDA
+    graphs); a failure after the warm-up is raised."""
     from argparse import Namespace
 
     from rein.train.step import WARM_STEPS, Step, run_compiled, why_uncaptured
@@ -331,6 +332,8 @@ def test_training_step_capture_and_its_fallbacks(capsys):
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     eager = Step(model, lambda out, labels: (out - labels).square().mean(), opt.step)
     x, y = torch.randn(4, 3), torch.randn(4, 2)
+    resets = []
+    monkeypatch.setattr(torch.compiler, "reset", lambda: resets.append(model.weight.grad))
     for failing in (eager._replace(forward=broken), eager._replace(opt_step=broken)):
         for done in range(WARM_STEPS):
             before = model.weight.detach().clone()
@@ -339,6 +342,7 @@ def test_training_step_capture_and_its_fallbacks(capsys):
             assert used is eager and torch.equal(loss, want)
             assert not torch.equal(model.weight, before)  # the step was taken, once
             assert "continuing uncaptured" in capsys.readouterr().err
+            assert resets.pop() is None and not resets  # reset once, the gradients released first
         with pytest.raises(RuntimeError, match="cannot record"):
             run_compiled(failing, eager, WARM_STEPS, x, y, opt, Namespace(amp=False), cpu, True)
 

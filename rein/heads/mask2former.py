@@ -27,8 +27,8 @@ of ``w1oves/Rein``). Here:
   image counting at least one (an image without a labelled pixel counts 1), as mmdet does.
   ``criterion="static"`` (the default) computes it on fixed shapes, so that all but the
   matching can be captured in CUDA graphs (``rein.heads.mask2former_loss``);
-  ``criterion="transformers"`` is transformers' ``Mask2FormerLoss`` as it is: the same
-  loss, its random points drawn in other shapes;
+  ``criterion="transformers"`` is transformers' ``Mask2FormerLoss`` with mmdet's mask
+  count: the same loss, its random points drawn in other shapes;
 * semantic scores: the last prediction's masks resized bilinearly to the input, then
   sum over queries of softmax(class)[:-1] x sigmoid(mask) (mmseg's ``predict``).
 
@@ -40,7 +40,6 @@ from __future__ import annotations
 import math
 
 import torch
-import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
 from torch import Tensor
@@ -60,7 +59,7 @@ except ImportError as e:  # transformers (and scipy, for the matching) come with
                       "(or pip install -e '.[train]')") from e
 
 from .light import IGNORE_INDEX
-from .mask2former_loss import LOSS_WEIGHTS, StaticMask2FormerLoss
+from .mask2former_loss import LOSS_WEIGHTS, StaticMask2FormerLoss, mean_over_processes
 
 CRITERIA = ("static", "transformers")
 
@@ -149,11 +148,7 @@ class _Criterion(Mask2FormerLoss):
             return self._num_masks
         # mmdet's MaskSamplingResult: num_pos = max(number of masks, 1) per image, so an
         # image without a labelled pixel counts 1
-        n = torch.tensor(float(sum(max(len(c), 1) for c in class_labels)), device=device)
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(n)
-            n = n / dist.get_world_size()
-        return n.clamp_min(1)
+        return mean_over_processes(torch.tensor(float(sum(max(len(c), 1) for c in class_labels)), device=device))
 
 
 def _caffe2_xavier(conv: nn.Conv2d) -> None:

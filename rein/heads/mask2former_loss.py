@@ -21,7 +21,8 @@ slots, not the classes present) is what keeps every shape static.
 2. ``match`` (host): scipy's ``linear_sum_assignment`` of C[l, b] over the classes
    present, copied in as one int64 tensor: ``query_of[l, b, k]`` (the query matched to
    class k), ``matched[l, b, k]``, ``class_of[l, b, q]`` (K: no object) and the mask
-   count n = Σ_b max(classes present in b, 1) (mmdet's; averaged over the processes).
+   count n = Σ_b max(classes present in b, 1), averaged over the processes (mmdet's
+   count of matched masks, with at least as many queries as classes present).
 3. ``matched_loss`` (device, differentiable), per prediction l:
 
        CE_l   = Σ_{b,q} w[y] · -log softmax(c[l, b, q])[y] / Σ_{b,q} w[y],  y = class_of[l, b, q],
@@ -32,7 +33,8 @@ slots, not the classes present) is what keeps every shape static.
    m the logits of the query matched to class k, sampled (with t) at N points per pair:
    3N drawn uniformly, the 0.75 N with the smallest |m| kept, 0.25 N more drawn. The
    loss is Σ_l 2 CE_l + 5 mask_l + 5 dice_l. Unmatched slots are computed too and
-   selected away.
+   selected away: the mask terms cost L x B x K pairs of points (760 at batch 4 and the 19
+   classes of every protocol here), whatever the classes present.
 
 The random points are drawn in other shapes than transformers' (one draw for all
 predictions and images): the loss equals transformers' in distribution, and given the
@@ -55,6 +57,14 @@ from torch import Tensor
 LOSS_WEIGHTS = {"loss_cross_entropy": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
 
 
+def mean_over_processes(count: Tensor) -> Tensor:
+    """A mask count averaged over the processes (mmdet's reduce_mean)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.all_reduce(count)
+        count = count / dist.get_world_size()
+    return count
+
+
 def _sample(x: Tensor, points: Tensor) -> Tensor:
     """``x`` [n, c, h, w] bilinearly at ``points`` [n, p, 2] in [0, 1]² (x, y), zero
     outside, as transformers' ``sample_point``: [n, c, p]."""
@@ -69,7 +79,7 @@ class StaticMask2FormerLoss(nn.Module):
     def __init__(self, num_classes: int, num_points: int = 12544, no_object_weight: float = 0.1,
                  oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75):
         super().__init__()
-        self.num_classes, self.num_points, self.eos_coef = num_classes, num_points, no_object_weight
+        self.num_classes, self.num_points = num_classes, num_points
         self.oversampled = int(num_points * oversample_ratio)
         self.uncertain = int(importance_sample_ratio * num_points)
         weight = torch.ones(num_classes + 1)
@@ -87,12 +97,9 @@ class StaticMask2FormerLoss(nn.Module):
         return functools.partial(self._run, torch.compile(self.costs, **kw), torch.compile(self.matched_loss, **kw))
 
     def _run(self, costs, matched_loss, class_logits, mask_logits, labels) -> Tensor:
-        packed = self.match(*costs(class_logits, mask_logits, labels))
-        num_masks = packed[-1].float()
-        if dist.is_available() and dist.is_initialized():
-            dist.all_reduce(num_masks)
-            num_masks = num_masks / dist.get_world_size()
-        return matched_loss(class_logits, mask_logits, labels, packed, num_masks.clamp_min(1))
+        shape = (len(class_logits), *class_logits[0].shape[:2])
+        packed = self.match(costs(class_logits, mask_logits, labels), shape)
+        return matched_loss(class_logits, mask_logits, labels, packed, mean_over_processes(packed[-1].float()))
 
     def _targets(self, labels: Tensor) -> Tensor:
         """[B, K, H, W] float: one mask per class id."""
@@ -100,8 +107,8 @@ class StaticMask2FormerLoss(nn.Module):
         return (labels[:, None] == ids[:, None, None]).float()
 
     @torch.no_grad()
-    def costs(self, class_logits, mask_logits, labels) -> tuple[Tensor, Tensor]:
-        """The matching costs [L, B, Q, K] (fp32) and ``present`` [B, K]."""
+    def costs(self, class_logits, mask_logits, labels) -> Tensor:
+        """The matching costs [L, B, Q, K] and ``present`` [B, K], flat in one fp32 tensor."""
         L, B, N = len(mask_logits), mask_logits[0].shape[0], self.num_points
         points = torch.rand(L, B, N, 2, device=labels.device)
         m = torch.stack([_sample(x.float(), p) for x, p in zip(mask_logits, points)])  # [L, B, Q, N]
@@ -116,14 +123,17 @@ class StaticMask2FormerLoss(nn.Module):
         cost = LOSS_WEIGHTS["loss_mask"] * bce - LOSS_WEIGHTS["loss_cross_entropy"] * prob \
             + LOSS_WEIGHTS["loss_dice"] * dice
         big = torch.finfo(cost.dtype).max
-        return torch.nan_to_num(cost, nan=big, posinf=big, neginf=big), present
+        cost = torch.nan_to_num(cost, nan=big, posinf=big, neginf=big)
+        return torch.cat([cost.flatten(), present.flatten().float()])  # one copy out
 
-    def match(self, costs: Tensor, present: Tensor) -> Tensor:
-        """The Hungarian matching on the host: one copy out (the costs, ``present``), one
-        copy in: ``query_of`` [L, B, K], ``matched`` [L, B, K], ``class_of`` [L, B, Q] and
-        the mask count, flat in one int64 tensor on the costs' device."""
-        c, pres = costs.cpu().numpy(), present.cpu().numpy()
-        L, B, Q, K = c.shape
+    def match(self, costs: Tensor, shape: tuple[int, int, int]) -> Tensor:
+        """The Hungarian matching on the host, for ``costs`` (from ``costs``) of ``shape``
+        (L, B, Q): one copy out, one copy in: ``query_of`` [L, B, K], ``matched`` [L, B, K],
+        ``class_of`` [L, B, Q] and the mask count, flat in one int64 tensor on the costs'
+        device."""
+        (L, B, Q), K = shape, self.num_classes
+        flat = costs.cpu().numpy()
+        c, pres = flat[:L * B * Q * K].reshape(L, B, Q, K), flat[L * B * Q * K:].reshape(B, K) > 0
         query_of, matched = np.zeros((L, B, K), np.int64), np.zeros((L, B, K), np.int64)
         class_of = np.full((L, B, Q), K, np.int64)
         for b in range(B):

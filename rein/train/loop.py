@@ -37,7 +37,7 @@ from ..model import backfill, build_model, load_trained
 from .config import SYNTHETIC, parse_args, resume_mismatches, validate, warnings_for
 from .data import TrainBatches, train_loader
 from .optim import load_optimizer_state, lr_at, make_optimizer, optimizer_state, set_lr
-from .step import Step, autocast_for, why_uncaptured, captured_step, run_compiled
+from .step import Step, autocast_for, captured_step, release_compiled, run_compiled, why_uncaptured
 
 
 def build_data(args):
@@ -311,6 +311,8 @@ def main(argv=None) -> int:
         return 0
 
     failed = []
+    if why_not is None or args.compile:
+        release_compiled(opt)  # the training graphs' memory, before evaluation records its own
     if main_proc:
         failed = evaluate_targets(model, val_sets, args.crop, device, out, lambda: autocast_for(args, device),
                                   cuda_graphs=args.cuda_graphs is not False)

@@ -68,4 +68,13 @@ def run_compiled(steps: Step, eager: Step, done: int, images, labels, opt, args,
         if main_proc:
             print(f"rein-train: the compiled training step failed ({type(e).__name__}: {str(e)[:200]}); "
                   "continuing uncaptured (--no-cuda-graphs skips the attempt)", file=sys.stderr)
+        release_compiled(opt)
         return eager, eager.run(images, labels, opt, args, device)
+
+
+def release_compiled(opt) -> None:
+    """Free what compiling and recording the step holds: the gradients (which a replayed
+    backward keeps in its graphs' memory), the compiled code, the CUDA graphs and their
+    memory pools. After a fallback, and when training ends, before evaluation."""
+    opt.zero_grad(set_to_none=True)
+    torch.compiler.reset()
