@@ -12,11 +12,11 @@ free alternative (the same with the reference Rein); ``library-forward-graphs`` 
 previous default (only the forward and backward captured, loss and fused AdamW between the
 graphs), and ``library-transformers-loss`` the Mask2Former head with transformers' loss.
 ``measure_evaluation`` times the sliding-window evaluation of one image, replayed from a
-recorded graph against called as it is. Each row records the step time (CUDA-event median), the host time per step (wall
-time of unsynchronised steps: near the step time, the host sets the pace), peak memory
-allocated (for captured steps an underestimate: graphs keep their memory in private pools)
-and the memory the caching allocator holds, and what a forward leaves allocated for its
-backward.
+recorded graph against called as it is. Each row records the step time (CUDA-event
+median), the host time per step (wall time of unsynchronised steps: near the step time,
+the host sets the pace), peak memory allocated (for captured steps an underestimate:
+graphs keep their memory in private pools) and the memory the caching allocator holds,
+and what a forward leaves allocated for its backward.
 """
 from __future__ import annotations
 
@@ -67,8 +67,8 @@ def build_segmentor(fused: bool, device: str, backbone: str = "vit_large_patch14
         timm_kwargs.update(link_token_to_query=True, query_dims=(head_kwargs or {}).get("query_dims", 256))
         head_kwargs = dict(head_kwargs or {}, **({"criterion": criterion} if criterion else {}))
     model = rein.ReinBackbone.from_timm(backbone, img_size=img, patch_size=16, fused=fused, **timm_kwargs).to(device)
-    chans = [f.shape[1] for f in model(torch.zeros(1, 3, 32, 32, device=device))[0]]
-    return Segmentor(model, build_head(head, chans, num_classes, **(head_kwargs or {})).to(device))
+    head = build_head(head, model.feature_info.channels(), num_classes, **(head_kwargs or {}))
+    return Segmentor(model, head.to(device))
 
 
 class TrainStep:

@@ -6,12 +6,11 @@ import contextlib
 
 import pytest
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
-from torch.utils._pytree import tree_leaves
 
 import rein
 import rein_kernels
 import rein_kernels._common as common
+from _counting import Count
 from _parity import DEVICE
 
 L, C, M, B, N = 5, 19, 7, 2, 11  # odd and prime sizes
@@ -235,35 +234,9 @@ def test_backbone_prepares_once_per_forward_with_the_same_results(monkeypatch):
 
 # ----------------------------------------------------------------------------- host work
 
-ALLOCATIONS = {"empty", "empty_strided", "new_empty", "new_empty_strided", "empty_like"}
-
-
-class _Count(TorchDispatchMode):
-    """Counts dispatcher calls (``calls``) and, of those, the ones that do device work
-    (``device``: an in-place op, or one whose result is neither an allocation nor a view
-    of its inputs: a cast that changes nothing, ``contiguous`` on a contiguous tensor, a
-    transpose or a slice launch nothing)."""
-
-    def __init__(self, calls, device, on):
-        super().__init__()
-        self.calls, self.device, self.on = calls, device, on
-
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-        out = func(*args, **(kwargs or {}))
-        if self.on["on"]:
-            name = str(func.overloadpacket).split(".")[-1]
-            self.calls[name] += 1
-            inputs = {t.untyped_storage().data_ptr() for t in tree_leaves((args, kwargs)) if isinstance(t, torch.Tensor)}
-            fresh = any(t.numel() and t.untyped_storage().data_ptr() not in inputs
-                        for t in tree_leaves(out) if isinstance(t, torch.Tensor))
-            if name not in ALLOCATIONS and not name.startswith("layer_") and (name.endswith("_") or fresh):
-                self.device[name] += 1
-        return out
-
-
 def counting(monkeypatch, op):
     """Counters (dispatcher calls, device operations, Triton launches by kernel) that a
-    ``_Count`` mode fills, with the kernels' module patched so that the custom ops' bodies
+    ``Count`` mode fills, with the kernels' module patched so that the custom ops' bodies
     are counted too and the interpreter's own work inside a launch is not; counting runs
     while ``on["on"]``."""
     calls, device, launches, on = collections.Counter(), collections.Counter(), collections.Counter(), {"on": False}
@@ -288,7 +261,7 @@ def counting(monkeypatch, op):
         def counted(*args, _real=getattr(op, fn)):
             if not on["on"]:
                 return _real(*args)
-            with _Count(calls, device, on):
+            with Count(calls, device, on):
                 return _real(*args)
         monkeypatch.setattr(op, fn, counted)
     return calls, device, launches, on
@@ -310,7 +283,7 @@ def host_work(monkeypatch, op, layer, x, prepared, dtype, n_layers=L, prefix=2):
 
     step()  # warm
     on["on"] = True
-    with _Count(calls, device, on):
+    with Count(calls, device, on):
         step()
     n_launches = sum(launches.values())
     return sum(calls.values()) / n_layers, (sum(device.values()) + n_launches) / n_layers, dict(launches)
@@ -385,7 +358,7 @@ def test_host_work_per_training_step(monkeypatch):
         with monkeypatch.context() as mp:
             calls, device, launches, on = counting(mp, op)
             on["on"] = True
-            with _Count(calls, device, on):
+            with Count(calls, device, on):
                 step()
         return sum(calls.values()), sum(device.values()) + sum(launches.values())
 
