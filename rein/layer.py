@@ -121,8 +121,6 @@ class ReinLayer(nn.Module):
             # needs no find_unused_parameters.
             self.transform.requires_grad_(False)
             self.merge.requires_grad_(False)
-        # A constant 1 as a tensor for the kernels; not part of the state_dict.
-        self.register_buffer("_scale_one", torch.tensor(1.0), persistent=False)
         if zero_mlp_delta_f:
             del self.scale
             self.scale = 1.0
@@ -171,9 +169,6 @@ class ReinLayer(nn.Module):
         return (self.mlp_token2feat.weight, self.mlp_token2feat.bias,
                 self.mlp_delta_f.weight, self.mlp_delta_f.bias)
 
-    def _scale_tensor(self) -> Tensor:
-        return self._scale_one if self.zero_mlp_delta_f else self.scale
-
     @contextlib.contextmanager
     def prepared(self):
         """Open around one forward pass of the backbone (``rein.ReinBackbone`` does): the
@@ -195,27 +190,37 @@ class ReinLayer(nn.Module):
         finally:
             _PREPARED.reset(token)
 
-    def _operands(self, layer: int, cdtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor]:
-        """(T, U, W_d, b_d, scale) of one layer for the kernels (rein_kernels.prepare).
+    def _kernel_tokens(self, layer: int) -> Tensor:
+        """The tokens the kernels take. v4 takes them in the parameters' dtype: LoRA's
+        product A B then runs outside autocast, and the kernels round it to the compute
+        dtype where autocast's matmul would have (one rounding of the fp32-accumulated
+        product either way), with no casts of A and B and their gradients."""
+        if rein_kernels.KERNELS == "v3" or self.lora_dim is None:
+            return self.get_tokens(layer)
+        with torch.autocast(self.learnable_tokens_a.device.type, enabled=False):
+            return self.get_tokens(layer)
 
-        Inside ``prepared()`` the layers take b_d and scale as views of one expanded tensor
-        each (``expand(L).unbind(0)``), so their gradients meet in one stack and one sum at
-        the end of the backward instead of an accumulating add per layer; W_d's, [C, C] a
-        layer, accumulate as usual (a stack would hold L of them)."""
+    def _operands(self, layer: int, cdtype: torch.dtype) -> tuple[Tensor, ...]:
+        """One layer's operands for the kernels (``rein_kernels.prepare``).
+
+        Inside ``prepared()`` they are formed for all layers at once and each layer takes its
+        slice: tokens and U (leading dim L) by ``unbind``, the layer-shared ones as views of
+        one expanded tensor (``expand(L, ...).unbind(0)``), so that their gradients meet in
+        one stack and one sum at the end of the backward instead of an accumulating add per
+        layer. (v3 keeps its [C, C] W_d shared and accumulating, as it was measured.)"""
         W = self._mlp_params()
+        scale = None if self.zero_mlp_delta_f else self.scale
         shared = None
         if not torch.compiler.is_compiling() and not _saved_tensor_hooks_active():
             shared = (_PREPARED.get() or {}).get(id(self))
         if shared is None:
-            return (*rein_kernels.prepare(self.get_tokens(layer), *W, cdtype), self._scale_tensor())
-        key = (cdtype, torch.is_grad_enabled())
+            return rein_kernels.prepare(self._kernel_tokens(layer), *W, scale, cdtype)
+        key = (rein_kernels.KERNELS, cdtype, torch.is_grad_enabled())
         if key not in shared:
-            L = self.num_layers
-            T, U, W_d, b_d = rein_kernels.prepare(self.get_tokens(-1), *W, cdtype)
-            shared[key] = (T.unbind(0), U.unbind(0), W_d, b_d.expand(L, -1).unbind(0),
-                           self._scale_tensor().expand(L).unbind(0))
-        Ts, Us, W_d, b_ds, scales = shared[key]
-        return Ts[layer], Us[layer], W_d, b_ds[layer], scales[layer]
+            L, v3 = self.num_layers, rein_kernels.KERNELS == "v3"
+            shared[key] = [t.unbind(0) if t.dim() == 3 else t if (v3 and t.dim() == 2) else t.expand(L, *t.shape).unbind(0)
+                           for t in rein_kernels.prepare(self._kernel_tokens(-1), *W, scale, cdtype)]
+        return tuple(t if isinstance(t, Tensor) else t[layer] for t in shared[key])
 
     def forward(
         self,
@@ -235,7 +240,7 @@ class ReinLayer(nn.Module):
         if self.fused:
             if rein_kernels.is_available(x, cdtype):
                 self._fused_active = True
-                return rein_kernels.apply_fused(x, *self._operands(layer, cdtype), batch_first,
+                return rein_kernels.apply_fused(x, self._operands(layer, cdtype), cdtype, batch_first,
                                                 num_prefix_tokens, self.use_softmax)
             _warn_fallback_once(x.device)
         self._fused_active = False

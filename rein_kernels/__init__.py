@@ -1,21 +1,21 @@
 """rein_kernels: fused Triton kernels for the Rein layer, and its pure-PyTorch reference.
 
     rein_layer_fused(x, T, W_t, b_t, W_d, b_d, scale, batch_first=..., num_prefix_tokens=..., use_softmax=...)
-        the fused layer (custom op ``rein::layer_fwd`` with autograd); same signature and
-        result as ``rein_layer_reference``.
+        the fused layer (a custom op with autograd); same signature and result as
+        ``rein_layer_reference``.
     is_available(x)       whether the kernels can run on x's device.
     check_inputs(...)     the argument checks both paths share.
-    prepare(T, ...), apply_fused(x, ...)
-                          the two halves of rein_layer_fused: the parameter operands
-                          (for one layer or all at once), then the op on them.
-    KERNELS               which kernels the op runs: "v3" (rein_layer.py) or "v2"
-                          (rein_layer_v2.py), from REIN_KERNELS; benchmarks/NOTES.md says why
-                          the default is what it is.
-    REGISTRATION          which registration of v3 the layer calls: "custom_op" (the default;
-                          opaque to torch.compile) or "triton_op" (torch >= 2.6: torch.compile
-                          traces it and Inductor launches the kernels itself), from
-                          REIN_REGISTRATION. The default stays custom_op until a GPU run has
-                          compiled and timed the triton_op (benchmarks/NOTES.md).
+    prepare(T, ..., scale, cdtype), apply_fused(x, operands, ...)
+                          the two halves of rein_layer_fused: the parameter operands (for
+                          one layer or all at once), then the op on them.
+    KERNELS               which kernels the op runs: "v4" (rein_layer_v4.py: cuBLAS for the
+                          GEMMs, Triton for the row-wise work) or "v3" (rein_layer.py: Triton
+                          GEMMs), from REIN_KERNELS; benchmarks/NOTES.md says why the default
+                          is what it is.
+    REGISTRATION          which registration of the op the layer calls: "custom_op" (the
+                          default; opaque to torch.compile) or "triton_op" (torch >= 2.6:
+                          torch.compile traces it and Inductor launches the kernels itself),
+                          from REIN_REGISTRATION.
 """
 from __future__ import annotations
 
@@ -39,7 +39,7 @@ __all__ = [
 ]
 
 
-KERNEL_VERSIONS = ("v3", "v2")
+KERNEL_VERSIONS = ("v4", "v3")
 KERNELS = os.environ.get("REIN_KERNELS", "v3")
 if KERNELS not in KERNEL_VERSIONS:
     raise ValueError(f"REIN_KERNELS={KERNELS!r}: choose one of {', '.join(KERNEL_VERSIONS)}")
@@ -108,7 +108,7 @@ def rein_layer_fused(
     b_t: Tensor,
     W_d: Tensor,
     b_d: Tensor,
-    scale: Tensor,
+    scale: Tensor | float,
     *,
     batch_first: bool = False,
     num_prefix_tokens: int = 1,
@@ -116,45 +116,60 @@ def rein_layer_fused(
 ) -> Tensor:
     """The fused Rein layer; the same function as :func:`rein_layer_reference`.
 
-    ``scale`` is a 0-dim tensor (a parameter, or a constant buffer). Under
-    ``torch.autocast`` the GEMMs run in the autocast dtype with fp32 accumulation
-    and the result has the dtype the reference's type promotion gives,
-    promote(x, autocast dtype) (x's own without autocast).
+    ``scale`` is a 0-dim tensor (a parameter) or a number (a constant). Under
+    ``torch.autocast`` the GEMMs run in the autocast dtype with fp32 accumulation and the
+    result has the dtype the reference's type promotion gives, promote(x, autocast dtype)
+    (x's own without autocast).
     """
     check_inputs(x, T, num_prefix_tokens, batch_first)
     cdtype = compute_dtype(x, [T, W_t, b_t, W_d, b_d])
-    return apply_fused(x, *prepare(T, W_t, b_t, W_d, b_d, cdtype), scale, batch_first,
+    if not isinstance(scale, Tensor):
+        scale = None if scale == 1 else torch.tensor(float(scale), device=x.device, dtype=W_d.dtype)
+    return apply_fused(x, prepare(T, W_t, b_t, W_d, b_d, scale, cdtype), cdtype, batch_first,
                        num_prefix_tokens, use_softmax)
 
 
-def prepare(T: Tensor, W_t: Tensor, b_t: Tensor, W_d: Tensor, b_d: Tensor,
-            cdtype: torch.dtype) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The parameter operands the kernels read, in the compute dtype: (T, U, W_d, b_d) with
-    U = (T[1:] W_t^T + b_t) W_d^T, the value path folded through ``mlp_delta_f``.
+def prepare(T: Tensor, W_t: Tensor, b_t: Tensor, W_d: Tensor, b_d: Tensor, scale: Tensor | None,
+            cdtype: torch.dtype) -> tuple[Tensor, ...]:
+    """The parameter operands the kernels of ``KERNELS`` read; ``scale`` None is the constant 1.
 
-    T is one layer's tokens [m, C] (U is then [m-1, C]) or all L layers' [L, m, C]
-    (U [L, m-1, C]): one batched GEMM and one cast per parameter for a whole forward pass
-    (``rein.ReinLayer.prepared``)."""
-    T, W_t, b_t, W_d, b_d = (t.to(cdtype) for t in (T, W_t, b_t, W_d, b_d))
+    T is one layer's tokens [m, C] (U is then [m-1, C]) or all L layers' [L, m, C] (U
+    [L, m-1, C]): one batched GEMM for a whole forward pass (``rein.ReinLayer.prepared``).
+
+    v4: (T, U, W, b) with the scale folded in: W = s W_d, b = s b_d,
+    U = s (T[1:] W_t^T + b_t) W_d^T, in promote(W_d, scale)'s dtype (fp32 for fp32 scale: the
+    kernels cast them to ``cdtype`` as they read them, and dscale, which autograd makes of
+    these three products, adds fp32 gradients).
+    v3: (T, U, W_d, b_d, scale) in ``cdtype``, U = (T[1:] W_t^T + b_t) W_d^T."""
+    T_c, W_t, b_t, W_c = (t.to(cdtype) for t in (T, W_t, b_t, W_d))
     # Formed for all m tokens and then sliced: the rows of one contiguous product, so that
     # every layer's U is contiguous and no copy of the sliced tokens (a [L, m-1, C] matmul
     # operand) is made and saved; the null token's row costs 1/m more GEMM work.
-    U = F.linear(F.linear(T, W_t, b_t), W_d)[..., 1:, :]
-    return T, U, W_d, b_d
+    U = F.linear(F.linear(T_c, W_t, b_t), W_c)[..., 1:, :]
+    if KERNELS == "v3":
+        return T_c, U, W_c, b_d.to(cdtype), scale if scale is not None else torch.ones((), device=T.device)
+    dtype = W_d.dtype if scale is None else torch.promote_types(W_d.dtype, scale.dtype)
+    T, U, W, b = (t.to(dtype) for t in (T, U, W_d, b_d))
+    if scale is None:
+        return T, U, W, b
+    return T, U * scale, W * scale, b * scale
 
 
-def apply_fused(x, T, U, W_d, b_d, scale, batch_first, num_prefix_tokens, use_softmax) -> Tensor:
-    """The fused layer on checked input and :func:`prepare`'d operands of one layer."""
+def apply_fused(x: Tensor, operands: tuple[Tensor, ...], cdtype: torch.dtype, batch_first: bool,
+                num_prefix_tokens: int, use_softmax: bool) -> Tensor:
+    """The fused layer on checked input and one layer's :func:`prepare`'d operands, computed
+    in ``cdtype`` (the one they were prepared for)."""
     # triton loads here, after TRITON_INTERPRET is set
-    if KERNELS == "v2":
-        from .rein_layer_v2 import rein_layer_fwd_v2 as rein_layer_fwd
-    else:
+    if KERNELS == "v3":
         from . import rein_layer as op
 
-        traced = REGISTRATION == "triton_op" and op.HAS_TRITON_OP
-        rein_layer_fwd = op.rein_layer_fwd_t if traced else op.rein_layer_fwd
+        extra = ()
+    else:
+        from . import rein_layer_v4 as op
 
-    out, _ = rein_layer_fwd(
-        x, T, U, W_d, b_d, scale, num_prefix_tokens, 1 if batch_first else 0, use_softmax
-    )
+        extra = (cdtype,)
+    traced = REGISTRATION == "triton_op" and op.HAS_TRITON_OP
+    fwd = op.rein_layer_fwd_t if traced else op.rein_layer_fwd
+    out, _ = fwd(x, *operands, *extra, num_prefix_tokens, 1 if batch_first else 0, use_softmax)
     return out
+

@@ -22,11 +22,14 @@ import importlib  # noqa: E402
 import pytest  # noqa: E402
 
 
-@pytest.fixture(params=["v3", "v2"])
+KERNEL_MODULES = {"v4": "rein_kernels.rein_layer_v4", "v3": "rein_kernels.rein_layer"}
+
+
+@pytest.fixture(params=list(KERNEL_MODULES))
 def kernels(request, monkeypatch):
     """Run a test on each kernel version (rein_kernels.KERNELS) while both are kept; the
     kernels' module is the fixture's value."""
     import rein_kernels
 
     monkeypatch.setattr(rein_kernels, "KERNELS", request.param)
-    return importlib.import_module("rein_kernels.rein_layer" + ("_v2" if request.param == "v2" else ""))
+    return importlib.import_module(KERNEL_MODULES[request.param])

@@ -13,7 +13,7 @@ from _parity import DEVICE
 STRIDE = 2**30
 
 
-def test_offsets_past_2_pow_31_forward_and_backward():
+def test_offsets_past_2_pow_31_forward_and_backward(kernels):
     C, S0, S1 = 24, 3, 5
     base = torch.empty(2**32 + S1 * C, dtype=torch.float16, device=DEVICE)
     x = base.as_strided((S0, S1, C), (STRIDE, C, 1), storage_offset=2**31)

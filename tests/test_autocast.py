@@ -97,15 +97,14 @@ def test_fp16_autocast_output_dtype_follows_promotion(x_dtype):
         torch.testing.assert_close(grads[n], rgrads[n], rtol=3e-2, atol=3e-2 * rgrads[n].abs().max().item())
 
 
-def test_op_output_dtype_is_promote_of_x_and_compute_dtype():
+def test_op_output_dtype_is_promote_of_x_and_compute_dtype(kernels):
     """bf16 features with fp16 parameters give fp32 out, as the reference's promotion
     does (the first native run found the fused path returning bf16 here), and bf16 dx;
     both against float64 on the same inputs."""
     import torch.nn.functional as F
 
     import rein_kernels
-    from _parity import DEVICE
-    from rein_kernels.rein_layer import rein_layer_fwd
+    from _parity import DEVICE, op_args
 
     gen = torch.Generator().manual_seed(5)
     C, m = 24, 7
@@ -117,7 +116,7 @@ def test_op_output_dtype_is_promote_of_x_and_compute_dtype():
     scale = torch.tensor(0.5, device=DEVICE, dtype=torch.float16)
     U = F.linear(F.linear(T[1:], W_t, b_t), W_d).contiguous()
     xg = x.clone().requires_grad_(True)
-    out, _ = rein_layer_fwd(xg, T, U, W_d, b_d, scale, 1, 1, True)
+    out, _ = kernels.rein_layer_fwd(*op_args(kernels, xg, T, U, W_d, b_d, scale, 1, 1, True))
     assert out.dtype == torch.float32
     (gx,) = torch.autograd.grad(out, [xg], g)
     assert gx.dtype == torch.bfloat16
@@ -154,13 +153,12 @@ def test_backward_inside_an_autocast_region():
             assert a.dtype == b.dtype and torch.equal(a, b)
 
 
-def test_backward_op_ignores_an_enclosing_autocast_region():
+def test_backward_op_ignores_an_enclosing_autocast_region(kernels):
     """rein::layer_bwd picks every dtype itself: inside a bf16 region its fp16 gradients
     are the same bits as outside (without its guard, the weight GEMMs would be recast)."""
     import torch.nn.functional as F
 
-    from _parity import DEVICE
-    from rein_kernels.rein_layer import rein_layer_bwd, rein_layer_fwd
+    from _parity import DEVICE, bwd_args, op_args
 
     gen = torch.Generator().manual_seed(4)
     C, m = 24, 7
@@ -172,10 +170,11 @@ def test_backward_op_ignores_an_enclosing_autocast_region():
     T, W_t, b_t, W_d, b_d = r(m, C), r(C, C), r(C), r(C, C), r(C)
     scale = torch.tensor(0.7, device=DEVICE, dtype=torch.float16)
     U = F.linear(F.linear(T[1:], W_t, b_t), W_d).contiguous()
-    _, lse = rein_layer_fwd(x, T, U, W_d, b_d, scale, 1, 1, True)
-    args = (g, x, T, U, W_d, b_d, scale, lse, 1, 1, True)
-    outside = rein_layer_bwd(*args)
+    fwd_args = op_args(kernels, x, T, U, W_d, b_d, scale, 1, 1, True)
+    _, lse = kernels.rein_layer_fwd(*fwd_args)
+    args = bwd_args(kernels, g, fwd_args, lse)
+    outside = kernels.rein_layer_bwd(*args)
     with torch.autocast(DEVICE, dtype=torch.bfloat16):
-        inside = rein_layer_bwd(*args)
+        inside = kernels.rein_layer_bwd(*args)
     for a, b in zip(inside, outside):
         assert a.dtype == b.dtype == torch.float16 and torch.equal(a, b)

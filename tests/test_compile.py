@@ -3,19 +3,18 @@ import pytest
 import torch
 
 import rein
-from _parity import DEVICE
-from rein_kernels.rein_layer import rein_layer_bwd, rein_layer_fwd
+from _parity import DEVICE, bwd_args, op_args
 
 
-def _op_args(seq_dim, prefix, softmax, requires_grad=True, x_dtype=torch.float32, dtype=torch.float32):
+def _op_args(op, seq_dim, prefix, softmax, requires_grad=True, x_dtype=torch.float32, dtype=torch.float32):
     g = torch.Generator().manual_seed(seq_dim * 10 + prefix)
     C, m = 21, 7
 
     def r(*s, dt=dtype):
         return (torch.randn(*s, generator=g) * 0.5).to(DEVICE, dt).requires_grad_(requires_grad)
 
-    return (r(3, 5, C, dt=x_dtype), r(m, C), r(m - 1, C), r(C, C), r(C), r((), dt=torch.float32),
-            prefix, seq_dim, softmax)
+    return op_args(op, r(3, 5, C, dt=x_dtype), r(m, C), r(m - 1, C), r(C, C), r(C), r((), dt=torch.float32),
+                   prefix, seq_dim, softmax)
 
 
 # x and the parameters in different dtypes, as under autocast: the fake implementation's
@@ -25,41 +24,40 @@ MIXED = [(torch.float32, torch.float32), (torch.float16, torch.float32), (torch.
 
 
 @pytest.mark.parametrize("x_dtype,dtype", MIXED)
-def test_fake_results_have_the_real_dtypes_and_shapes(x_dtype, dtype):
+def test_fake_results_have_the_real_dtypes_and_shapes(x_dtype, dtype, kernels):
     """What torch.compile plans with (the fake implementations) is what the kernels return."""
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    args = _op_args(1, 1, True, requires_grad=False, x_dtype=x_dtype, dtype=dtype)
-    x, T, U, W_d, b_d, s, *rest = args
-    real_fwd = rein_layer_fwd(*args)
-    real_bwd = rein_layer_bwd(torch.randn_like(x), x, T, U, W_d, b_d, s, real_fwd[1], *rest)
+    args = _op_args(kernels, 1, 1, True, requires_grad=False, x_dtype=x_dtype, dtype=dtype)
+    real_fwd = kernels.rein_layer_fwd(*args)
+    real_bwd = kernels.rein_layer_bwd(*bwd_args(kernels, torch.randn_like(args[0]), args, real_fwd[1]))
     with FakeTensorMode(allow_non_fake_inputs=True) as mode:
         fake_args = [mode.from_tensor(a) if isinstance(a, torch.Tensor) else a for a in args]
-        fake_fwd = rein_layer_fwd(*fake_args)
-        fx, fT, fU, fW, fb, fs, *_ = fake_args
-        fake_bwd = rein_layer_bwd(torch.empty_like(fx), fx, fT, fU, fW, fb, fs, fake_fwd[1], *rest)
+        fake_fwd = kernels.rein_layer_fwd(*fake_args)
+        fake_bwd = kernels.rein_layer_bwd(*bwd_args(kernels, torch.empty_like(fake_args[0]), fake_args,
+                                                    fake_fwd[1]))
     for real, fake in zip((*real_fwd, *real_bwd), (*fake_fwd, *fake_bwd)):
         assert (real.dtype, real.shape) == (fake.dtype, fake.shape)
 
 
 @pytest.mark.parametrize("x_dtype,dtype", MIXED)
 @pytest.mark.parametrize("seq_dim,prefix,softmax", [(0, 1, True), (1, 0, True), (1, 2, False)])
-def test_opcheck_forward(seq_dim, prefix, softmax, x_dtype, dtype):
-    torch.library.opcheck(rein_layer_fwd, _op_args(seq_dim, prefix, softmax, x_dtype=x_dtype, dtype=dtype))
+def test_opcheck_forward(seq_dim, prefix, softmax, x_dtype, dtype, kernels):
+    torch.library.opcheck(kernels.rein_layer_fwd,
+                          _op_args(kernels, seq_dim, prefix, softmax, x_dtype=x_dtype, dtype=dtype))
 
 
 @pytest.mark.parametrize("x_dtype,dtype", MIXED)
-def test_opcheck_backward(x_dtype, dtype):
-    x, T, U, W_d, b_d, s, *rest = _op_args(1, 1, True, requires_grad=False, x_dtype=x_dtype, dtype=dtype)
-    _, lse = rein_layer_fwd(x, T, U, W_d, b_d, s, *rest)
-    g = torch.randn_like(x)
-    torch.library.opcheck(rein_layer_bwd, (g, x, T, U, W_d, b_d, s, lse, *rest))
+def test_opcheck_backward(x_dtype, dtype, kernels):
+    args = _op_args(kernels, 1, 1, True, requires_grad=False, x_dtype=x_dtype, dtype=dtype)
+    _, lse = kernels.rein_layer_fwd(*args)
+    torch.library.opcheck(kernels.rein_layer_bwd, bwd_args(kernels, torch.randn_like(args[0]), args, lse))
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("registration", ["custom_op", pytest.param("triton_op", marks=pytest.mark.skipif(
     not torch.cuda.is_available(), reason="torch.compile traces a triton_op's kernels on a GPU only"))])
-def test_compile_fullgraph_matches_eager(registration, monkeypatch):
+def test_compile_fullgraph_matches_eager(registration, monkeypatch, kernels):
     import rein_kernels
 
     monkeypatch.setattr(rein_kernels, "REGISTRATION", registration)
@@ -86,17 +84,17 @@ def test_compile_fullgraph_matches_eager(registration, monkeypatch):
 
 
 @pytest.mark.parametrize("name", ["default", "registers", "lora_seq_first_no_softmax", "wide"])
-def test_triton_op_registration_matches_the_float64_reference(name, monkeypatch):
-    """The v3 kernels registered as a torch.library.triton_op (what torch.compile traces on a
+def test_triton_op_registration_matches_the_float64_reference(name, monkeypatch, kernels):
+    """The kernels registered as a torch.library.triton_op (what torch.compile traces on a
     GPU) compute what the custom op does: the parity check, eagerly (interpreter on a CPU)."""
     import dataclasses
     import zlib
 
     import rein_kernels
-    import rein_kernels.rein_layer as op
     from _parity import check_case
     from test_parity import CASES
 
+    op = kernels
     if not op.HAS_TRITON_OP:
         pytest.skip("torch.library.triton_op needs torch >= 2.6")
     calls = []

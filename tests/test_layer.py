@@ -270,11 +270,12 @@ def test_precision_follows_the_tf32_switch(monkeypatch, kernels):
     """The interpreter ignores input_precision, so this stands in for the GPU: fp32 dots
     are "ieee" (with the FMA path's configs) unless torch allows tf32, and every launch
     passes that choice on."""
+    from _counting import LAUNCHES
     from rein_kernels._common import precision
 
     op = kernels
     seen = []
-    for name in ("_LOGITS", "_GEMM"):
+    for name in LAUNCHES[op.__name__]:
         tuned = dict(getattr(op, name))
         for path, real in tuned.items():
             class Spy:
@@ -299,11 +300,12 @@ def test_precision_follows_the_tf32_switch(monkeypatch, kernels):
             x = torch.randn(2, 5, 16, device=DEVICE, requires_grad=True)
             layer(x, 0, batch_first=True).sum().backward()
             # which config list each kernel takes for fp32 parameters (C = 16: aligned)
-            if kernels.__name__.endswith("_v2"):
-                paths = ("fma", "fma") if want == "ieee" else ("tc", "tc")
+            if kernels.__name__.endswith("_v4"):
+                path = "small" if want == "ieee" else "tc"
+                expected = [("_ROWS_FWD", path, want), ("_ROWS_BWD", path, want)]
             else:
                 paths = ("small", "fma") if want == "ieee" else ("tc", "tc")
-            expected = [("_LOGITS", paths[0], want), ("_GEMM", paths[1], want)] * 2
+                expected = [("_LOGITS", paths[0], want), ("_GEMM", paths[1], want)] * 2
             assert sorted(seen) == sorted(expected), seen
     finally:
         torch.backends.cuda.matmul.allow_tf32 = before

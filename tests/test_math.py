@@ -37,7 +37,8 @@ def _closed(case, layer, x, g):
     T = layer.get_tokens(case.layer)
     out, grads = closed_form(
         x, g, T.detach(), layer.mlp_token2feat.weight.detach(), layer.mlp_token2feat.bias.detach(),
-        layer.mlp_delta_f.weight.detach(), layer.mlp_delta_f.bias.detach(), layer._scale_tensor().detach(),
+        layer.mlp_delta_f.weight.detach(), layer.mlp_delta_f.bias.detach(),
+        torch.tensor(1.0, dtype=x.dtype) if layer.zero_mlp_delta_f else layer.scale.detach(),
         batch_first=case.batch_first, num_prefix=case.prefix, use_softmax=case.softmax)
     return out, {"x": grads["x"], **layer_grads(layer, case.layer, grads)}
 

@@ -1,0 +1,465 @@
+"""The fused Rein layer, kernels v4: Triton for what is row-wise, cuBLAS for the GEMMs.
+
+Math (docs/maths.md). For every refined row x (length C) of layer l, with tokens T [m, C],
+c = C^-1/2 (1 without softmax), W_d, b_d = mlp_delta_f, s = scale and the scaled
+operands that ``rein_kernels.prepare`` forms from the parameters (per call, or once per
+forward pass for all layers):
+
+    W = s W_d  [C, C],   b = s b_d  [C],   U = (T[1:] W_t^T + b_t) W^T  [m-1, C]
+
+    z   = x T^T                          [m]
+    p   = softmax(c z) = exp(c z - lse)  (p = z without softmax)
+    out = x + x W^T + p[1:] U + b        = x + s (x W_d^T + p[1:] V W_d^T + b_d)
+
+The scale lives in the operands, not in the op: its gradient, <W_d, dW> + <U/s, dU> +
+<b_d, db>, is what autograd makes of the multiplications in ``prepare``, once per forward
+pass inside ``ReinLayer.prepared()``, so the op needs no reduction over rows for it.
+
+The op takes T, U, W and b in one dtype, their master dtype (fp32 for fp32 parameters under
+autocast), and the compute dtype ``cdtype`` (autocast's, or the parameters' own): the
+kernels cast every GEMM operand to cdtype as they write it, so no cast pass runs
+outside them, and the gradients come back in the master dtype from fp32-accumulating GEMMs
+(one rounding, no per-layer cast).
+
+Forward = two launches:
+  * ``_rows_fwd_kernel``: z, the softmax and lse per row; writes OUT = x (the residual,
+    in out's dtype) and A = [x | p[1:] | 1] [rows, Cp + mp] in cdtype (prefix rows: zeros);
+    extra programs of the same launch pack Bt = [W | U^T | b] [C, Cp + mp] in cdtype.
+  * cuBLAS: OUT += A Bt^T (addmm in place, fp32 accumulation, out in its own dtype).
+Backward, g = dL/dout, with p recomputed from the saved lse:
+
+    gp  = g U^T                         (gp[0] = 0: the null token has no value)
+    gz  = p (gp - <p, gp>) c            (gz = gp without softmax)
+    dx  = g + g W + gz T
+    dT  = gz^T x                        (the logit path; the value path reaches T through U)
+    dW  = g^T x,  dU = p[1:]^T g,  db = sum_rows(g)      (refined rows only)
+
+  * ``_rows_bwd_kernel``: streams x and g once; writes DX = g and
+    W1 = [P1a | G | GZ | XC] [rows, 2 (mp + Cp)] in cdtype: P1a = [p[1:] | 1], G = g,
+    GZ = gz (column 0 the null token's), XC = x (prefix rows: zeros); extra programs pack
+    Bb = [W ; T] [Cp + mp, C] in cdtype.
+  * cuBLAS: DX += [G | GZ] Bb (addmm in place); [dW ; dT] = [G | GZ]^T XC; [dU ; db] =
+    P1a^T G (P1a's column of ones gives db) -- the last two written in the master dtype.
+
+Per layer that is 6 launches; nothing else touches [rows, C]. Bytes and FLOPs at vitl-512
+(R = 4,100 rows, C = 1,024, m = 100, Cp + mp = 1,136; x and g fp32, cdtype bf16):
+  forward rows  reads x 16.8 MB, writes OUT 16.8 MB and A 9.3 MB             (bandwidth)
+  forward GEMM  2 R C (Cp + mp) = 9.5 GFLOP; reads A, OUT, writes OUT        (tensor cores)
+  backward rows reads x, g 33.6 MB, writes DX 16.8 MB and W1 18.6 MB         (bandwidth)
+  backward GEMMs dx 9.5, [dW ; dT] 9.5, [dU ; db] 0.8 GFLOP
+Rates measured on an H200 (benchmarks/NOTES.md): cuBLAS bf16 ~600 TFLOP/s at these shapes
+with K a multiple of 16 (K = C + m - 1 = 1,123 ran 4.6x slower, hence Cp and mp), copy
+bandwidth 4.27 TB/s.
+
+Rows and layouts as in v3: the op takes x [S0, S1, C] of any strides and ``seq_dim``; the
+first ``num_prefix`` positions of the sequence pass through (out = x, dx = g) and add
+nothing to any gradient; rows are read in memory order as one [rows, C] matrix (one copy
+only when rows are not evenly spaced). Column paddings (C..Cp, m..mp) are written as zeros,
+so that no GEMM ever reads an unwritten element.
+"""
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+import triton
+import triton.language as tl
+
+from ._common import configs, new, precision, refined_rows, row_view, rows
+
+# Row kernels: they stream x (and g) once and compute two skinny products against the m
+# tokens, so the tiles trade programs in flight against the token tile's registers.
+# "tc": 16-bit compute dtype (or tf32); "small": fp32 with tf32 off (FMA dots), where larger
+# tiles spill. Chosen by the autotuner on the GPU; tests/compile_sm90.py checks each for
+# spills and shared memory.
+ROWS_GPU_CONFIGS = {
+    "tc": [triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+           for br, bk, w, s in [(32, 64, 4, 3), (16, 64, 4, 3), (32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 4, 2)]],
+    "small": [triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+              for br, bk, w, s in [(32, 32, 4, 2), (16, 32, 4, 2), (16, 64, 4, 2)]],
+}
+# The interpreter's tiles are small, so that the CPU tests' small shapes still span several
+# row programs, pack programs and column chunks.
+_ROWS_INTERP = triton.Config({"BLOCK_R": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
+
+
+def _pad16(n: int) -> int:
+    """n rounded up to 16 elements: cuBLAS' fast kernels want K and the row strides
+    multiples of 8 (16-byte aligned in bf16); 16 keeps fp32 rows 64-byte aligned too."""
+    return -(-n // 16) * 16
+
+
+def _block_m(M: int) -> int:
+    """Columns of the row kernels' token tiles: m, a power of two >= 16 (>= _pad16(m))."""
+    return max(16, triton.next_power_of_2(M))
+
+
+@triton.jit
+def _rows_fwd_kernel(
+    X, T, U, W, BIAS, OUT, A, BT, LSE,
+    R, S1, C, M, Cp, Kf,
+    sx, so, sw0, sw1,
+    num_prefix, c_scale,
+    SEQ_DIM: tl.constexpr, USE_SOFTMAX: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Programs [0, cdiv(R, BLOCK_R)): a block of rows. z = x T^T (token 0 apart as z0, tokens
+    1..m-1 as z's columns, so that they line up with U's rows), the softmax, lse (fp32;
+    0 without softmax); OUT = x (out's dtype, every row); A = [x | 0 | p[1:] | 1 | 0] in
+    the GEMM dtype (x's columns to Cp, p's from Cp, the one at Cp + m - 1; prefix rows all
+    zero). The programs after them: BLOCK_R rows n each of Bt = [W[n, :] | 0 | U[:, n] |
+    b[n] | 0] [C, Kf], so that OUT += A Bt^T adds x W^T + p[1:] U + b on refined rows."""
+    pid = tl.program_id(0)
+    n_row_progs = tl.cdiv(R, BLOCK_R)
+    CD = A.dtype.element_ty
+    ks = tl.arange(0, BLOCK_K)
+    if pid < n_row_progs:
+        r0 = pid * BLOCK_R
+        in_range, refined = refined_rows(r0, R, S1, num_prefix, SEQ_DIM, BLOCK_R)
+        rws = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        js = tl.arange(0, BLOCK_M)
+        z = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
+        z0 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        for k0 in range(0, Cp, BLOCK_K):
+            kk = k0 + ks
+            kin = kk < C
+            xr = tl.load(X + rws[:, None] * sx + kk[None, :], mask=in_range[:, None] & kin[None, :], other=0.0)
+            xk = xr.to(CD)
+            # T^T of the value tokens: column j is token j + 1
+            tk = tl.load(T + (js[None, :] + 1) * C + kk[:, None], mask=kin[:, None] & (js < M - 1)[None, :],
+                         other=0.0).to(CD)
+            t0 = tl.load(T + kk, mask=kin, other=0.0).to(CD)
+            z = tl.dot(xk, tk, z, input_precision=PRECISION)
+            z0 += tl.sum(xk.to(tl.float32) * t0.to(tl.float32)[None, :], axis=1)
+            tl.store(OUT + rws[:, None] * so + kk[None, :], xr.to(OUT.dtype.element_ty),
+                     mask=in_range[:, None] & kin[None, :])
+            tl.store(A + rws[:, None] * Kf + kk[None, :], tl.where(refined[:, None], xk, 0.0).to(CD),
+                     mask=in_range[:, None] & (kk < Cp)[None, :])
+        if USE_SOFTMAX:
+            sz = tl.where((js < M - 1)[None, :], z * c_scale, float("-inf"))
+            s0 = z0 * c_scale
+            s_max = tl.maximum(tl.max(sz, axis=1), s0)
+            lse = s_max + tl.log(tl.sum(tl.exp(sz - s_max[:, None]), axis=1) + tl.exp(s0 - s_max))
+            p = tl.exp(sz - lse[:, None])
+        else:  # lse is never read without softmax; zeros keep the op deterministic
+            lse = tl.zeros([BLOCK_R], dtype=tl.float32)
+            p = z
+        tl.store(LSE + rws, lse, mask=in_range)
+        p = tl.where(refined[:, None] & (js < M - 1)[None, :], p, 0.0)
+        p = tl.where(((js == M - 1)[None, :]) & refined[:, None], 1.0, p)
+        tl.store(A + rws[:, None] * Kf + Cp + js[None, :], p.to(CD),
+                 mask=in_range[:, None] & (js < Kf - Cp)[None, :])
+    else:
+        n = (pid - n_row_progs) * BLOCK_R + tl.arange(0, BLOCK_R)
+        nin = n < C
+        b = tl.load(BIAS + n, mask=nin, other=0.0).to(tl.float32)
+        for k0 in range(0, Kf, BLOCK_K):
+            kk = k0 + ks
+            j = kk - Cp  # U's row (token j + 1), or b at j = m - 1
+            w = tl.load(W + n[:, None] * sw0 + kk[None, :] * sw1, mask=nin[:, None] & (kk < C)[None, :], other=0.0)
+            u = tl.load(U + j[None, :] * C + n[:, None], mask=nin[:, None] & ((j >= 0) & (j < M - 1))[None, :],
+                        other=0.0)
+            v = w.to(tl.float32) + u.to(tl.float32) + tl.where((j == M - 1)[None, :], b[:, None], 0.0)
+            tl.store(BT + n[:, None] * Kf + kk[None, :], v.to(CD), mask=nin[:, None] & (kk < Kf)[None, :])
+
+
+@triton.jit
+def _rows_bwd_kernel(
+    X, G, T, U, W, LSE, DX, W1, BB,
+    R, S1, C, M, Cp, Mp,
+    sx, sg, sdx, sw0, sw1,
+    num_prefix, c_scale,
+    SEQ_DIM: tl.constexpr, USE_SOFTMAX: tl.constexpr, PRECISION: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+):
+    """Programs [0, cdiv(R, BLOCK_R)): a block of rows. Recomputes p = exp(c z - lse) (p = z
+    without softmax), accumulates gp = g U^T while it streams x and g, and writes DX = g
+    (every row) and the four operands of W1 (row stride 2 (Mp + Cp), GEMM dtype, prefix
+    rows all zero): P1a = [p[1:] | 1 | 0] at column 0, G = g at Mp, GZ = [gz0 | gz | 0] at
+    Mp + Cp (gz = p (gp - <p, gp>) c, gz0 = -p0 <p, gp> c; gz = gp, gz0 = 0 without
+    softmax), XC = x at 2 Mp + Cp. The programs after them: BLOCK_R rows k each of
+    Bb = [W ; 0 ; T ; 0] [Cp + Mp, C], so that DX += [G | GZ] Bb gives g + g W + gz T."""
+    pid = tl.program_id(0)
+    n_row_progs = tl.cdiv(R, BLOCK_R)
+    CD = W1.dtype.element_ty
+    ks = tl.arange(0, BLOCK_K)
+    if pid < n_row_progs:
+        r0 = pid * BLOCK_R
+        in_range, refined = refined_rows(r0, R, S1, num_prefix, SEQ_DIM, BLOCK_R)
+        rws = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+        js = tl.arange(0, BLOCK_M)
+        K1 = 2 * (Mp + Cp)
+        w1 = W1 + rws[:, None] * K1
+        z = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
+        z0 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        gp = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
+        for k0 in range(0, Cp, BLOCK_K):
+            kk = k0 + ks
+            kin = kk < C
+            ld = in_range[:, None] & kin[None, :]
+            xk = tl.load(X + rws[:, None] * sx + kk[None, :], mask=ld, other=0.0).to(CD)
+            gr = tl.load(G + rws[:, None] * sg + kk[None, :], mask=ld, other=0.0)
+            gk = gr.to(CD)
+            tk = tl.load(T + (js[None, :] + 1) * C + kk[:, None], mask=kin[:, None] & (js < M - 1)[None, :],
+                         other=0.0).to(CD)
+            t0 = tl.load(T + kk, mask=kin, other=0.0).to(CD)
+            uk = tl.load(U + js[None, :] * C + kk[:, None], mask=kin[:, None] & (js < M - 1)[None, :],
+                         other=0.0).to(CD)
+            z = tl.dot(xk, tk, z, input_precision=PRECISION)
+            z0 += tl.sum(xk.to(tl.float32) * t0.to(tl.float32)[None, :], axis=1)
+            gp = tl.dot(gk, uk, gp, input_precision=PRECISION)
+            tl.store(DX + rws[:, None] * sdx + kk[None, :], gr.to(DX.dtype.element_ty), mask=ld)
+            st = in_range[:, None] & (kk < Cp)[None, :]
+            tl.store(w1 + Mp + kk[None, :], tl.where(refined[:, None], gk, 0.0).to(CD), mask=st)
+            tl.store(w1 + 2 * Mp + Cp + kk[None, :], tl.where(refined[:, None], xk, 0.0).to(CD), mask=st)
+        if USE_SOFTMAX:
+            lse = tl.load(LSE + rws, mask=in_range, other=0.0)
+            p = tl.exp(tl.where((js < M - 1)[None, :], z * c_scale, float("-inf")) - lse[:, None])
+            p0 = tl.exp(z0 * c_scale - lse)
+        else:
+            p = z
+            p0 = z0
+        p = tl.where(refined[:, None] & (js < M - 1)[None, :], p, 0.0)
+        pgp = tl.sum(p * gp, axis=1)
+        if USE_SOFTMAX:
+            gz = p * (gp - pgp[:, None]) * c_scale
+            gz0 = tl.where(refined, -p0 * pgp * c_scale, 0.0)
+        else:
+            gz = tl.where(refined[:, None], gp, 0.0)
+            gz0 = tl.zeros([BLOCK_R], dtype=tl.float32)
+        gz = tl.where((js < M - 1)[None, :], gz, 0.0)
+        cols = in_range[:, None] & (js < Mp)[None, :]
+        p1a = tl.where(((js == M - 1)[None, :]) & refined[:, None], 1.0, p)
+        tl.store(w1 + js[None, :], p1a.to(CD), mask=cols)
+        # GZ: token j + 1's gz at column j + 1, the null token's at column 0
+        tl.store(w1 + Mp + Cp + 1 + js[None, :], gz.to(CD), mask=in_range[:, None] & (js + 1 < Mp)[None, :])
+        tl.store(W1 + rws * K1 + Mp + Cp, gz0.to(CD), mask=in_range)
+    else:
+        k = (pid - n_row_progs) * BLOCK_R + tl.arange(0, BLOCK_R)
+        t_row = k - Cp
+        for n0 in range(0, C, BLOCK_K):
+            nn = n0 + ks
+            nin = nn < C
+            w = tl.load(W + k[:, None] * sw0 + nn[None, :] * sw1, mask=(k < C)[:, None] & nin[None, :], other=0.0)
+            t = tl.load(T + t_row[:, None] * C + nn[None, :],
+                        mask=((t_row >= 0) & (t_row < M))[:, None] & nin[None, :], other=0.0)
+            v = w.to(tl.float32) + t.to(tl.float32)
+            tl.store(BB + k[:, None] * C + nn[None, :], v.to(CD), mask=(k < Cp + Mp)[:, None] & nin[None, :])
+
+
+def _tuned(kernel):
+    return {path: triton.autotune(configs=configs(cfgs, _ROWS_INTERP), key=["C", "M"])(kernel)
+            for path, cfgs in ROWS_GPU_CONFIGS.items()}
+
+
+_ROWS_FWD = _tuned(_rows_fwd_kernel)
+_ROWS_BWD = _tuned(_rows_bwd_kernel)
+
+
+# ----------------------------------------------------------------------------- GEMMs
+
+# torch >= 2.8 has fp32-output GEMMs of fp16/bf16 operands (``out_dtype``), on CUDA only.
+HAS_OUT_DTYPE = hasattr(torch.ops.aten.mm, "dtype") and hasattr(torch.ops.aten.addmm, "dtype_out")
+
+
+def _register_cpu_out_dtype() -> None:
+    """The CPU kernels torch lacks for ``aten::mm.dtype`` and ``aten::addmm.dtype_out``
+    (16-bit operands, fp32 result), so that the CPU tests run the GEMM calls the GPU runs:
+    the operands upcast, which gives the same exact products and fp32 sums. Registered only
+    where torch has none."""
+    if not HAS_OUT_DTYPE:
+        return
+    has = torch._C._dispatch_has_kernel_for_dispatch_key
+    lib = torch.library.Library("aten", "IMPL")
+    if not has("aten::mm.dtype", "CPU"):
+        lib.impl("mm.dtype", lambda a, b, out_dtype: torch.mm(a.to(out_dtype), b.to(out_dtype)), "CPU")
+    if not has("aten::addmm.dtype_out", "CPU"):
+        def addmm_dtype_out(self, a, b, out_dtype, *, beta=1, alpha=1, out):
+            return torch.addmm(self.to(out_dtype), a.to(out_dtype), b.to(out_dtype), beta=beta, alpha=alpha, out=out)
+        lib.impl("addmm.dtype_out", addmm_dtype_out, "CPU")
+    _LIBS.append(lib)
+
+
+_LIBS: list = []  # keeps the registrations alive
+_register_cpu_out_dtype()
+
+
+def _mm(a: Tensor, b: Tensor, dtype: torch.dtype) -> Tensor:
+    """a @ b in ``dtype``, accumulated in fp32, rounded once."""
+    if a.dtype == dtype:
+        return torch.mm(a, b)
+    if HAS_OUT_DTYPE and dtype == torch.float32:
+        return torch.mm(a, b, out_dtype=dtype)
+    return torch.mm(a.float(), b.float()).to(dtype) if HAS_OUT_DTYPE else torch.mm(a, b).to(dtype)
+
+
+def _addmm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
+    """acc += a @ b in place (cuBLAS' beta = 1: acc is read once in the GEMM's epilogue and
+    written once, no separate pass), in acc's dtype."""
+    if a.dtype == acc.dtype:
+        acc.addmm_(a, b)
+    elif HAS_OUT_DTYPE and acc.dtype == torch.float32:
+        torch.addmm(acc, a, b, out_dtype=torch.float32, out=acc)
+    else:
+        acc.add_(torch.mm(a, b))
+
+
+# ----------------------------------------------------------------------------- launchers
+
+
+def _path(cdtype: torch.dtype) -> str:
+    return "small" if precision(cdtype) == "ieee" else "tc"
+
+
+def _direct(kernel):
+    return kernel
+
+
+def _grid(R: int, pack_rows: int):
+    """The row programs, then the programs that pack a GEMM operand of ``pack_rows`` rows."""
+    def grid(meta):
+        return (triton.cdiv(R, meta["BLOCK_R"]) + triton.cdiv(pack_rows, meta["BLOCK_R"]),)
+    return grid
+
+
+def _forward(x, T, U, W, b, cdtype, num_prefix, seq_dim, use_softmax, launch=_direct):
+    """(out, lse); ``launch`` wraps each kernel before its launch (torch.library.wrap_triton
+    for the triton_op registration)."""
+    xv, sd, swapped = row_view(x, seq_dim)
+    S1 = xv.shape[1]
+    x2 = rows(xv)
+    R, C = x2.shape
+    M = T.shape[0]
+    Cp, Kf = _pad16(C), _pad16(C) + _pad16(M)
+    dev = x.device
+    out = new(torch.empty(R, C, device=dev, dtype=torch.promote_types(x.dtype, cdtype)))
+    lse = new(torch.empty(R, device=dev, dtype=torch.float32))
+    if R:
+        A = new(torch.empty(R, Kf, device=dev, dtype=cdtype))
+        Bt = new(torch.empty(C, Kf, device=dev, dtype=cdtype))
+        launch(_ROWS_FWD[_path(cdtype)])[_grid(R, C)](
+            x2, T, U, W, b, out, A, Bt, lse,
+            R, S1, C, M, Cp, Kf,
+            x2.stride(0), out.stride(0), W.stride(0), W.stride(1),
+            num_prefix, C ** -0.5 if use_softmax else 1.0,
+            SEQ_DIM=sd, USE_SOFTMAX=use_softmax, PRECISION=precision(cdtype), BLOCK_M=_block_m(M),
+        )
+        _addmm_(out, A, Bt.t())
+    out = out.view(xv.shape)
+    if swapped:
+        out = out.transpose(0, 1)
+    return out, lse
+
+
+def _backward(g, x, T, U, W, b, lse, cdtype, num_prefix, seq_dim, use_softmax, launch=_direct):
+    """(dx, [dW ; 0 ; dT ; 0] [Cp + mp, C], [dU ; db] [m, C]): the op returns each GEMM's
+    result whole (a custom op's results may not be views of each other); the autograd
+    glue slices them."""
+    xv, sd, swapped = row_view(x, seq_dim)
+    gv, _, _ = row_view(g, seq_dim, swap=swapped)
+    S1 = xv.shape[1]
+    x2, g2 = rows(xv), rows(gv)
+    R, C = x2.shape
+    M, dev, pdtype = T.shape[0], x.device, W.dtype
+    Cp, Mp = _pad16(C), _pad16(M)
+    # DX accumulates in g's dtype (out's, promote(x, cdtype)), the GEMM adding to it in place
+    dx = new(torch.empty(R, C, device=dev, dtype=g.dtype))
+    if R:
+        W1 = new(torch.empty(R, 2 * (Mp + Cp), device=dev, dtype=cdtype))
+        Bb = new(torch.empty(Cp + Mp, C, device=dev, dtype=cdtype))
+        launch(_ROWS_BWD[_path(cdtype)])[_grid(R, Cp + Mp)](
+            x2, g2, T, U, W, lse, dx, W1, Bb,
+            R, S1, C, M, Cp, Mp,
+            x2.stride(0), g2.stride(0), dx.stride(0), W.stride(0), W.stride(1),
+            num_prefix, C ** -0.5 if use_softmax else 1.0,
+            SEQ_DIM=sd, USE_SOFTMAX=use_softmax, PRECISION=precision(cdtype), BLOCK_M=_block_m(M),
+        )
+        GGZ = W1[:, Mp: 2 * Mp + Cp]
+        _addmm_(dx, GGZ, Bb)
+        dWT = _mm(GGZ.t(), W1[:, 2 * Mp + Cp: 2 * Mp + Cp + C], pdtype)
+        dUb = _mm(W1[:, :M].t(), W1[:, Mp: Mp + C], pdtype)
+    else:
+        dWT = torch.zeros(Cp + Mp, C, device=dev, dtype=pdtype)
+        dUb = torch.zeros(M, C, device=dev, dtype=pdtype)
+    dx = dx.view(xv.shape)
+    if swapped:
+        dx = dx.transpose(0, 1)
+    return dx.to(x.dtype), dWT, dUb
+
+
+# ----------------------------------------------------------------------------- custom ops
+
+
+def _check_operands(T: Tensor, U: Tensor, W: Tensor, b: Tensor) -> None:
+    if not T.dtype == U.dtype == W.dtype == b.dtype:
+        raise TypeError(f"rein::layer_fwd_v4: T, U, W and b must share one dtype (the parameters' own), got "
+                        f"{T.dtype}, {U.dtype}, {W.dtype}, {b.dtype}; rein_kernels.prepare forms them")
+
+
+def _register(register, suffix: str, launch):
+    """The op pair ``rein::layer_fwd_v4{suffix}`` / ``rein::layer_bwd_v4{suffix}`` with its
+    autograd: a torch.library custom op (opaque to torch.compile) or a triton_op (torch >=
+    2.6: traced by torch.compile, so Inductor launches the kernels and sees the GEMMs)."""
+
+    @register(f"rein::layer_fwd_v4{suffix}", mutates_args=())
+    def fwd(
+        x: Tensor, T: Tensor, U: Tensor, W: Tensor, b: Tensor, cdtype: torch.dtype,
+        num_prefix: int, seq_dim: int, use_softmax: bool,
+    ) -> tuple[Tensor, Tensor]:
+        """out = x + x W^T + p[1:] U + b and the per-row lse (see the module's docstring)."""
+        _check_operands(T, U, W, b)
+        # the kernels read T, U and b with unit strides (W: any strides)
+        return _forward(x, T.contiguous(), U.contiguous(), W, b.contiguous(), cdtype, num_prefix, seq_dim,
+                        use_softmax, launch)
+
+    @register(f"rein::layer_bwd_v4{suffix}", mutates_args=())
+    def bwd(
+        g: Tensor, x: Tensor, T: Tensor, U: Tensor, W: Tensor, b: Tensor, lse: Tensor, cdtype: torch.dtype,
+        num_prefix: int, seq_dim: int, use_softmax: bool,
+    ) -> tuple[Tensor, Tensor, Tensor]:
+        """Gradients of ``rein::layer_fwd_v4``: (dx, [dW ; 0 ; dT ; 0], [dU ; db])."""
+        # every dtype is chosen explicitly inside; autocast must not recast the GEMMs
+        with torch.autocast(x.device.type, enabled=False):
+            return _backward(g, x, T.contiguous(), U.contiguous(), W, b.contiguous(), lse, cdtype, num_prefix,
+                             seq_dim, use_softmax, launch)
+
+    if register is torch.library.custom_op:
+        @fwd.register_fake
+        def _(x, T, U, W, b, cdtype, num_prefix, seq_dim, use_softmax):
+            out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cdtype))
+            lse = x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
+            return out, lse
+
+        @bwd.register_fake
+        def _(g, x, T, U, W, b, lse, cdtype, num_prefix, seq_dim, use_softmax):
+            C, M = W.shape[0], T.shape[0]
+            return (torch.empty_like(x), W.new_empty(_pad16(C) + _pad16(M), C), W.new_empty(M, C))
+
+    def backward(ctx, g, _g_lse):
+        if g is None:  # out's gradient undefined (an upstream node returned none for it)
+            return (None,) * 9
+        x, T, U, W, b, lse = ctx.saved_tensors
+        dx, dWT, dUb = bwd(g, x, T, U, W, b, lse, *ctx.args)
+        C, m = W.shape[0], T.shape[0]
+        Cp = _pad16(C)
+        return dx, dWT[Cp: Cp + m], dUb[: m - 1], dWT[:C], dUb[m - 1], None, None, None, None
+
+    fwd.register_autograd(backward, setup_context=_setup_context)
+    return fwd, bwd
+
+
+def _setup_context(ctx, inputs, output):
+    x, T, U, W, b, cdtype, num_prefix, seq_dim, use_softmax = inputs
+    ctx.save_for_backward(x, T, U, W, b, output[1])
+    ctx.args = (cdtype, num_prefix, seq_dim, use_softmax)
+    # lse is the op's own residual, not a result: it takes no gradient, and autograd
+    # materialises no zeros for it
+    ctx.mark_non_differentiable(output[1])
+    ctx.set_materialize_grads(False)
+
+
+rein_layer_fwd, rein_layer_bwd = _register(torch.library.custom_op, "", _direct)
+# torch.library.triton_op came with torch 2.6; older versions keep the custom op alone
+HAS_TRITON_OP = hasattr(torch.library, "triton_op") and hasattr(torch.library, "wrap_triton")
+if HAS_TRITON_OP:
+    rein_layer_fwd_t, rein_layer_bwd_t = _register(torch.library.triton_op, "_t", torch.library.wrap_triton)
