@@ -200,27 +200,62 @@ class ReinLayer(nn.Module):
         with torch.autocast(self.learnable_tokens_a.device.type, enabled=False):
             return self.get_tokens(layer)
 
-    def _operands(self, layer: int, cdtype: torch.dtype) -> tuple[Tensor, ...]:
-        """One layer's operands for the kernels (``rein_kernels.prepare``).
-
-        Inside ``prepared()`` they are formed for all layers at once and each layer takes its
-        slice: tokens and U (leading dim L) by ``unbind``, the layer-shared ones as views of
-        one expanded tensor (``expand(L, ...).unbind(0)``), so that their gradients meet in
-        one stack and one sum at the end of the backward instead of an accumulating add per
-        layer. (v3 keeps its [C, C] W_d shared and accumulating, as it was measured.)"""
+    def layer_operands(self, cdtype: torch.dtype) -> list[tuple[Tensor, ...]]:
+        """Every layer's operands for the kernels, formed at once (one batched GEMM for U and
+        one cast or scaling of each shared parameter, with their backward once per pass):
+        ``layer_operands(cdtype)[i]`` is what layer i's call would form for itself. Tokens
+        and U are sliced by ``unbind``, the layer-shared ones taken as views of one
+        expanded tensor (``expand(L, ...).unbind(0)``), so that their gradients meet in one
+        stack and one sum at the end of the backward instead of an accumulating add per
+        layer (v3 keeps its [C, C] W_d shared and accumulating, as it was measured).
+        ``rein.ReinBackbone`` binds these to its blocks for one forward pass; ``prepared()``
+        does the same for a backbone of your own. Plain tensor operations: torch.compile
+        traces them, so a compiled forward forms them once too."""
         W = self._mlp_params()
         scale = None if self.zero_mlp_delta_f else self.scale
+        L, v3 = self.num_layers, rein_kernels.KERNELS == "v3"
+        parts = [t.unbind(0) if t.dim() == 3 else t if (v3 and t.dim() == 2) else t.expand(L, *t.shape).unbind(0)
+                 for t in rein_kernels.prepare(self._kernel_tokens(-1), *W, scale, cdtype)]
+        return [tuple(t if isinstance(t, Tensor) else t[i] for t in parts) for i in range(L)]
+
+    def _operands(self, layer: int, cdtype: torch.dtype) -> tuple[Tensor, ...]:
+        """One layer's operands for the kernels: its slice of ``layer_operands`` inside
+        ``prepared()``, else formed for this call alone (``rein_kernels.prepare``)."""
         shared = None
         if not torch.compiler.is_compiling() and not _saved_tensor_hooks_active():
             shared = (_PREPARED.get() or {}).get(id(self))
         if shared is None:
-            return rein_kernels.prepare(self._kernel_tokens(layer), *W, scale, cdtype)
+            scale = None if self.zero_mlp_delta_f else self.scale
+            return rein_kernels.prepare(self._kernel_tokens(layer), *self._mlp_params(), scale, cdtype)
         key = (rein_kernels.KERNELS, cdtype, torch.is_grad_enabled())
         if key not in shared:
-            L, v3 = self.num_layers, rein_kernels.KERNELS == "v3"
-            shared[key] = [t.unbind(0) if t.dim() == 3 else t if (v3 and t.dim() == 2) else t.expand(L, *t.shape).unbind(0)
-                           for t in rein_kernels.prepare(self._kernel_tokens(-1), *W, scale, cdtype)]
-        return tuple(t if isinstance(t, Tensor) else t[layer] for t in shared[key])
+            shared[key] = self.layer_operands(cdtype)
+        return shared[key][layer]
+
+    def compute_dtype(self, x: Tensor) -> torch.dtype:
+        """The dtype the layer's GEMMs run in for input x: autocast's, else x's and the
+        parameters' (which must then agree)."""
+        return rein_kernels.compute_dtype(x, [*self._token_params(), *self._mlp_params()])
+
+    def fused_available(self, x: Tensor, cdtype: torch.dtype) -> bool:
+        """Whether a call on x runs the fused kernels (``fused`` and a device they run on)."""
+        return self.fused and rein_kernels.is_available(x, cdtype)
+
+    def apply_operands(self, x: Tensor, operands: tuple[Tensor, ...], cdtype: torch.dtype,
+                       batch_first: bool = False, num_prefix_tokens: int = 1) -> Tensor:
+        """The fused layer on one layer's operands from ``layer_operands(cdtype)``, formed
+        for x's compute dtype (``compute_dtype(x)``) on a device where ``fused_available``."""
+        check_inputs(x, self.mlp_delta_f.weight, num_prefix_tokens, batch_first)
+        self._fused_active = True
+        return rein_kernels.apply_fused(x, operands, cdtype, batch_first, num_prefix_tokens, self.use_softmax)
+
+    def apply_tokens(self, x: Tensor, T: Tensor, batch_first: bool = False, num_prefix_tokens: int = 1) -> Tensor:
+        """The reference layer with one layer's tokens T [m, C] given (a slice of
+        ``get_tokens(-1)``): what ``forward`` computes with ``fused=False``."""
+        check_inputs(x, T, num_prefix_tokens, batch_first)
+        self._fused_active = False
+        return rein_layer_reference(x, T, *self._mlp_params(), self.scale, batch_first=batch_first,
+                                    num_prefix_tokens=num_prefix_tokens, use_softmax=self.use_softmax)
 
     def forward(
         self,
@@ -236,7 +271,7 @@ class ReinLayer(nn.Module):
             raise IndexError(f"layer index {layer!r} out of range [0, {self.num_layers})")
         W = self._mlp_params()
         check_inputs(x, W[2], num_prefix_tokens, batch_first)  # W_d [C, C]: C and the device
-        cdtype = rein_kernels.compute_dtype(x, [*self._token_params(), *W])
+        cdtype = self.compute_dtype(x)
         if self.fused:
             if rein_kernels.is_available(x, cdtype):
                 self._fused_active = True

@@ -136,10 +136,11 @@ def prepare(T: Tensor, W_t: Tensor, b_t: Tensor, W_d: Tensor, b_d: Tensor, scale
     T is one layer's tokens [m, C] (U is then [m-1, C]) or all L layers' [L, m, C] (U
     [L, m-1, C]): one batched GEMM for a whole forward pass (``rein.ReinLayer.prepared``).
 
-    v4: (T, U, W, b) with the scale folded in: W = s W_d, b = s b_d,
-    U = s (T[1:] W_t^T + b_t) W_d^T, in promote(W_d, scale)'s dtype (fp32 for fp32 scale: the
-    kernels cast them to ``cdtype`` as they read them, and dscale, which autograd makes of
-    these three products, adds fp32 gradients).
+    v4: (T, U, W, b, Tc, Uc) with the scale folded in: W = s W_d, b = s b_d,
+    U = s (T[1:] W_t^T + b_t) W_d^T, in promote(W_d, scale)'s dtype (fp32 for an fp32 scale:
+    the kernels cast W and b to ``cdtype`` as they read them, and dscale, which autograd
+    makes of these three products, adds fp32 gradients); Tc and Uc are T and U in
+    ``cdtype`` (detached: the op returns their gradients as T's and U's).
     v3: (T, U, W_d, b_d, scale) in ``cdtype``, U = (T[1:] W_t^T + b_t) W_d^T."""
     T_c, W_t, b_t, W_c = (t.to(cdtype) for t in (T, W_t, b_t, W_d))
     # Formed for all m tokens and then sliced: the rows of one contiguous product, so that
@@ -150,9 +151,9 @@ def prepare(T: Tensor, W_t: Tensor, b_t: Tensor, W_d: Tensor, b_d: Tensor, scale
         return T_c, U, W_c, b_d.to(cdtype), scale if scale is not None else torch.ones((), device=T.device)
     dtype = W_d.dtype if scale is None else torch.promote_types(W_d.dtype, scale.dtype)
     T, U, W, b = (t.to(dtype) for t in (T, U, W_d, b_d))
-    if scale is None:
-        return T, U, W, b
-    return T, U * scale, W * scale, b * scale
+    if scale is not None:
+        U, W, b = U * scale, W * scale, b * scale
+    return T, U, W, b, T_c.detach(), U.detach().to(cdtype)
 
 
 def apply_fused(x: Tensor, operands: tuple[Tensor, ...], cdtype: torch.dtype, batch_first: bool,

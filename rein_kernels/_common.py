@@ -95,11 +95,10 @@ def as_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
     return t if t.dtype == dtype else t.to(dtype)
 
 
-def fma_or_tc(prec: str) -> str:
-    """Which config list a launch uses: tensor-core dots, or fp32 FMA dots (tf32 off)."""
-    return "fma" if prec == "ieee" else "tc"
-
-
-def min_block(tuned: dict, name: str) -> int:
-    """The smallest block any config of any path may launch (sizes the partial buffers)."""
-    return min(c.kwargs[name] for kernel in tuned.values() for c in kernel.configs)
+def aligned16(*ts: Tensor) -> bool:
+    """Whether [rows, C] operands are aligned as the published shapes are (row strides and
+    addresses multiples of 16 elements and bytes): the large-tile configs then compile
+    without spills; other shapes take smaller tiles. The storage offset, not the address:
+    allocations are aligned, and under torch.compile's tracing (the triton_op) a fake tensor
+    has no address."""
+    return all(t.stride(0) % 16 == 0 and t.storage_offset() * t.element_size() % 16 == 0 for t in ts)

@@ -64,7 +64,7 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from ._common import as_dtype, configs, new, precision, refined_rows, row_view, rows
+from ._common import aligned16, as_dtype, configs, new, precision, refined_rows, row_view, rows
 
 # Configs, from ptxas' report for sm_90 (tests/compile_sm90.py): every one compiles without
 # register spills in every dtype its path serves, within Hopper's shared memory.
@@ -313,23 +313,14 @@ def _stride_m(M: int) -> int:
     return -(-M // 16) * 16
 
 
-def _aligned(*ts: Tensor) -> bool:
-    """Whether the GEMM's [rows, C] operands are aligned as the published shapes are
-    (row strides and addresses multiples of 16 elements and bytes): the large-tile configs
-    then compile without spills; other shapes take the v2 configs."""
-    # the storage offset, not the address: allocations are aligned, and under torch.compile's
-    # tracing (the triton_op) a fake tensor has no address
-    return all(t.stride(0) % 16 == 0 and t.storage_offset() * t.element_size() % 16 == 0 for t in ts)
-
-
 def _gemm_path(prec: str, C: int, *ts: Tensor) -> str:
     if prec == "ieee":
         return "fma"
-    return "tc" if C % 16 == 0 and _aligned(*ts) else "tc_odd"
+    return "tc" if C % 16 == 0 and aligned16(*ts) else "tc_odd"
 
 
 def _logits_path(prec: str, C: int, T: Tensor, *ts: Tensor) -> str:
-    if T.element_size() == 2 or (prec == "tf32" and C % 16 == 0 and _aligned(*ts)):
+    if T.element_size() == 2 or (prec == "tf32" and C % 16 == 0 and aligned16(*ts)):
         return "tc"
     return "small"
 

@@ -16,10 +16,13 @@ The scale lives in the operands, not in the op: its gradient, <W_d, dW> + <U/s, 
 pass inside ``ReinLayer.prepared()``, so the op needs no reduction over rows for it.
 
 The op takes T, U, W and b in one dtype, their master dtype (fp32 for fp32 parameters under
-autocast), and the compute dtype ``cdtype`` (autocast's, or the parameters' own): the
-kernels cast every GEMM operand to cdtype as they write it, so no cast pass runs
-outside them, and the gradients come back in the master dtype from fp32-accumulating GEMMs
-(one rounding, no per-layer cast).
+autocast), the tokens and U again in the compute dtype ``cdtype`` (Tc, Uc: the same tensors
+without autocast; formed once per forward pass, so that every program's token tiles are
+16-bit), and cdtype itself (autocast's, or the parameters' own). The kernels read Tc, Uc,
+W and b and cast every GEMM operand to cdtype as they write it, so no cast pass runs
+outside them; the gradients of T, U, W and b come back in the master dtype from
+fp32-accumulating GEMMs (one rounding, no per-layer cast). T and U themselves are never
+read: they carry the gradients' dtype.
 
 Forward = two launches:
   * ``_rows_fwd_kernel``: z, the softmax and lse per row; writes OUT = x (the residual,
@@ -65,18 +68,22 @@ from torch import Tensor
 import triton
 import triton.language as tl
 
-from ._common import configs, new, precision, refined_rows, row_view, rows
+from ._common import aligned16, configs, new, precision, refined_rows, row_view, rows
 
 # Row kernels: they stream x (and g) once and compute two skinny products against the m
-# tokens, so the tiles trade programs in flight against the token tile's registers.
-# "tc": 16-bit compute dtype (or tf32); "small": fp32 with tf32 off (FMA dots), where larger
-# tiles spill. Chosen by the autotuner on the GPU; tests/compile_sm90.py checks each for
-# spills and shared memory.
+# tokens, whose tiles every program reads again from L2 (2 m C bytes a program in 16 bits),
+# so the tiles trade programs in flight against those reads and the token tiles' registers.
+# "tc": tensor-core dots (16-bit compute dtype, or tf32) on operands aligned as the published
+# shapes are; "tc_odd": the same for odd C or strides, where the wider tiles spill; "small":
+# fp32 with tf32 off (FMA dots). Chosen by the autotuner on the GPU; tests/compile_sm90.py
+# checks each for spills and shared memory in every dtype.
 ROWS_GPU_CONFIGS = {
     "tc": [triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
            for br, bk, w, s in [(32, 64, 4, 3), (16, 64, 4, 3), (32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 4, 2)]],
+    "tc_odd": [triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
+               for br, bk, w, s in [(16, 32, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2)]],
     "small": [triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-              for br, bk, w, s in [(32, 32, 4, 2), (16, 32, 4, 2), (16, 64, 4, 2)]],
+              for br, bk, w, s in [(16, 32, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)]],
 }
 # The interpreter's tiles are small, so that the CPU tests' small shapes still span several
 # row programs, pack programs and column chunks.
@@ -307,8 +314,11 @@ def _addmm_(acc: Tensor, a: Tensor, b: Tensor) -> None:
 # ----------------------------------------------------------------------------- launchers
 
 
-def _path(cdtype: torch.dtype) -> str:
-    return "small" if precision(cdtype) == "ieee" else "tc"
+def _path(cdtype: torch.dtype, C: int, *ts: Tensor) -> str:
+    """Which config list a launch on the [rows, C] operands ts takes."""
+    if precision(cdtype) == "ieee":
+        return "small"
+    return "tc" if C % 16 == 0 and aligned16(*ts) else "tc_odd"
 
 
 def _direct(kernel):
@@ -323,8 +333,9 @@ def _grid(R: int, pack_rows: int):
 
 
 def _forward(x, T, U, W, b, cdtype, num_prefix, seq_dim, use_softmax, launch=_direct):
-    """(out, lse); ``launch`` wraps each kernel before its launch (torch.library.wrap_triton
-    for the triton_op registration)."""
+    """T, U: the tokens and U in the compute dtype (the op's Tc, Uc)."""
+    # (out, lse); ``launch`` wraps each kernel before its launch (torch.library.wrap_triton
+    # for the triton_op registration)
     xv, sd, swapped = row_view(x, seq_dim)
     S1 = xv.shape[1]
     x2 = rows(xv)
@@ -337,7 +348,7 @@ def _forward(x, T, U, W, b, cdtype, num_prefix, seq_dim, use_softmax, launch=_di
     if R:
         A = new(torch.empty(R, Kf, device=dev, dtype=cdtype))
         Bt = new(torch.empty(C, Kf, device=dev, dtype=cdtype))
-        launch(_ROWS_FWD[_path(cdtype)])[_grid(R, C)](
+        launch(_ROWS_FWD[_path(cdtype, C, x2, out)])[_grid(R, C)](
             x2, T, U, W, b, out, A, Bt, lse,
             R, S1, C, M, Cp, Kf,
             x2.stride(0), out.stride(0), W.stride(0), W.stride(1),
@@ -352,9 +363,9 @@ def _forward(x, T, U, W, b, cdtype, num_prefix, seq_dim, use_softmax, launch=_di
 
 
 def _backward(g, x, T, U, W, b, lse, cdtype, num_prefix, seq_dim, use_softmax, launch=_direct):
-    """(dx, [dW ; 0 ; dT ; 0] [Cp + mp, C], [dU ; db] [m, C]): the op returns each GEMM's
-    result whole (a custom op's results may not be views of each other); the autograd
-    glue slices them."""
+    """(dx, [dW ; 0 ; dT ; 0] [Cp + mp, C], [dU ; db] [m, C]), the last two in W's dtype: the
+    op returns each GEMM's result whole (a custom op's results may not be views of each
+    other); the autograd glue slices them. T, U: in the compute dtype (Tc, Uc)."""
     xv, sd, swapped = row_view(x, seq_dim)
     gv, _, _ = row_view(g, seq_dim, swap=swapped)
     S1 = xv.shape[1]
@@ -367,7 +378,7 @@ def _backward(g, x, T, U, W, b, lse, cdtype, num_prefix, seq_dim, use_softmax, l
     if R:
         W1 = new(torch.empty(R, 2 * (Mp + Cp), device=dev, dtype=cdtype))
         Bb = new(torch.empty(Cp + Mp, C, device=dev, dtype=cdtype))
-        launch(_ROWS_BWD[_path(cdtype)])[_grid(R, Cp + Mp)](
+        launch(_ROWS_BWD[_path(cdtype, C, x2, g2, dx)])[_grid(R, Cp + Mp)](
             x2, g2, T, U, W, lse, dx, W1, Bb,
             R, S1, C, M, Cp, Mp,
             x2.stride(0), g2.stride(0), dx.stride(0), W.stride(0), W.stride(1),
@@ -390,10 +401,12 @@ def _backward(g, x, T, U, W, b, lse, cdtype, num_prefix, seq_dim, use_softmax, l
 # ----------------------------------------------------------------------------- custom ops
 
 
-def _check_operands(T: Tensor, U: Tensor, W: Tensor, b: Tensor) -> None:
-    if not T.dtype == U.dtype == W.dtype == b.dtype:
-        raise TypeError(f"rein::layer_fwd_v4: T, U, W and b must share one dtype (the parameters' own), got "
-                        f"{T.dtype}, {U.dtype}, {W.dtype}, {b.dtype}; rein_kernels.prepare forms them")
+def _check_operands(T: Tensor, U: Tensor, W: Tensor, b: Tensor, Tc: Tensor, Uc: Tensor, cdtype) -> None:
+    if not (T.dtype == U.dtype == W.dtype == b.dtype and Tc.dtype == Uc.dtype == cdtype
+            and T.shape == Tc.shape and U.shape == Uc.shape):
+        raise TypeError(f"rein::layer_fwd_v4: T, U, W and b must share one dtype (the parameters' own) and Tc, Uc "
+                        f"be T and U in the compute dtype {cdtype}, got {T.dtype}, {U.dtype}, {W.dtype}, {b.dtype}, "
+                        f"{Tc.dtype} {tuple(Tc.shape)}, {Uc.dtype} {tuple(Uc.shape)}; rein_kernels.prepare forms them")
 
 
 def _register(register, suffix: str, launch):
@@ -403,54 +416,55 @@ def _register(register, suffix: str, launch):
 
     @register(f"rein::layer_fwd_v4{suffix}", mutates_args=())
     def fwd(
-        x: Tensor, T: Tensor, U: Tensor, W: Tensor, b: Tensor, cdtype: torch.dtype,
+        x: Tensor, T: Tensor, U: Tensor, W: Tensor, b: Tensor, Tc: Tensor, Uc: Tensor, cdtype: torch.dtype,
         num_prefix: int, seq_dim: int, use_softmax: bool,
     ) -> tuple[Tensor, Tensor]:
         """out = x + x W^T + p[1:] U + b and the per-row lse (see the module's docstring)."""
-        _check_operands(T, U, W, b)
-        # the kernels read T, U and b with unit strides (W: any strides)
-        return _forward(x, T.contiguous(), U.contiguous(), W, b.contiguous(), cdtype, num_prefix, seq_dim,
+        _check_operands(T, U, W, b, Tc, Uc, cdtype)
+        # the kernels read Tc, Uc and b with unit strides (W: any strides)
+        return _forward(x, Tc.contiguous(), Uc.contiguous(), W, b.contiguous(), cdtype, num_prefix, seq_dim,
                         use_softmax, launch)
 
     @register(f"rein::layer_bwd_v4{suffix}", mutates_args=())
     def bwd(
-        g: Tensor, x: Tensor, T: Tensor, U: Tensor, W: Tensor, b: Tensor, lse: Tensor, cdtype: torch.dtype,
+        g: Tensor, x: Tensor, W: Tensor, b: Tensor, Tc: Tensor, Uc: Tensor, lse: Tensor, cdtype: torch.dtype,
         num_prefix: int, seq_dim: int, use_softmax: bool,
     ) -> tuple[Tensor, Tensor, Tensor]:
-        """Gradients of ``rein::layer_fwd_v4``: (dx, [dW ; 0 ; dT ; 0], [dU ; db])."""
+        """Gradients of ``rein::layer_fwd_v4``: (dx, [dW ; 0 ; dT ; 0], [dU ; db]), in W's dtype."""
         # every dtype is chosen explicitly inside; autocast must not recast the GEMMs
         with torch.autocast(x.device.type, enabled=False):
-            return _backward(g, x, T.contiguous(), U.contiguous(), W, b.contiguous(), lse, cdtype, num_prefix,
+            return _backward(g, x, Tc.contiguous(), Uc.contiguous(), W, b.contiguous(), lse, cdtype, num_prefix,
                              seq_dim, use_softmax, launch)
 
     if register is torch.library.custom_op:
         @fwd.register_fake
-        def _(x, T, U, W, b, cdtype, num_prefix, seq_dim, use_softmax):
+        def _(x, T, U, W, b, Tc, Uc, cdtype, num_prefix, seq_dim, use_softmax):
             out = torch.empty_like(x, dtype=torch.promote_types(x.dtype, cdtype))
             lse = x.new_empty(x.shape[0] * x.shape[1], dtype=torch.float32)
             return out, lse
 
         @bwd.register_fake
-        def _(g, x, T, U, W, b, lse, cdtype, num_prefix, seq_dim, use_softmax):
-            C, M = W.shape[0], T.shape[0]
+        def _(g, x, W, b, Tc, Uc, lse, cdtype, num_prefix, seq_dim, use_softmax):
+            C, M = W.shape[0], Tc.shape[0]
             return (torch.empty_like(x), W.new_empty(_pad16(C) + _pad16(M), C), W.new_empty(M, C))
 
     def backward(ctx, g, _g_lse):
         if g is None:  # out's gradient undefined (an upstream node returned none for it)
-            return (None,) * 9
-        x, T, U, W, b, lse = ctx.saved_tensors
-        dx, dWT, dUb = bwd(g, x, T, U, W, b, lse, *ctx.args)
-        C, m = W.shape[0], T.shape[0]
+            return (None,) * 11
+        x, W, b, Tc, Uc, lse = ctx.saved_tensors
+        dx, dWT, dUb = bwd(g, x, W, b, Tc, Uc, lse, *ctx.args)
+        C, m = W.shape[0], Tc.shape[0]
         Cp = _pad16(C)
-        return dx, dWT[Cp: Cp + m], dUb[: m - 1], dWT[:C], dUb[m - 1], None, None, None, None
+        # Tc and Uc are T and U in another dtype: their gradients are T's and U's
+        return (dx, dWT[Cp: Cp + m], dUb[: m - 1], dWT[:C], dUb[m - 1]) + (None,) * 6
 
     fwd.register_autograd(backward, setup_context=_setup_context)
     return fwd, bwd
 
 
 def _setup_context(ctx, inputs, output):
-    x, T, U, W, b, cdtype, num_prefix, seq_dim, use_softmax = inputs
-    ctx.save_for_backward(x, T, U, W, b, output[1])
+    x, T, U, W, b, Tc, Uc, cdtype, num_prefix, seq_dim, use_softmax = inputs
+    ctx.save_for_backward(x, W, b, Tc, Uc, output[1])
     ctx.args = (cdtype, num_prefix, seq_dim, use_softmax)
     # lse is the op's own residual, not a result: it takes no gradient, and autograd
     # materialises no zeros for it

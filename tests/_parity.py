@@ -60,14 +60,15 @@ def op_args(op, x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax) -> t
     compute dtype: v4 takes the scale folded into U, W and b and the compute dtype itself."""
     if op.__name__.endswith("_v4"):
         U, W, b = ((t * scale).to(T.dtype).detach().requires_grad_(T.requires_grad) for t in (U, W_d, b_d))
-        return (x, T, U, W, b, T.dtype, num_prefix, seq_dim, use_softmax)
+        return (x, T, U, W, b, T.detach(), U.detach(), T.dtype, num_prefix, seq_dim, use_softmax)
     return (x, T, U, W_d, b_d, scale, num_prefix, seq_dim, use_softmax)
 
 
 def bwd_args(op, g, fwd_args, lse) -> tuple:
     """The arguments of ``op.rein_layer_bwd`` for a forward's ``op_args`` and its lse."""
-    n = 5 if op.__name__.endswith("_v4") else 6  # the tensors before lse
-    return (g, *fwd_args[:n], lse, *fwd_args[n:])
+    if op.__name__.endswith("_v4"):  # (g, x, W, b, Tc, Uc, lse, cdtype, ...)
+        return (g, fwd_args[0], *fwd_args[3:7], lse, *fwd_args[7:])
+    return (g, *fwd_args[:6], lse, *fwd_args[6:])
 
 
 def make_layer(case: Case, seed: int) -> rein.ReinLayer:

@@ -1,6 +1,6 @@
 """Compile every GPU kernel variant for sm_90 (H100/H200) without a GPU.
 
-    python tests/compile_sm90.py [v3] [v2]        (TRITON_INTERPRET must be unset)
+    python tests/compile_sm90.py [v4] [v3]        (TRITON_INTERPRET must be unset)
 
 Triton's own ptxas turns each kernel into a cubin ahead of time, so a kernel that would
 fail to compile shows up on a CPU-only machine. Every config autotuning may pick (each
@@ -8,8 +8,8 @@ kernel's list for the dtype's path: tensor cores, or FMA for fp32 with tf32 off)
 in every dtype, both as the published shapes specialise (aligned) and for odd C:
 fit the 227 KB of shared memory a Hopper block may use, compile without register
 spills (ptxas' report: ``regs <N> spills <S> B``, S = spill stores + spill loads per
-thread), and, for the GEMM's bf16/fp16/tf32 dots, use Hopper's wgmma. Prints one line
-per variant; exits non-zero on any failure.
+thread), and, for v3's GEMM's bf16/fp16/tf32 dots, use Hopper's wgmma (v4's GEMMs are
+cuBLAS'). Prints one line per variant; exits non-zero on any failure.
 """
 import contextlib
 import io
@@ -33,7 +33,7 @@ DTYPES = [("fp32", "fp32", "ieee"), ("fp32", "fp32", "tf32"), ("fp16", "fp16", "
 
 # What a launch at the published shapes specialises on: 16-byte aligned tensors (torch's
 # allocations) and C, and with it every row stride, a multiple of 16 (384 to 1536).
-ALIGNED = {"C", "sa", "so", "sx", "sg", "sb1k", "sb1n"}
+ALIGNED = {"C", "sa", "so", "sx", "sg", "sb1k", "sb1n", "sdx", "sw0"}
 
 
 def compile_one(kernel, types, constexprs, config, aligned):
@@ -45,7 +45,7 @@ def compile_one(kernel, types, constexprs, config, aligned):
     consts = {**constexprs, **config.kwargs}
     div16 = [["tt.divisibility", 16]]
     attrs = {(jit.arg_names.index(n),): div16 for n, t in sig.items()
-             if aligned and (t.startswith("*") or n in ALIGNED)}
+             if n in ALWAYS16 or (aligned and (t.startswith("*") or n in ALIGNED))}
     src = ASTSource(fn=jit, signature=sig, constexprs={(jit.arg_names.index(k),): v for k, v in consts.items()},
                     attrs=attrs)
     log = io.StringIO()
@@ -100,34 +100,42 @@ def jobs_v3(xd, pd, prec):
     return jobs
 
 
-def jobs_v2(xd, pd, prec):
-    import rein_kernels.rein_layer_v2 as op
+# v4's specialisation: its padded sizes are multiples of 16 whatever C and m are
+ALWAYS16 = {"Cp", "Kf", "Mp"}
 
-    path = op._path(prec)
-    ints = dict(R="i32", S1="i32", C="i32", K2="i32", M="i32", num_prefix="i32",
-                **{n: "i64" for n in ("sa", "so", "sx", "sb1k", "sb1n", "sg")})
-    gemm_types = dict(A=f"*{xd}", A2=f"*{pd}", B1=f"*{pd}", B2=f"*{pd}", BIAS=f"*{pd}", SCALE="*fp32",
-                      OUT=f"*{xd}", X=f"*{xd}", PARTIAL="*fp32", **ints)
-    logit_types = dict(X=f"*{xd}", G=f"*{xd}", T=f"*{pd}", U=f"*{pd}", LSE="*fp32", P1=f"*{pd}", GZ=f"*{pd}",
-                       PARTIAL="*fp32", c_scale="fp32", **ints)
+
+def jobs_v4(xd, pd, prec):
+    """The row kernels, forward and backward, with and without softmax. ``pd`` is the
+    compute dtype; under autocast (pd bf16 with fp32 features) the parameter operands stay
+    fp32 (their master dtype) and the kernels cast them."""
+    import rein_kernels.rein_layer_v4 as op
+
+    od = "fp32" if xd != pd else xd  # out: promote(x, compute dtype)
+    md = "fp32" if (xd, pd) == ("fp32", "bf16") else pd  # W and b (T and U come in pd)
+    ints = dict(R="i32", S1="i32", C="i32", M="i32", Cp="i32", Kf="i32", Mp="i32", num_prefix="i32",
+                c_scale="fp32", **{n: "i64" for n in ("sx", "so", "sg", "sdx", "sw0", "sw1")})
+    fwd_types = dict(X=f"*{xd}", T=f"*{pd}", U=f"*{pd}", W=f"*{md}", BIAS=f"*{md}", OUT=f"*{od}", A=f"*{pd}",
+                     BT=f"*{pd}", LSE="*fp32", **ints)
+    bwd_types = dict(X=f"*{xd}", G=f"*{od}", T=f"*{pd}", U=f"*{pd}", W=f"*{md}", LSE="*fp32", DX=f"*{od}",
+                     W1=f"*{pd}", BB=f"*{pd}", **ints)
+    # each config list with the alignments its launcher chooses it for (_path)
+    paths = [("tc", (True,)), ("tc_odd", (False,))] if prec == "tf32" else [("small", (True, False))]
     jobs = []
-    for cfg in op.GEMM_GPU_CONFIGS[path]:
-        for backward in (False, True):
-            consts = dict(SEQ_DIM=1, B1_T=not backward, HAS_BIAS=not backward, DSCALE=backward, PRECISION=prec)
-            jobs += [("v2 gemm", op._rein_gemm_kernel, gemm_types, consts, cfg, a) for a in (True, False)]
-    for cfg in op.LOGITS_GPU_CONFIGS[path]:
-        for backward in (False, True):
+    for path, alignments in paths:
+        for cfg in op.ROWS_GPU_CONFIGS[path]:
             for softmax in (True, False):
-                consts = dict(SEQ_DIM=0, USE_SOFTMAX=softmax, BACKWARD=backward, PRECISION=prec, BLOCK_M=128)
-                jobs += [("v2 logits", op._rein_logits_kernel, logit_types, consts, cfg, a) for a in (True, False)]
+                consts = dict(SEQ_DIM=0, USE_SOFTMAX=softmax, PRECISION=prec, BLOCK_M=128)
+                for aligned in alignments:
+                    jobs += [("v4 rows fwd", op._rows_fwd_kernel, fwd_types, consts, cfg, aligned),
+                             ("v4 rows bwd", op._rows_bwd_kernel, bwd_types, consts, cfg, aligned)]
     return jobs
 
 
 def main() -> int:
-    versions = sys.argv[1:] or ["v3", "v2"]
+    versions = sys.argv[1:] or ["v4", "v3"]
     failures = n = 0
     for xd, pd, prec in DTYPES:
-        jobs = [j for v in versions for j in {"v3": jobs_v3, "v2": jobs_v2}[v](xd, pd, prec)]
+        jobs = [j for v in versions for j in {"v4": jobs_v4, "v3": jobs_v3}[v](xd, pd, prec)]
         for name, kernel, types, consts, cfg, aligned in jobs:
             n += 1
             label = (f"{name:9s} x={xd} params={pd} {prec:4s} {'aligned  ' if aligned else 'unaligned'} {consts} "

@@ -308,6 +308,40 @@ def test_captured_step_compiles_once_whatever_the_classes():
     assert opt.param_groups[0]["lr"].item() == pytest.approx(lr_at(19, args))
 
 
+@pytest.mark.parametrize("fused", [True, False])
+def test_regional_compile_does_not_grow_with_depth(fused):
+    """The captured step compiles the backbone's blocks one at a time (``compile_regions``):
+    with Rein's operands (or, on the reference path, its tokens) bound to each block, one
+    compiled block serves all of them, so a 12-block backbone compiles the frames a 4-block
+    one does; and the regionally compiled model computes what the model does. Released,
+    the model runs uncompiled again."""
+    from torch._dynamo.testing import CompileCounter
+
+    from rein.model import build_model
+    from rein.train.config import parse_args
+    from rein.train.optim import make_optimizer
+    from rein.train.step import captured_step, release_compiled
+
+    cpu = torch.device("cpu")
+    frames = {}
+    for depth in (4, 12):
+        torch._dynamo.reset()
+        args = parse_args(["--crop", "32", "--fused" if fused else "--no-fused"])
+        args.timm_kwargs = {"depth": depth}
+        model = build_model(args, cpu).train()
+        opt = make_optimizer(model, args, cpu, captured=True)
+        counter = CompileCounter()
+        steps = captured_step(model, model, opt, backend=counter)
+        images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(depth))
+        for _ in range(2):
+            compiled = steps.forward(images)
+        frames[depth] = counter.frame_count
+        release_compiled(opt, model)
+        assert all(blk._compiled_call_impl is None for blk in model.backbone.backbone.blocks)
+        torch.testing.assert_close(compiled, model(images), rtol=1e-5, atol=1e-5)
+    assert frames[4] == frames[12] and frames[4] >= 2, frames  # blocks, Rein's operands, the head
+
+
 def test_training_step_capture_and_its_fallbacks(capsys, monkeypatch):
     """Captured on CUDA by default; the reason printed where not (another device, torchrun,
     --no-cuda-graphs); a compiled step that fails to compile or record (at its first call,

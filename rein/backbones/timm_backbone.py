@@ -3,7 +3,17 @@
 timm builds and runs the backbone (``forward_intermediates``); Rein is a forward hook on
 each block that refines the block's output in place of it.
 Because the hook is part of the block's call, timm's own activation checkpointing
-(``set_grad_checkpointing``) recomputes block + Rein together.
+(``set_grad_checkpointing``) recomputes block + Rein together, and compiling a block
+(``rein.train``'s regional compile) compiles the Rein layer with it.
+
+One forward pass forms the fused layers' operands once (``ReinLayer.layer_operands``: one
+batched GEMM for all layers; on the reference path, all layers' tokens) and binds each
+layer's to its block for the pass; every block shares one hook, which takes them from the
+block it runs on. The hook thus reads no per-block Python constant, so torch.compile
+compiles one block for all of them, and a compiled forward sees the operands formed once,
+as an eager one does. Inside activation checkpointing nothing is bound (a block's replay
+in the backward must repeat its forward's operations): each layer forms its own
+operands, by its index.
 
 Layouts handled by the hooks:
   * ViT-like (DINOv2 with or without registers, CLIP, EVA02): [B, N, C] tokens, the
@@ -27,7 +37,7 @@ import torch.nn.functional as F
 from torch import Tensor
 
 from ..checkpoints import CheckpointError, checkpoint_kind, flat_state, load_tensors, misfit
-from ..layer import ReinLayer
+from ..layer import ReinLayer, _saved_tensor_hooks_active
 
 TARGET_STRIDES = (4, 8, 16, 32)
 
@@ -121,14 +131,15 @@ def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Ten
 
 
 class _RefineHook:
-    """Forward hook of block ``index``: its output, refined by Rein. An object rather than a
-    closure, so that deepcopy and pickle carry it over to the copy of the backbone."""
+    """The forward hook all blocks share: a block's output, refined by Rein. An object
+    rather than a closure, so that deepcopy and pickle carry it over to the copy of the
+    backbone."""
 
-    def __init__(self, owner: "ReinBackbone", index: int):
-        self.owner, self.index = owner, index
+    def __init__(self, owner: "ReinBackbone"):
+        self.owner = owner
 
     def __call__(self, module, args, out):
-        return self.owner._refine(out, self.index)
+        return self.owner._refine(out, module)
 
 
 class ReinBackbone(nn.Module):
@@ -166,7 +177,12 @@ class ReinBackbone(nn.Module):
         self.num_features = chans[-1]
         self.backbone.requires_grad_(False)
         self.backbone.eval()
-        self._hooks = [blk.register_forward_hook(_RefineHook(self, key)) for key, blk in self._blocks()]
+        hook = _RefineHook(self)
+        for key, blk in self._blocks():
+            # the block's layer index (ConvNeXt: stage, index in the stage), and the operands
+            # bound to it for one forward pass (None outside one)
+            blk._rein_key, blk._rein_operands = key, None
+        self._hooks = [blk.register_forward_hook(hook) for _, blk in self._blocks()]
 
     # ------------------------------------------------------------------ construction
 
@@ -226,16 +242,31 @@ class ReinBackbone(nn.Module):
 
     # ------------------------------------------------------------------ forward
 
-    def _refine(self, x: Tensor, i: int) -> Tensor:
+    def _refine(self, x: Tensor, blk: nn.Module) -> Tensor:
         if self.family == "vit":
-            return self.rein(x, i, batch_first=True, num_prefix_tokens=self.backbone.num_prefix_tokens)
+            return self._rein_call(self.rein, x, blk, batch_first=True, num_prefix_tokens=self.backbone.num_prefix_tokens)
         if self.family == "sam":  # NHWC
             B, H, W, C = x.shape
-            return self.rein(x.reshape(B, H * W, C), i, batch_first=True, has_cls_token=False).reshape(B, H, W, C)
+            y = self._rein_call(self.rein, x.reshape(B, H * W, C), blk, batch_first=True, num_prefix_tokens=0)
+            return y.reshape(B, H, W, C)
         B, C, H, W = x.shape  # convnext block: NCHW, its stage's ReinLayer, its index in the stage
-        stage, block = i
+        stage, block = blk._rein_key
         y = self.rein[stage](x.flatten(2).transpose(1, 2), block, batch_first=True, has_cls_token=False)
         return y.transpose(1, 2).reshape(B, C, H, W)
+
+    @staticmethod
+    def _rein_call(layer: ReinLayer, x: Tensor, blk: nn.Module, **kw) -> Tensor:
+        """Layer ``blk``'s Rein on x: with the operands bound to the block (the fused
+        layer's for x's compute dtype, or the reference's tokens), else by the layer's own
+        call."""
+        bound = blk._rein_operands
+        if bound is not None:
+            cdtype, operands = bound
+            if cdtype is None:
+                return layer.apply_tokens(x, operands, **kw)
+            if layer.compute_dtype(x) == cdtype:
+                return layer.apply_operands(x, operands, cdtype, **kw)
+        return layer(x, blk._rein_key, **kw)
 
     def queries(self) -> Tensor | None:
         if self.family == "convnext":
@@ -253,11 +284,17 @@ class ReinBackbone(nn.Module):
                 raise ValueError(f"images of {H}x{W} pixels do not fit the backbone's {ph}x{pw}-pixel patches: "
                                  f"pad or resize them to multiples, e.g. {-(-H // ph) * ph}x{-(-W // pw) * pw}")
         unique = sorted(set(self.out_indices))
-        with self._rein_prepared():
-            maps = self.backbone.forward_intermediates(
-                images, indices=unique, norm=False, stop_early=True,
-                output_fmt="NCHW", intermediates_only=True,
-            )
+        bound = self._bind_operands(images)
+        try:
+            with self._rein_prepared():
+                maps = self.backbone.forward_intermediates(
+                    images, indices=unique, norm=False, stop_early=True,
+                    output_fmt="NCHW", intermediates_only=True,
+                )
+        finally:
+            if bound:
+                for _, blk in self._blocks():
+                    blk._rein_operands = None
         by_index = dict(zip(unique, maps))
         features = []
         for level, idx in enumerate(self.out_indices):
@@ -269,16 +306,37 @@ class ReinBackbone(nn.Module):
         q = self.queries()
         return (features, q) if q is not None else features
 
+    def _bind_operands(self, images: Tensor) -> bool:
+        """Form the operands of all Rein layers once and bind each to its block, for one
+        forward pass of a ViT-like backbone: (compute dtype, the fused layer's operands),
+        or (None, the layer's tokens) on the reference path. Not inside activation
+        checkpointing (see the module's docstring), nor where the fused path was asked for
+        and cannot run (the layer's own call says so); returns whether it bound them."""
+        layer = self.rein
+        if self.family == "convnext" or _saved_tensor_hooks_active() or (
+                torch.is_grad_enabled() and getattr(self.backbone, "grad_checkpointing", False)):
+            return False
+        dev = images.device.type
+        cdtype = torch.get_autocast_dtype(dev) if torch.is_autocast_enabled(dev) else layer.mlp_delta_f.weight.dtype
+        if layer.fused_available(images, cdtype):
+            bound = [(cdtype, operands) for operands in layer.layer_operands(cdtype)]
+        elif not layer.fused:
+            bound = [(None, T) for T in layer.get_tokens(-1).unbind(0)]
+        else:
+            return False
+        for (_, blk), b in zip(self._blocks(), bound):
+            blk._rein_operands = b
+        return True
+
     def _rein_prepared(self) -> contextlib.AbstractContextManager:
-        """Rein's operands formed once for the whole pass (``ReinLayer.prepared``; layers
-        inside activation checkpointing form their own), except inside torch.compile, which
-        finds the common work itself."""
-        if torch.compiler.is_compiling():
+        """ConvNeXt's per-stage layers: operands formed once for the whole pass
+        (``ReinLayer.prepared``; layers inside activation checkpointing form their own),
+        except inside torch.compile, which cannot trace the block's context variable."""
+        if self.family != "convnext" or torch.compiler.is_compiling():
             return contextlib.nullcontext()
         stack = contextlib.ExitStack()
-        for layer in (self.rein if isinstance(self.rein, nn.ModuleList) else [self.rein]):
-            if hasattr(layer, "prepared"):
-                stack.enter_context(layer.prepared())
+        for layer in self.rein:
+            stack.enter_context(layer.prepared())
         return stack
 
     # ------------------------------------------------------------------ training state

@@ -312,7 +312,7 @@ def main(argv=None) -> int:
 
     failed = []
     if why_not is None or args.compile:
-        release_compiled(opt)  # the training graphs' memory, before evaluation records its own
+        release_compiled(opt, model)  # the training graphs' memory, before evaluation records its own
     if main_proc:
         failed = evaluate_targets(model, val_sets, args.crop, device, out, lambda: autocast_for(args, device),
                                   cuda_graphs=args.cuda_graphs is not False)

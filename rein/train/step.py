@@ -48,13 +48,36 @@ class Step(NamedTuple):
 WARM_STEPS = 3
 
 
-def captured_step(model, wrapped, opt, **compile_kw) -> Step:
+def captured_step(model, wrapped, opt, regional: bool = True, **compile_kw) -> Step:
     """The forward (and its backward), the loss's device stages and the AdamW step,
     compiled in reduce-overhead mode (the default ``compile_kw``): each replayed as CUDA
-    graphs."""
+    graphs. ``regional``: the forward's repeated blocks are compiled one at a time and
+    share one compiled graph (``compile_regions``), else the whole model is one."""
     compile_kw = compile_kw or {"mode": "reduce-overhead"}
     loss = model.head.captured_loss(**compile_kw) or model.head.loss
-    return Step(torch.compile(wrapped, **compile_kw), loss, torch.compile(opt.step, **compile_kw))
+    forward = wrapped if regional and compile_regions(model, **compile_kw) else torch.compile(wrapped, **compile_kw)
+    return Step(forward, loss, torch.compile(opt.step, **compile_kw))
+
+
+def compile_regions(model, **compile_kw) -> bool:
+    """Regional compilation of a ViT-like ``Segmentor``: each backbone block (Rein inside it,
+    as its forward hook) compiled on its own, Rein's operands for all layers and the head
+    each compiled whole; the glue between them (patch embedding, resampling the feature
+    maps) runs as it is. The blocks share their code and read nothing that differs between
+    them but tensors (``rein.ReinBackbone`` binds each layer's operands to its block), so
+    torch.compile compiles one block and reuses it for all (a 24-block model compiles as
+    fast as a 4-block one), and in reduce-overhead mode each region replays as a CUDA graph
+    that takes the previous one's outputs without a copy. Returns False (nothing compiled)
+    for other backbones. ``release_compiled`` undoes it."""
+    bb = model.backbone
+    if getattr(bb, "family", None) not in ("vit", "sam"):
+        return False
+    regions = [blk for _, blk in bb._blocks()] + [model.head]
+    for module in regions:
+        module._compiled_call_impl = torch.compile(module._call_impl, **compile_kw)
+    bb.rein.layer_operands = torch.compile(bb.rein.layer_operands, **compile_kw)
+    model._compiled_regions = regions
+    return True
 
 
 def run_compiled(steps: Step, eager: Step, done: int, images, labels, opt, args, device, main_proc):
@@ -68,13 +91,19 @@ def run_compiled(steps: Step, eager: Step, done: int, images, labels, opt, args,
         if main_proc:
             print(f"rein-train: the compiled training step failed ({type(e).__name__}: {str(e)[:200]}); "
                   "continuing uncaptured (--no-cuda-graphs skips the attempt)", file=sys.stderr)
-        release_compiled(opt)
+        release_compiled(opt, eager.forward)
         return eager, eager.run(images, labels, opt, args, device)
 
 
-def release_compiled(opt) -> None:
+def release_compiled(opt, model=None) -> None:
     """Free what compiling and recording the step holds: the gradients (which a replayed
-    backward keeps in its graphs' memory), the compiled code, the CUDA graphs and their
-    memory pools. After a fallback, and when training ends, before evaluation."""
+    backward keeps in its graphs' memory), the compiled code and regions, the CUDA graphs
+    and their memory pools. After a fallback, and when training ends, before evaluation."""
     opt.zero_grad(set_to_none=True)
+    for module in getattr(model, "_compiled_regions", ()):
+        module._compiled_call_impl = None
+    if model is not None and "layer_operands" in vars(model.backbone.rein):
+        del model.backbone.rein.layer_operands
+    if model is not None:
+        model._compiled_regions = ()
     torch.compiler.reset()
