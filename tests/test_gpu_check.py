@@ -154,3 +154,33 @@ def test_cache_dirs_cold_for_e2e_warm_for_ttfs(tmp_path):
     assert gpu_check.cache_dir_for(("eval", "light", "bf16", True), root) == root / "shared"
     env = gpu_check.child_env(root / "x")
     assert env["TORCHINDUCTOR_CACHE_DIR"] == str(root / "x") and env["TRITON_CACHE_DIR"] == str(root / "x" / "triton")
+
+
+def test_results_md_reads_the_new_fields_and_every_older_file(tmp_path):
+    """make_results reads a file of the new schema (a row timed out in its phase, the times to
+    the first step cold and warm, a fused-v4 column, no ceilings) and every file already in
+    benchmarks/results/ as before."""
+    import make_results
+
+    layer = dict(workload="vitl-512", dtype="bf16", mode="stack", provider="fused-v4", graph_ms=0.2, floor_ms=0.05,
+                 id="layer/vitl-512/bf16/fwd+bwd/stack/fused-v4", phases={"starting": 3.0}, **{"pass": "fwd+bwd"})
+    run = dict(device="Synthetic", torch="x", triton="y", date="2000-01-01T00:00:00", ceilings=None,
+               results=[layer, dict(layer, provider="fused", graph_ms=0.25)], e2e=[],
+               ttfs=[dict(head="mask2former", provider="library", cache="cold", status="timeout", phase="compiling",
+                          seconds=330.2, phases={"starting": 4.0, "building": 9.0, "compiling": 317.2}),
+                     dict(head="light", provider="library", cache="warm", status="ok", build_s=8.0, first_step_s=30.5,
+                          record_s=2.5, ttfs_s=33.0, cache_files_before=412)],
+               skipped=[dict(id="e2e/mask2former/library", status="timeout", phase="compiling", seconds=330.2,
+                             limit_s=330, phases={"compiling": 317.2}, reason="timed out in compiling after 330 s"),
+                        dict(id="eval/light/fp32/uncaptured", status="budget", reason="time budget spent")])
+    table = "\n".join(make_results.run_table(run))
+    assert "| fused-v4 |" in table and "| vitl-512 | bf16 | fwd+bwd | stack | - | - | - | 0.250 | 0.200 |" in table
+    ttfs = "\n".join(make_results.ttfs_table(run))
+    assert "| mask2former | library | cold | 9.0 | timeout in compiling after 330 s | - | - | - |" in ttfs
+    assert "| light | library | warm | 8.0 | 30.5 | 2.5 | 33.0 | 412 |" in ttfs
+    unfinished = "\n".join(make_results.unfinished_rows(run))
+    assert "| e2e/mask2former/library | timeout | compiling | 330 | 330 | compiling 317 |" in unfinished
+    assert "1 row(s) not started" in unfinished
+    for path in sorted((BENCH / "results").glob("*.json")):
+        old = json.loads(path.read_text())
+        assert make_results.run_table(old) and make_results.ttfs_table(old) == make_results.unfinished_rows(old) == []
