@@ -242,7 +242,8 @@ def run_rows(items, report: dict, save, *, budget_s: float, start: float, limits
         _print_row(print_fn, rid, rec, time.time() - start)
 
 
-def _file(report: dict, item, rid: str, rec: dict, files_before: int | None = None, out: Path | None = None) -> None:
+def _file(report: dict, item, rid: str, rec: dict, files_before: int | None = None,
+          out: Path | None = None) -> None:
     """One finished row into the report: its entry in ``rows`` (every row, in order), its
     measurement where it belongs (``results``: layers, ``e2e``: training steps and
     evaluation, ``ttfs``: times to the first replayed step; a row that did not finish in
@@ -257,7 +258,7 @@ def _file(report: dict, item, rid: str, rec: dict, files_before: int | None = No
     if not ok:
         report["skipped"].append(dict(item=item, id=rid, reason=isolate.reason(rec) if rec["status"] != "budget"
                                       else rec["error"], **summary))
-    if kind in ("e2e", "ttfs") and rec["status"] != "budget":  # the time to the first replayed step, cold (e2e) or warm (ttfs)
+    if kind in ("e2e", "ttfs") and rec["status"] != "budget":  # time to the first replay: cold (e2e), warm (ttfs)
         _, head, setting, *cache = item
         entry = dict(id=rid, head=head, provider=setting, cache=cache[0] if cache else "cold",
                      status=rec["status"], cache_files_before=files_before)
@@ -512,7 +513,10 @@ def child_main(spec_json: str) -> int:
         rep.error(e)
         return 1
     rep.result(row, extra)
-    return 0
+    # no interpreter teardown (compile worker pools, CUDA): the parent kills what is left
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 def compiled_kernels() -> dict:

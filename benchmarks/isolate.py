@@ -214,8 +214,8 @@ def _record(events, t0, t1, first_phase, returncode, status, limit_s) -> dict:
     phase, phases = phase_seconds(events, t0, t1, first_phase)
     result = next((e for e in reversed(events) if "result" in e), None)
     error = next((e for e in reversed(events) if "error" in e), None)
-    if status is None:
-        status = "ok" if result is not None and returncode == 0 else "error" if error is not None else "crashed"
+    if status is None:  # a result counts even if the process then died on its way out
+        status = "ok" if result is not None else "error" if error is not None else "crashed"
     rec = dict(status=status, phase=phase, phases=phases, seconds=round(t1 - t0, 1), limit_s=round(limit_s, 1),
                returncode=returncode, result=(result or {}).get("result"), extra=(result or {}).get("extra"),
                notes=[e["note"] for e in events if "note" in e])

@@ -185,8 +185,9 @@ def unfinished_rows(run: dict) -> list[str]:
              "| row | status | phase | seconds | limit s | phases | reason |", "|---|---|---|---|---|---|---|"]
     for s in bad:
         phases = ", ".join(f"{k} {v:.0f}" for k, v in (s.get("phases") or {}).items())
+        why = str(s.get("reason", "")).replace("|", "/")[:200]
         lines.append(f"| {s.get('id')} | {s['status']} | {s.get('phase')} | {_fmt(s.get('seconds'), '.0f')} "
-                     f"| {_fmt(s.get('limit_s'), '.0f')} | {phases} | {str(s.get('reason', '')).replace('|', '/')[:200]} |")
+                     f"| {_fmt(s.get('limit_s'), '.0f')} | {phases} | {why} |")
     if budget:
         lines.append(f"\n{budget} row(s) not started: the call's time budget was spent.")
     return lines + [""]

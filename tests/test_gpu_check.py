@@ -41,7 +41,8 @@ def _run(tmp_path, items, budget_s=60.0, limits=(("fake/hangs", 2.0), ("fake/*",
 
 
 def test_a_hanging_row_is_killed_in_its_phase_a_failing_one_recorded_and_the_next_rows_run(tmp_path, monkeypatch):
-    monkeypatch.setenv(isolate.PLANT_ENV, "fake/hangs:compiling:sleep,fake/raises:building:raise,fake/dies:recording:exit")
+    monkeypatch.setenv(isolate.PLANT_ENV,
+                       "fake/hangs:compiling:sleep,fake/raises:building:raise,fake/dies:recording:exit")
     items = [("fake", "hangs", {"workers": 1, "escaped": 1}), ("fake", "raises"), ("fake", "dies"),
              ("fake", "ok", {"workers": 1})]
     report, saved, lines, took = _run(tmp_path, items)
