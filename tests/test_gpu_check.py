@@ -185,3 +185,21 @@ def test_results_md_reads_the_new_fields_and_every_older_file(tmp_path):
     for path in sorted((BENCH / "results").glob("*.json")):
         old = json.loads(path.read_text())
         assert make_results.run_table(old) and make_results.ttfs_table(old) == make_results.unfinished_rows(old) == []
+
+
+def test_measurements_report_their_phases_on_cpu():
+    """The layer and training-step measurements tell gpu_check's child each phase as it
+    starts; the first steps are timed to their end (the time to the first replayed step)."""
+    import bench
+    import e2e
+
+    seen = []
+    ceil = {"bf16_tflops": 1.0, "tf32_tflops": 1.0, "copy_gbps": 1.0}
+    bench.measure(bench.CPU_WORKLOAD, "eager", "fp32", "fwd", "cpu", ceil, phase=seen.append)
+    assert seen == ["building", "compiling", "measuring"]
+    seen.clear()
+    row = e2e.time_to_first_step(False, "fp32", "cpu", provider="official", phase=seen.append, head="light",
+                                 backbone="vit_small_patch14_dinov2", img=32, batch=1, depth=1)
+    assert seen == ["building", "compiling", "recording"]
+    assert row["provider"] == "official" and row["build_s"] > 0 and row["first_step_s"] > 0 and row["record_s"] > 0
+    assert abs(row["ttfs_s"] - row["first_step_s"] - row["record_s"]) < 1e-6
