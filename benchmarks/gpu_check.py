@@ -319,6 +319,16 @@ def _print_row(print_fn, rid: str, rec: dict, at: float) -> None:
                  flush=True)
 
 
+def install_stop_handlers() -> None:
+    """SIGTERM, SIGINT and SIGHUP raise isolate.Stopped: the running row is killed and
+    recorded as stopped, the JSON written, and the call ends."""
+    def stop(signum, frame):
+        raise isolate.Stopped(signum)
+
+    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
+        signal.signal(s, stop)
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--budget-s", type=float, default=450.0,
@@ -379,11 +389,7 @@ def main() -> int:
         report["seconds"] = round(time.time() - start, 1)
         path.write_text(json.dumps(report, indent=1, default=str))
 
-    def stop(signum, frame):
-        raise isolate.Stopped(signum)
-
-    for s in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
-        signal.signal(s, stop)
+    install_stop_handlers()
     save()
     try:
         with tempfile.TemporaryDirectory(prefix="gpu-check-events-") as events_dir:

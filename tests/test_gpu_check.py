@@ -203,3 +203,41 @@ def test_measurements_report_their_phases_on_cpu():
     assert seen == ["building", "compiling", "recording"]
     assert row["provider"] == "official" and row["build_s"] > 0 and row["first_step_s"] > 0 and row["record_s"] > 0
     assert abs(row["ttfs_s"] - row["first_step_s"] - row["record_s"]) < 1e-6
+
+
+def test_a_call_stopped_from_outside_keeps_what_it_measured(tmp_path, monkeypatch):
+    """SIGTERM to the parent mid-row: the row is killed with its workers and recorded as
+    stopped in its phase, after the rows measured before it, and the call exits 128 + 15."""
+    import signal
+    import subprocess
+
+    monkeypatch.setenv(isolate.PLANT_ENV, "fake/hangs:compiling:sleep")
+    script = f"""
+import json, sys, time
+sys.path.insert(0, {str(BENCH)!r})
+import gpu_check, isolate
+from pathlib import Path
+out = Path({str(tmp_path)!r})
+report = gpu_check.new_report({{"device": "cpu"}})
+gpu_check.install_stop_handlers()
+save = lambda: (out / "run.json").write_text(json.dumps(report, default=str))
+try:
+    gpu_check.run_rows([("fake", "first"), ("fake", "hangs", {{"workers": 1}}), ("fake", "never")], report, save,
+                       budget_s=60, start=time.time(), limits=[("*", 30)], cache_root=out / "cache", events_dir=out,
+                       out=out, print_fn=lambda *a, **k: None)
+except isolate.Stopped as e:
+    save()
+    sys.exit(128 + e.signum)
+"""
+    proc = subprocess.Popen([sys.executable, "-c", script])
+    deadline = time.time() + 20
+    events = tmp_path / "001.jsonl"
+    while time.time() < deadline and '"compiling"' not in (events.read_text() if events.exists() else ""):
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=20) == 128 + signal.SIGTERM
+    report = json.loads((tmp_path / "run.json").read_text())
+    assert [(r["id"], r["status"]) for r in report["rows"]] == [("fake/first", "ok"), ("fake/hangs", "stopped")]
+    assert report["rows"][1]["phase"] == "compiling" and report["results"][0]["id"] == "fake/first"
+    pids = json.loads(events.read_text().splitlines()[0])["note"]["worker_pids"]
+    assert all(map(_gone, pids))
