@@ -20,9 +20,9 @@ and a short table comes last. Everything it imports is already on the device ima
 (torch, triton, timm, transformers, scipy, pytest); it installs nothing.
 
 torch.compile's on-disk caches (Inductor's FX graph cache, AOTAutograd's, Triton's) live
-under ``--cache-dir``: one folder per training-step setting and head, emptied before that
-setting's ``e2e`` row (a cold start, in a fresh process) and kept for its ``ttfs`` row (a
-warm start, in another fresh process), one shared folder for every other row.
+under ``--cache-dir``: for each head, the library setting's ``e2e`` row starts with a folder
+of its own emptied (a cold start, in a fresh process) and its ``ttfs`` row finds it as that
+row left it (a warm start, in another fresh process); every other row shares one folder.
 """
 from __future__ import annotations
 
@@ -140,12 +140,19 @@ def limit_for(rid: str, limits: list[tuple[str, float]]) -> float:
 
 
 def cache_dir_for(item, root: Path) -> Path:
-    """torch.compile's on-disk caches of a row: one folder per training-step setting and
-    head (its e2e row empties it: a cold start; its ttfs row keeps it: a warm one), one
-    shared by every other row."""
-    if item[0] in ("e2e", "ttfs"):
+    """torch.compile's on-disk caches of a row: a folder of its own for each (head, setting)
+    timed to its first step (``TTFS_SETTINGS``: the e2e row starts it empty, the ttfs row
+    after it finds it as the e2e row left it), one shared by every other row (so that the
+    other settings reuse the Triton kernels they have in common, as one process did)."""
+    if item[0] == "ttfs" or (item[0] == "e2e" and item[2] in TTFS_SETTINGS):
         return root / f"step-{item[1]}-{item[2]}"
     return root / "shared"
+
+
+def cold_start(item) -> bool:
+    """Rows whose cache folder is emptied first: the e2e row of a setting timed to its
+    first step, and a ttfs row asked to start cold."""
+    return (item[0] == "e2e" and item[2] in TTFS_SETTINGS) or (item[0] == "ttfs" and item[3] == "cold")
 
 
 def _files_in(folder: Path) -> int:
@@ -212,8 +219,8 @@ def run_rows(items, report: dict, save, *, budget_s: float, start: float, limits
             continue
         limit = min(limit_for(rid, limits), left)
         cache = cache_dir_for(item, cache_root)
-        if item[0] == "e2e" or (item[0] == "ttfs" and item[3] == "cold"):
-            shutil.rmtree(cache, ignore_errors=True)  # a cold start
+        if cold_start(item):
+            shutil.rmtree(cache, ignore_errors=True)
         cache.mkdir(parents=True, exist_ok=True)
         files_before = _files_in(cache)
         events = events_dir / f"{n:03d}.jsonl"
@@ -258,7 +265,7 @@ def _file(report: dict, item, rid: str, rec: dict, files_before: int | None = No
     if not ok:
         report["skipped"].append(dict(item=item, id=rid, reason=isolate.reason(rec) if rec["status"] != "budget"
                                       else rec["error"], **summary))
-    if kind in ("e2e", "ttfs") and rec["status"] != "budget":  # time to the first replay: cold (e2e), warm (ttfs)
+    if (kind == "ttfs" or cold_start(item)) and rec["status"] != "budget":  # the time to the first replay
         _, head, setting, *cache = item
         entry = dict(id=rid, head=head, provider=setting, cache=cache[0] if cache else "cold",
                      status=rec["status"], cache_files_before=files_before)

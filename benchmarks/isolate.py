@@ -231,6 +231,11 @@ def reason(rec: dict) -> str:
         return f"timed out {where} (limit {rec['limit_s']:.0f} s)"
     if rec["status"] == "crashed":
         rc = rec["returncode"]
-        how = f"killed by {signal.Signals(-rc).name}" if rc is not None and rc < 0 else f"exit status {rc}"
+        how = f"exit status {rc}"
+        if rc is not None and rc < 0:
+            try:
+                how = f"killed by {signal.Signals(-rc).name}"
+            except ValueError:
+                how = f"killed by signal {-rc}"
         return f"the process died ({how}) {where}"
     return f"{rec.get('error') or rec['status']} ({where})"

@@ -146,13 +146,16 @@ def test_plan_mask2former_first_then_light_then_layers_and_limits():
 
 
 def test_cache_dirs_cold_for_e2e_warm_for_ttfs(tmp_path):
-    """An e2e row starts with its setting's cache folder emptied (cold); the ttfs row after
-    it finds that folder as the e2e row left it (warm); others share one folder."""
+    """The library setting's e2e row starts with its cache folder emptied (cold); the ttfs row
+    after it finds that folder as the e2e row left it (warm); others share one folder."""
     root = tmp_path
     e2e, ttfs = ("e2e", "light", "library"), ("ttfs", "light", "library", "warm")
     assert gpu_check.cache_dir_for(e2e, root) == gpu_check.cache_dir_for(ttfs, root)
     assert gpu_check.cache_dir_for(("e2e", "mask2former", "library"), root) != gpu_check.cache_dir_for(e2e, root)
     assert gpu_check.cache_dir_for(("eval", "light", "bf16", True), root) == root / "shared"
+    assert gpu_check.cache_dir_for(("e2e", "light", "library-v2"), root) == root / "shared"
+    assert gpu_check.cold_start(e2e) and not gpu_check.cold_start(ttfs)
+    assert not gpu_check.cold_start(("e2e", "light", "library-v2"))
     env = gpu_check.child_env(root / "x")
     assert env["TORCHINDUCTOR_CACHE_DIR"] == str(root / "x") and env["TRITON_CACHE_DIR"] == str(root / "x" / "triton")
 
