@@ -100,7 +100,8 @@ class Case:
                  mode: str = "call"):
         self.w, self.provider, self.dtype, self.pass_, self.device, self.mode = w, provider, dtype, pass_, device, mode
         self.n_layers = w.L if mode == "stack" else 1
-        self.kernels = "v2" if provider == "fused-v2" else "v3"
+        # "fused": v3; "fused-vN": kernels vN (a new version is a new provider name, nothing else)
+        self.kernels = provider.split("-", 1)[1] if provider.startswith("fused-") else "v3"
         torch.manual_seed(0)
         self.layer = rein.ReinLayer(w.L, w.C, w.patch, token_length=w.m, lora_dim=w.r,
                                     scale_init=0.1, fused=provider.startswith("fused")).to(device)
@@ -218,15 +219,22 @@ def warm_up_on_side_stream(fn, n: int = 3) -> None:
     torch.cuda.current_stream().wait_stream(s)
 
 
-def graph_ms(case: Case, warmup_ms: float = 50, rep_ms: float = 300) -> float:
+def no_phase(name: str) -> None:
+    return None
+
+
+def graph_ms(case: Case, warmup_ms: float = 50, rep_ms: float = 300, phase=no_phase) -> float:
     """Device time of one call, ms: captured once in a CUDA graph (after warm-up on a side
-    stream, compile and autotuning done) and replayed, so no host work is timed."""
+    stream, compile and autotuning done) and replayed, so no host work is timed.
+    ``phase(name)`` is told when the recording and the measuring start (gpu_check)."""
     import triton.testing
 
+    phase("recording")
     warm_up_on_side_stream(case)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         case()
+    phase("measuring")
     return triton.testing.do_bench(g.replay, warmup=warmup_ms, rep=rep_ms, return_mode="median")
 
 
@@ -243,11 +251,15 @@ def host_ms(fn, n: int = 50) -> float:
 
 
 def measure(w: Workload, provider: str, dtype: str, pass_: str, device: str, ceilings: dict | None,
-            mode: str = "call") -> dict:
+            mode: str = "call", phase=no_phase) -> dict:
     """One row: times per layer (a stack's totals divided by L), the floor, peak memory and
-    the bytes saved for backward (of the whole call)."""
+    the bytes saved for backward (of the whole call). ``phase(name)`` is told as building,
+    compiling (the first call), recording (CUDA graphs) and measuring start (gpu_check)."""
+    phase("building")
     case = Case(w, provider, dtype, pass_, device, mode=mode)
+    phase("compiling")
     case.run_synced()  # compile / autotune outside the timing
+    phase("measuring")
     per = case.n_layers
     row = dict(workload=w.name, dtype=dtype, provider=provider, mode=mode, **{"pass": pass_})
     row["median_ms"] = median_ms(case, device) / per
@@ -255,10 +267,11 @@ def measure(w: Workload, provider: str, dtype: str, pass_: str, device: str, cei
     if device == "cuda":
         row["host_ms"] = host_ms(case, n=max(5, 50 // per)) / per
         try:
-            row["graph_ms"] = graph_ms(case) / per
-            row["graph_ms_repeat"] = graph_ms(case) / per
+            row["graph_ms"] = graph_ms(case, phase=phase) / per
+            row["graph_ms_repeat"] = graph_ms(case, phase=phase) / per
         except Exception as e:  # a provider that cannot be captured: say why, keep the row
             row["graph_error"] = f"{type(e).__name__}: {e}"[:300]
+            phase("measuring")
     row["floor_ms"] = floor_ms(w, pass_, dtype, ceilings) if ceilings else None
     row["peak_mem_mb"] = peak_mem_mb(case, device)
     # (a stack under saved-tensor hooks would form every layer's operands itself: call mode only)

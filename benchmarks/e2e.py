@@ -21,18 +21,19 @@ and what a forward leaves allocated for its backward.
 from __future__ import annotations
 
 import contextlib
+import time
 from argparse import Namespace
 
 import torch
 
 import rein
 import rein_kernels
-from bench import host_ms, median_ms, peak_mem_mb, warm_up_on_side_stream
+from bench import host_ms, median_ms, no_phase, peak_mem_mb, warm_up_on_side_stream
 from rein.heads import build_head
 from rein.inference import slide_scores
 from rein.model import Segmentor
 from rein.train.optim import make_optimizer
-from rein.train.step import captured_step
+from rein.train.step import WARM_STEPS, captured_step
 
 LIBRARY = dict(fused=True, dtype="bf16", bf16_weights=True, train_step=True)
 # ``criterion``: the Mask2Former head's loss (static, its default, or transformers'), as
@@ -164,12 +165,15 @@ def held_after_forward_mb(step: TrainStep, device: str) -> float | None:
 
 
 def measure_evaluation(head: str, dtype: str, device: str, cuda_graphs: bool, size=(512, 1024), crop: int = 512,
-                       **model_kwargs) -> dict:
+                       phase=no_phase, **model_kwargs) -> dict:
     """Sliding-window class scores and labels of one image at the Cityscapes test protocol
     (2048 x 1024 resized to 1024 x 512: 3 windows of 512, stride 341; the input given
     resized, the labels at that size), fused Rein, fp32 or
     bf16 autocast (``rein.evaluate``'s ``--amp``), every window a replay of one recorded
-    graph (``cuda_graphs``, the default) or the model called as it is."""
+    graph (``cuda_graphs``, the default) or the model called as it is. ``phase(name)``:
+    building, compiling (the two calls before the timing: Triton's compile and tuning, the
+    window graph's recording), measuring."""
+    phase("building")
     model = build_segmentor(True, device, img=crop, head=head, **model_kwargs).eval()
     image = torch.randn(1, 3, *size, device=device)
     ctx = torch.autocast(device, dtype=torch.bfloat16) if dtype == "bf16" else contextlib.nullcontext()
@@ -178,22 +182,63 @@ def measure_evaluation(head: str, dtype: str, device: str, cuda_graphs: bool, si
         with ctx:
             return slide_scores(model, image, crop, cuda_graphs=cuda_graphs).argmax(1)
 
+    phase("compiling")
     for _ in range(2):  # record the graph (and tune the kernels) outside the timing
         run()
+    phase("measuring")
     row = dict(workload=f"eval-{size[1]}x{size[0]}", provider="window-graph" if cuda_graphs else "uncaptured",
                dtype=dtype, head=head, median_ms=median_ms(run, device, warmup_ms=300, rep_ms=1500, cpu_runs=3))
     row["host_ms"] = host_ms(run, n=10) if device == "cuda" else None
     return row
 
 
-def measure(fused: bool, dtype: str, device: str, provider: str | None = None, **kw) -> dict:
+def first_steps(fused: bool, dtype: str, device: str, phase=no_phase, **kw) -> tuple[TrainStep, dict]:
+    """The step built (``building``), its first call timed to its end (``compiling``:
+    torch.compile's compile, Triton's compile and tuning, the first run) and the calls
+    that follow until it replays (``recording``: reduce-overhead mode records its CUDA
+    graphs at the second call and replays from the third, ``WARM_STEPS`` in all). The
+    whole-step graph rows (``capture``) record inside their first call (``capture()``) and
+    run ``WARM_STEPS`` replays after it. Returns the step and the seconds:
+    ``build_s``, ``first_step_s``, ``record_s`` and ``ttfs_s`` (first step + record: the
+    time to the first replayed step)."""
+    sync = torch.cuda.synchronize if device == "cuda" else (lambda: None)
+    phase("building")
+    t0 = time.perf_counter()
     step = TrainStep(fused, dtype, device, **kw)
+    sync()
+    phase("compiling")
+    t1 = time.perf_counter()
     if kw.get("capture"):
         step.capture()
-    for _ in range(3):  # compile, autotune and record the graphs outside the timing
+    else:
         step()
+    sync()
+    phase("recording")
+    t2 = time.perf_counter()
+    for _ in range(WARM_STEPS if kw.get("capture") else WARM_STEPS - 1):
+        step()
+    sync()
+    t3 = time.perf_counter()
+    return step, dict(build_s=t1 - t0, first_step_s=t2 - t1, record_s=t3 - t2, ttfs_s=t3 - t1)
+
+
+def time_to_first_step(fused: bool, dtype: str, device: str, provider: str | None = None, phase=no_phase,
+                       **kw) -> dict:
+    """The seconds of ``first_steps`` alone, nothing measured after them (gpu_check's
+    ``ttfs`` rows: a fresh process, torch.compile's on-disk caches as the row finds them)."""
+    step, seconds = first_steps(fused, dtype, device, phase=phase, **kw)
+    del step
+    return dict(provider=provider or ("fused" if fused else "eager"), dtype=dtype, head=kw.get("head", "light"),
+                **seconds)
+
+
+def measure(fused: bool, dtype: str, device: str, provider: str | None = None, phase=no_phase, **kw) -> dict:
+    # compile, autotune and record the graphs outside the timing
+    step, seconds = first_steps(fused, dtype, device, phase=phase, **kw)
+    phase("measuring")
     # a training step takes tens of ms: a longer warm-up and window than one layer
     row = dict(provider=provider or ("fused" if fused else "eager"), dtype=dtype, head=kw.get("head", "light"),
+               **seconds,
                median_ms=median_ms(step, device, warmup_ms=500, rep_ms=2000, cpu_runs=5),
                peak_mem_mb=peak_mem_mb(step, device, relative=False),
                held_after_forward_mb=held_after_forward_mb(step, device))

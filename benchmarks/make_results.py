@@ -4,9 +4,17 @@
 
 Never edit RESULTS.md by hand: its numbers come only from JSON files that
 ``gpu_check.py`` wrote on a GPU. JSON schema: {device, driver, torch, triton, date,
-ceilings: {bf16_tflops, tf32_tflops, fp32_tflops, copy_gbps}, parity: {summary, ...},
-results: [{workload, dtype, pass, provider, median_ms, median_ms_repeat, floor_ms,
-peak_mem_mb, saved_bytes, saved_bytes_no_params}], skipped: [...], e2e: [...]}.
+ceilings: {bf16_tflops, tf32_tflops, fp32_tflops, copy_gbps} (null if that row failed),
+parity: {summary, ...}, results: [{workload, dtype, pass, provider, median_ms,
+median_ms_repeat, floor_ms, peak_mem_mb, saved_bytes, saved_bytes_no_params}],
+skipped: [{item, reason}], e2e: [...]}. Since issue 26 (every row in a child process of its
+own, benchmarks/README.md) also: every measured row's ``id``, ``phases`` ({phase: seconds})
+and ``seconds``; ``skipped`` entries' ``id``, ``status`` (timeout, error, crashed, stopped,
+budget), ``phase``, ``phases``, ``seconds``, ``limit_s``; ``rows`` (every row in order:
+id, status, phase, phases, seconds, limit_s, error); ``ttfs`` ([{id, head, provider,
+cache: cold | warm, status, build_s, first_step_s, record_s, ttfs_s, cache_files_before,
+cache_counters}], or the phase and seconds of a row that did not finish); budget_s,
+cache_dir, limits. Older files lack these and read as before.
 ``results/profile/<date>-<gpu>-<workload>.json`` (``profile_layer.py``) adds, per call,
 the CUDA-event time, the host time and the device-only time of a CUDA-graph replay.
 """
@@ -35,16 +43,20 @@ def _fmt(v, spec=".3f"):
 def device_table(run: dict) -> list[str]:
     """Runs that recorded graph replays (2026-11-30 on): device time per layer, by mode."""
     by = {(r["workload"], r["dtype"], r["pass"], r.get("mode", "call"), r["provider"]): r for r in run["results"]}
+    # other kernel versions (fused-v3, fused-v4, ...) get a column each, after these
     providers = ("eager", "compile", "fused-v2", "fused")
+    more = sorted({k[4] for k in by} - set(providers))
+    providers += tuple(more)
     lines = [
         "Device time per layer, ms (one CUDA-graph replay; `stack`: all L layers chained inside "
         "`prepared()` as a backbone runs them, divided by L; `call`: one layer called alone, its "
-        "parameter operands formed per call). `fused` is kernels v3, `fused-v2` the previous ones.", "",
-        "| workload | dtype | pass | mode | eager | compile | fused-v2 | fused | floor | fused/floor "
-        "| x v2 | x compile | x eager | host ms per call (fused) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+        "parameter operands formed per call). `fused` is kernels v3, `fused-v2` the previous ones"
+        + "".join(f", `{p}` kernels {p.split('-', 1)[1]}" for p in more if p.startswith("fused-")) + ".", "",
+        "| workload | dtype | pass | mode | eager | compile | fused-v2 | fused | " + "".join(f"{p} | " for p in more)
+        + "floor | fused/floor | x v2 | x compile | x eager | host ms per call (fused) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(more),
     ]
-    for w in ORDER:
+    for w in ORDER + sorted({k[0] for k in by} - set(ORDER)):
         for dtype in ("bf16", "bf16x", "fp32"):
             for pass_ in ("fwd+bwd", "fwd"):
                 for mode in ("stack", "call"):
@@ -138,6 +150,49 @@ def plot(run: dict, path: Path) -> bool:
     return drew
 
 
+def ttfs_table(run: dict) -> list[str]:
+    """Runs from issue 26 on: seconds from the start of the first training step to the end
+    of the step that first replays, in a fresh process, torch.compile's on-disk caches
+    empty (cold: the e2e row) or as the cold row left them (warm: the ttfs row)."""
+    if not run.get("ttfs"):
+        return []
+    lines = ["Time to the first replayed training step, s (a fresh process; `cold`: torch.compile's and "
+             "Triton's on-disk caches empty, `warm`: as the cold row left them; first step = compile and "
+             "the first run, record = the steps until the first replay):", "",
+             "| head | provider | cache | build s | first step s | record s | to first replay s | cache files before |",
+             "|---|---|---|---|---|---|---|---|"]
+    for t in run["ttfs"]:
+        if t.get("ttfs_s") is None:
+            what = f"{t.get('status')} in {t.get('phase')} after {_fmt(t.get('seconds'), '.0f')} s"
+            cells = [_fmt((t.get("phases") or {}).get("building"), ".1f"), what, "-", "-"]
+        else:
+            cells = [_fmt(t.get("build_s"), ".1f"), _fmt(t.get("first_step_s"), ".1f"), _fmt(t.get("record_s"), ".1f"),
+                     _fmt(t.get("ttfs_s"), ".1f")]
+        lines.append(f"| {t.get('head')} | {t.get('provider')} | {t.get('cache')} | " + " | ".join(cells)
+                     + f" | {_fmt(t.get('cache_files_before'), 'd')} |")
+    return lines + [""]
+
+
+def unfinished_rows(run: dict) -> list[str]:
+    """Runs from issue 26 on: the rows that did not finish (timed out, failed, died, stopped)
+    with the phase they were in and the seconds each phase took; rows the budget did not
+    reach are counted."""
+    bad = [s for s in run.get("skipped", []) if s.get("status") in ("timeout", "error", "crashed", "stopped")]
+    budget = sum(s.get("status") == "budget" for s in run.get("skipped", []))
+    if not bad and not budget:
+        return []
+    lines = ["Rows that did not finish (phases: seconds in each, `starting` = the process's start and imports):", "",
+             "| row | status | phase | seconds | limit s | phases | reason |", "|---|---|---|---|---|---|---|"]
+    for s in bad:
+        phases = ", ".join(f"{k} {v:.0f}" for k, v in (s.get("phases") or {}).items())
+        why = str(s.get("reason", "")).replace("|", "/")[:200]
+        lines.append(f"| {s.get('id')} | {s['status']} | {s.get('phase')} | {_fmt(s.get('seconds'), '.0f')} "
+                     f"| {_fmt(s.get('limit_s'), '.0f')} | {phases} | {why} |")
+    if budget:
+        lines.append(f"\n{budget} row(s) not started: the call's time budget was spent.")
+    return lines + [""]
+
+
 def main() -> None:
     runs = load_runs(HERE / "results")
     out = ["# Rein layer benchmarks", "",
@@ -149,9 +204,10 @@ def main() -> None:
     for i, run in enumerate(runs):
         out += [f"## {run['device']} — torch {run['torch']}, triton {run['triton']}, {run['date']}"
                 + (" (latest)" if i == 0 else ""), ""]
-        c = run["ceilings"]
-        out += [f"Measured ceilings: bf16 {c['bf16_tflops']:.0f} TFLOP/s, tf32 {c['tf32_tflops']:.0f} TFLOP/s, "
-                f"copy {c['copy_gbps']:.0f} GB/s. Parity suite natively: "
+        c = run.get("ceilings")
+        out += [(f"Measured ceilings: bf16 {c['bf16_tflops']:.0f} TFLOP/s, tf32 {c['tf32_tflops']:.0f} TFLOP/s, "
+                 f"copy {c['copy_gbps']:.0f} GB/s. " if c else "Ceilings not measured (no floors). ")
+                + f"Parity suite natively: "
                 f"{(run.get('parity') or {}).get('summary', 'not run')}. File: `results/{run['_file']}`.", ""]
         out += run_table(run) + [""]
         if run.get("e2e"):
@@ -167,6 +223,7 @@ def main() -> None:
                     f"| {_fmt(r.get('reserved_mb'), '.0f')} | {_fmt(r.get('held_after_forward_mb'), '.0f')} |"
                     for r in run["e2e"]]
             out += [""]
+        out += ttfs_table(run) + unfinished_rows(run)
         if i == 0 and plot(run, HERE / "speedup.png"):
             out += ["![fused speed-up per workload](speedup.png)", ""]
         if i == 0:

@@ -106,7 +106,7 @@ def test_evaluation_row_on_cpu():
 def test_gpu_check_plans_every_row_of_the_captured_step_issue():
     """One gpu_check call measures every row issue 18 names, for both heads: the library's
     step against the official setting and compile(reference) (peak memory beside each), and
-    the evaluation replayed against called; after the recipe's layer rows when they run."""
+    the evaluation replayed against called; then (issue 26) the layer rows."""
     import gpu_check
 
     items = gpu_check.plan(["vitl-512"], ["light", "mask2former"], layers=False, e2e=True)
@@ -120,5 +120,6 @@ def test_gpu_check_plans_every_row_of_the_captured_step_issue():
 
     assert all(item[2] in e2e.SETTINGS for item in items if item[0] == "e2e")
     layers = gpu_check.plan(["vitl-512"], ["light"], layers=True, e2e=True)
-    first_e2e = layers.index(("e2e", "light", "library"))
-    assert {i[0] for i in layers[:first_e2e]} == {"layer"} and {i[1] for i in layers[:first_e2e]} == {"vitl-512"}
+    first_layer = [i[0] for i in layers].index("layer")
+    assert layers[0] == ("e2e", "light", "library") and "layer" not in {i[0] for i in layers[:first_layer]}
+    assert {i[0] for i in layers[first_layer:]} == {"layer"} and {i[1] for i in layers[first_layer:]} == {"vitl-512"}

@@ -1,4 +1,14 @@
-"""Checks that only mean something natively on a GPU (skipped on CPU with the reason)."""
+"""Checks that only mean something natively on a GPU (skipped on CPU with the reason).
+
+On an H200 the module should take under 120 s with 4 workers:
+
+    REIN_AUTOTUNE=0 python -m pytest tests/test_gpu.py -n 4
+
+(REIN_AUTOTUNE=0 pins each kernel to one config, as gpu_check's parity row does: tuning
+every new shape costs more than these checks.) The captured-training tests compile the
+step, which is most of their time: they run the synthetic model at the size their checks
+need (``_small_synthetic_run``), and each compiles once, so that xdist runs them side by
+side."""
 import pytest
 import torch
 
@@ -64,22 +74,40 @@ def test_sliding_window_replayed_from_a_graph_equals_the_model():
         torch.testing.assert_close(captured, plain, rtol=1e-4, atol=1e-4)
 
 
+def _small_synthetic_run(monkeypatch) -> list[str]:
+    """The synthetic run at the size the captured-training checks need, which is what its
+    compile time follows: every op of the step is still there, fewer times over. A 2-block
+    backbone (synthetic default 4), Mask2Former with 1 encoder and 2 decoder layers (default
+    2 and 3: the auxiliary losses and their matchings stay, the 1024 sampled points too, so
+    the loss varies from draw to draw as before), 4 validation images per domain (12), and
+    the batches built in the training process (``--workers 0``: no loader processes beside
+    Inductor's compile workers). Returns the flags to add."""
+    from rein.train import config
+
+    monkeypatch.setitem(config.SYNTHETIC, "depth", 2)
+    monkeypatch.setitem(config.SYNTHETIC, "val_size", 4)
+    monkeypatch.setitem(config.SMALL_MASK2FORMER, "encoder_layers", 1)
+    monkeypatch.setitem(config.SMALL_MASK2FORMER, "decoder_layers", 2)
+    return ["--workers", "0"]
+
+
 @pytest.mark.parametrize("head", ["light", "mask2former"])
-def test_training_is_captured_on_cuda_and_trains_as_uncaptured(tmp_path, capsys, head):
+def test_training_is_captured_on_cuda_and_trains_as_uncaptured(tmp_path, capsys, monkeypatch, head):
     """The synthetic run on a GPU: its step captured (torch.compile, reduce-overhead: the
     forward and backward, the loss's device stages, the AdamW step) without falling back,
-    the losses of 4 iterations those of the uncaptured step up to kernel rounding (for
-    Mask2Former also up to its random points, which compiled code draws from other streams:
-    the synthetic head's loss varies by ~0.3% from draw to draw); and a CPU run's checkpoint
-    resumes captured."""
+    the losses of 4 iterations (compile, record, two replays) those of the uncaptured step
+    up to kernel rounding (for Mask2Former also up to its random points, which compiled
+    code draws from other streams: the synthetic head's loss varies by ~0.3% from draw to
+    draw)."""
     import json
 
     from rein.train.loop import main
 
+    small = _small_synthetic_run(monkeypatch)
     losses = {}
     for flag in ("--cuda-graphs", "--no-cuda-graphs"):
         out = tmp_path / flag
-        assert main(["--max-iters", "4", "--out", str(out), "--device", "cuda", "--head", head, flag]) == 0
+        assert main(["--max-iters", "4", "--out", str(out), "--device", "cuda", "--head", head, flag, *small]) == 0
         printed = capsys.readouterr()
         assert ("training step captured" in printed.out) == (flag == "--cuda-graphs"), printed.out[-2000:]
         assert "continuing uncaptured" not in printed.err, printed.err[-2000:]
@@ -89,9 +117,19 @@ def test_training_is_captured_on_cuda_and_trains_as_uncaptured(tmp_path, capsys,
     torch.testing.assert_close(torch.tensor(losses["--cuda-graphs"]), torch.tensor(losses["--no-cuda-graphs"]),
                                rtol=rtol, atol=1e-3)
 
+
+@pytest.mark.parametrize("head", ["light", "mask2former"])
+def test_a_cpu_run_resumes_captured_on_cuda(tmp_path, capsys, monkeypatch, head):
+    """A CPU run's checkpoint (its optimizer's state as a CPU run keeps it) resumes on the
+    GPU captured, without falling back. A test of its own (it was the end of the one above),
+    so that it compiles beside that one instead of after it."""
+    from rein.train.loop import main
+
     out = tmp_path / "from-cpu"
-    common = ["--max-iters", "4", "--out", str(out), "--head", head, "--ckpt-interval", "1"]
+    common = ["--max-iters", "4", "--out", str(out), "--head", head, "--ckpt-interval", "1",
+              *_small_synthetic_run(monkeypatch)]
     assert main([*common, "--device", "cpu", "--stop-at", "2"]) == 0
     assert main([*common, "--device", "cuda", "--resume"]) == 0
     printed = capsys.readouterr()
+    assert "resumed at iteration 2" in printed.out, printed.out[-2000:]
     assert "training step captured" in printed.out and "continuing uncaptured" not in printed.err, printed.err
