@@ -2,8 +2,8 @@
 suite and the one-shot GPU script (benchmarks/README.md says what they mean).
 
 Providers: ``eager`` (the reference, fused=False), ``compile`` (torch.compile of that
-reference), ``fused`` (this library's kernels, v3) and ``fused-v2`` (the v2 kernels, kept
-until a GPU run has compared them). Passes: ``fwd`` and ``fwd+bwd`` (gradients for x and
+reference), ``fused`` (this library's default kernels, ``rein_kernels.KERNELS``) and
+``fused-v4`` / ``fused-v3`` (each version by name, while both are kept). Passes: ``fwd`` and ``fwd+bwd`` (gradients for x and
 every Rein parameter, as in training). Dtypes: ``fp32`` (matmuls follow
 ``torch.backends.cuda.matmul.allow_tf32``; the GPU script allows tf32, as the published
 recipe's torch does by default for cuDNN and users commonly do for matmul) and ``bf16``
@@ -60,12 +60,13 @@ WORKLOADS = {
         Workload("vitl-1024", "vit_large_patch14_dinov2", 1024, 24, 2, 1024),
         Workload("vitg-512", "vit_giant_patch14_dinov2", 1536, 40, 4, 512),
         Workload("vitl-512-b16", "vit_large_patch14_dinov2", 1024, 24, 16, 512),
+        Workload("vit7b-512", "vit_7b_patch16_dinov3", 4096, 40, 4, 512),
     ]
 }
 # Small enough for a CPU: eager vs compile only (the fused kernels need a GPU to be timed).
 CPU_WORKLOAD = Workload("cpu-tiny", "vit_small_patch14_dinov2", 64, 2, 2, 128)
 
-PROVIDERS = ("eager", "compile", "fused", "fused-v2")
+PROVIDERS = ("eager", "compile", "fused", "fused-v4", "fused-v3")
 MODES = ("call", "stack")
 # "bf16": autocast over an fp32 residual stream (frozen weights in fp32); "bf16x": autocast
 # over a bf16 one (frozen weights cast to bf16, as the library's training defaults do)
@@ -100,8 +101,8 @@ class Case:
                  mode: str = "call"):
         self.w, self.provider, self.dtype, self.pass_, self.device, self.mode = w, provider, dtype, pass_, device, mode
         self.n_layers = w.L if mode == "stack" else 1
-        # "fused": v3; "fused-vN": kernels vN (a new version is a new provider name, nothing else)
-        self.kernels = provider.split("-", 1)[1] if provider.startswith("fused-") else "v3"
+        # "fused": the default kernels; "fused-vN": kernels vN (a new version is a new provider name)
+        self.kernels = provider.split("-", 1)[1] if provider.startswith("fused-") else rein_kernels.KERNELS
         torch.manual_seed(0)
         self.layer = rein.ReinLayer(w.L, w.C, w.patch, token_length=w.m, lora_dim=w.r,
                                     scale_init=0.1, fused=provider.startswith("fused")).to(device)

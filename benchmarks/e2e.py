@@ -35,7 +35,7 @@ from rein.model import Segmentor
 from rein.train.optim import make_optimizer
 from rein.train.step import WARM_STEPS, captured_step
 
-LIBRARY = dict(fused=True, dtype="bf16", bf16_weights=True, train_step=True)
+LIBRARY = dict(fused=True, dtype="bf16", bf16_weights=True, train_step=True, kernels="v4")
 # ``criterion``: the Mask2Former head's loss (static, its default, or transformers'), as
 # the official setting and the previous default ran it
 SETTINGS = {
@@ -45,10 +45,12 @@ SETTINGS = {
     "library-forward-graphs": dict(fused=True, dtype="bf16", bf16_weights=True, compile="reduce-overhead",
                                    fused_adamw=True, criterion="transformers"),
     "library-transformers-loss": dict(LIBRARY, criterion="transformers"),
-    "library-v2": dict(LIBRARY, kernels="v2"),
+    "library-v3": dict(LIBRARY, kernels="v3"),
+    # the whole model compiled as one graph (the captured step before regional compilation)
+    "library-whole": dict(LIBRARY, train_step={"regional": False}),
     "library-triton-op": dict(LIBRARY, registration="triton_op"),
     # like for like, nothing captured
-    "fused-bf16": dict(fused=True, dtype="bf16", bf16_weights=True, fused_adamw=True),
+    "fused-bf16": dict(fused=True, dtype="bf16", bf16_weights=True, fused_adamw=True, kernels="v4"),
     "eager-bf16": dict(fused=False, dtype="bf16", bf16_weights=True, fused_adamw=True),
     # the whole step (forward, loss, backward, optimizer) as one CUDA graph: the light head
     # only (the Mask2Former loss matches on the host); without and with Inductor's kernels
@@ -75,9 +77,10 @@ def build_segmentor(fused: bool, device: str, backbone: str = "vit_large_patch14
 class TrainStep:
     def __init__(self, fused: bool, dtype: str, device: str, img: int = 512, batch: int = 4, num_classes: int = 19,
                  bf16_weights: bool = False, compile: bool | str = False, fused_adamw: bool = False,
-                 kernels: str = "v3", capture: bool = False, registration: str = "custom_op",
+                 kernels: str | None = None, capture: bool = False, registration: str = "custom_op",
                  train_step: bool | dict = False, **model_kwargs):
-        self.device, self.dtype, self.kernels, self.registration = device, dtype, kernels, registration
+        self.device, self.dtype, self.registration = device, dtype, registration
+        self.kernels = kernels or rein_kernels.KERNELS
         segmentor = build_segmentor(fused, device, img=img, num_classes=num_classes, **model_kwargs)
         self.model, self.head = segmentor.backbone, segmentor.head
         if bf16_weights:

@@ -49,9 +49,9 @@ import isolate  # noqa: E402  (standard library only: the parent imports torch i
 PRIORITY = ["vitl-512", "vitl-1024", "vitg-512", "vits-512", "vitb-512", "vitl-512-b16"]
 # The layer rows' providers, data: a new kernel version is one more name here ("fused-v4"
 # runs kernels v4: bench.Case takes the version from the name).
-STACK_PROVIDERS = ("fused", "fused-v2", "eager")
+STACK_PROVIDERS = ("fused-v4", "fused-v3", "eager")
 CALL_PROVIDERS = STACK_PROVIDERS + ("compile",)
-BF16X_CALL_PROVIDERS = ("fused", "compile")
+BF16X_CALL_PROVIDERS = ("fused-v4", "fused-v3", "compile")
 # the training-step settings whose warm start (``ttfs`` row) follows their cold one (``e2e`` row)
 TTFS_SETTINGS = ("library",)
 
@@ -59,6 +59,7 @@ TTFS_SETTINGS = ("library",)
 # these). A Mask2Former step compiled cold has taken more than 240 s (issue 26).
 DEFAULT_LIMITS = [
     ("ceilings", 90),
+    ("probe/*", 90),
     ("layer/*/compile", 120),
     ("layer/*", 60),
     ("eval/*", 120),
@@ -106,9 +107,11 @@ def plan(names: list[str], heads: list[str], layers: bool, e2e: bool) -> list[tu
             # the whole step as one CUDA graph: the light head only (Mask2Former matches on the host)
             items += [("e2e", head, s) for s in ("library-graph", "library-compile-graph") if head == "light"]
             items += [("e2e", head, "library-triton-op")] if head == heads[0] else []
-            items += [("e2e", head, s) for s in ("fused-bf16", "eager-bf16", "library-v2")]
+            items += [("e2e", head, s) for s in ("library-v3", "fused-bf16", "eager-bf16")]
     if layers:
         first, rest = names[0], names[1:]
+        # each launch of the layer beside cuBLAS and the bandwidth bound at the shape
+        items += [("probe", name) for name in names]
         for pass_ in ("fwd+bwd", "fwd"):
             items += [("layer", first, "bf16", pass_, p, "stack") for p in STACK_PROVIDERS]
             items += [("layer", first, "bf16", pass_, p, "call") for p in CALL_PROVIDERS]
@@ -189,7 +192,7 @@ def device_info() -> dict:
 
 def new_report(info: dict, workloads: list | None = None) -> dict:
     return dict(info, ceilings=None, parity=None, workloads=workloads or [], results=[], skipped=[], e2e=[],
-                ttfs=[], rows=[], kernels={}, seconds=None)
+                ttfs=[], rows=[], probe=[], kernels={}, seconds=None)
 
 
 def child_env(cache: Path, extra: dict | None = None) -> dict:
@@ -286,6 +289,8 @@ def _file(report: dict, item, rid: str, rec: dict, files_before: int | None = No
         report["results"].append(row)
     elif kind in ("e2e", "eval"):
         report["e2e"].append(row)
+    elif kind == "probe":
+        report.setdefault("probe", []).append(row)
     for name, entry in ((rec.get("extra") or {}).get("kernels") or {}).items():
         into = report["kernels"].setdefault(name, {"best": {}, "variants": []})
         into["best"].update(entry.get("best", {}))
@@ -465,7 +470,16 @@ def _row_layer(item, spec, rep):
     from bench import WORKLOADS, measure
 
     row = measure(WORKLOADS[name], provider, dtype, pass_, "cuda", spec.get("ceilings"), mode=mode, phase=rep.phase)
-    return row, ({"kernels": compiled_kernels()} if provider == "fused" else None)
+    return row, ({"kernels": compiled_kernels()} if provider.startswith("fused") else None)
+
+
+def _row_probe(item, spec, rep):
+    _torch()
+    from bench import WORKLOADS
+    from probe import probe
+
+    rep.phase("measuring")
+    return probe(WORKLOADS[item[1]], spec.get("ceilings")), None
 
 
 def _row_eval(item, spec, rep):
@@ -511,7 +525,8 @@ def _row_fake(item, spec, rep):
     return {"workload": f"fake-{item[1]}", "value": 1.0}, None
 
 
-ROW_KINDS = {"ceilings": _row_ceilings, "parity": _row_parity, "layer": _row_layer, "eval": _row_eval,
+ROW_KINDS = {"ceilings": _row_ceilings, "parity": _row_parity, "layer": _row_layer, "probe": _row_probe,
+             "eval": _row_eval,
              "e2e": _row_e2e, "ttfs": _row_ttfs, "fake": _row_fake}
 
 
@@ -538,8 +553,10 @@ def compiled_kernels() -> dict:
     these from an ahead-of-time ptxas; this is the native count)."""
     try:
         import rein_kernels.rein_layer as op
+        import rein_kernels.rein_layer_v4 as op4
 
-        tables = (("gemm", op._GEMM), ("logits", op._LOGITS))
+        tables = (("gemm", op._GEMM), ("logits", op._LOGITS), ("v4 rows fwd", op4._ROWS_FWD),
+                  ("v4 rows bwd", op4._ROWS_BWD))
     except Exception as e:  # kernels laid out otherwise: say so, keep the row
         return {"error": {"best": {}, "variants": [], "error": f"{type(e).__name__}: {e}"[:300]}}
     found = {}
@@ -577,10 +594,10 @@ def print_table(report: dict, names: list[str]) -> None:
     times to the first step, and the rows that did not finish."""
     by = {(r["workload"], r["dtype"], r["pass"], r.get("mode", "call"), r["provider"]): r for r in report["results"]
           if "pass" in r}
-    known = ["eager", "compile", "fused-v2", "fused"]
+    known = ["eager", "compile", "fused-v3", "fused-v4"]
     providers = known + sorted({k[4] for k in by} - set(known))
     print(f"\n{'workload':10s} {'dtype':5s} {'pass':7s} {'mode':5s} " + " ".join(f"{p:>9s}" for p in providers)
-          + f" {'floor':>7s} {'/floor':>6s} {'v2/v3':>6s} {'comp/v3':>7s}")
+          + f" {'floor':>7s} {'/floor':>6s} {'v3/v4':>6s} {'comp/v4':>7s}")
 
     def ratio(a, b):
         return f"{a / b:6.2f}" if a and b else f"{'-':>6s}"
@@ -595,8 +612,12 @@ def print_table(report: dict, names: list[str]) -> None:
                     fl = next((r.get("floor_ms") for k, r in by.items() if k[:4] == (name, dtype, pass_, mode)), None)
                     print(f"{name:10s} {dtype:5s} {pass_:7s} {mode:5s} "
                           + " ".join(f"{v:9.3f}" if v else f"{'-':>9s}" for v in t.values())
-                          + f" {fl or 0:7.3f} {ratio(t['fused'], fl)} {ratio(t['fused-v2'], t['fused'])} "
-                          f"{ratio(t['compile'], t['fused']):>7s}")
+                          + f" {fl or 0:7.3f} {ratio(t['fused-v4'], fl)} {ratio(t['fused-v3'], t['fused-v4'])} "
+                          f"{ratio(t['compile'], t['fused-v4']):>7s}")
+    for pr in report.get("probe", []):
+        print(f"probe {pr['workload']} (x {pr['x_dtype']}, rows {pr['rows']}): " + ", ".join(
+            f"{k} {v['us']:.1f} us" + (f" (bound {v['bandwidth_bound_us']:.1f})" if v.get("bandwidth_bound_us") else "")
+            for k, v in pr.items() if isinstance(v, dict)))
     for row in report["e2e"]:
         print(f"{row.get('workload', 'vitl-512'):16s} {row.get('head', 'light'):11s} {row.get('provider'):17s} "
               f"{row.get('dtype')} "

@@ -75,15 +75,23 @@ from ._common import aligned16, configs, new, precision, refined_rows, row_view,
 # so the tiles trade programs in flight against those reads and the token tiles' registers.
 # "tc": tensor-core dots (16-bit compute dtype, or tf32) on operands aligned as the published
 # shapes are; "tc_odd": the same for odd C or strides, where the wider tiles spill; "small":
-# fp32 with tf32 off (FMA dots). Chosen by the autotuner on the GPU; tests/compile_sm90.py
-# checks each for spills and shared memory in every dtype.
-ROWS_GPU_CONFIGS = {
-    "tc": [triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-           for br, bk, w, s in [(32, 64, 4, 3), (16, 64, 4, 3), (32, 128, 8, 3), (64, 64, 8, 3), (16, 128, 4, 2)]],
-    "tc_odd": [triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-               for br, bk, w, s in [(16, 32, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2)]],
-    "small": [triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s)
-              for br, bk, w, s in [(16, 32, 4, 2), (32, 32, 4, 2), (16, 64, 4, 2)]],
+# fp32 with tf32 off (FMA dots). The backward holds two accumulators and four operand
+# tiles, so its lists use 8 warps. Every config compiles for sm_90 without register spills
+# in every dtype its path serves (tests/compile_sm90.py); the autotuner picks among them on
+# the GPU.
+def _configs(*tiles):
+    return [triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s) for br, bk, w, s in tiles]
+
+
+ROWS_FWD_GPU_CONFIGS = {
+    "tc": _configs((32, 64, 4, 3), (16, 64, 4, 3), (32, 128, 8, 3), (64, 64, 8, 3)),
+    "tc_odd": _configs((16, 32, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2)),
+    "small": _configs((16, 32, 4, 2)),
+}
+ROWS_BWD_GPU_CONFIGS = {
+    "tc": _configs((32, 32, 8, 3), (16, 128, 8, 2), (16, 32, 8, 2)),
+    "tc_odd": _configs((16, 32, 8, 2)),
+    "small": _configs((16, 32, 8, 2)),
 }
 # The interpreter's tiles are small, so that the CPU tests' small shapes still span several
 # row programs, pack programs and column chunks.
@@ -125,23 +133,28 @@ def _rows_fwd_kernel(
         in_range, refined = refined_rows(r0, R, S1, num_prefix, SEQ_DIM, BLOCK_R)
         rws = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
         js = tl.arange(0, BLOCK_M)
+        # block pointers: the token tiles' addresses are not held per element in registers
+        x_bp = tl.make_block_ptr(X, (R, C), (sx, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+        o_bp = tl.make_block_ptr(OUT, (R, C), (so, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+        a_bp = tl.make_block_ptr(A, (R, Cp), (Kf, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+        # T^T of the value tokens: column j is token j + 1
+        t_bp = tl.make_block_ptr(T + C, (C, M - 1), (1, C), (0, 0), (BLOCK_K, BLOCK_M), (0, 1))
         z = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
         z0 = tl.zeros([BLOCK_R], dtype=tl.float32)
         for k0 in range(0, Cp, BLOCK_K):
             kk = k0 + ks
-            kin = kk < C
-            xr = tl.load(X + rws[:, None] * sx + kk[None, :], mask=in_range[:, None] & kin[None, :], other=0.0)
+            xr = tl.load(x_bp, boundary_check=(0, 1), padding_option="zero")
             xk = xr.to(CD)
-            # T^T of the value tokens: column j is token j + 1
-            tk = tl.load(T + (js[None, :] + 1) * C + kk[:, None], mask=kin[:, None] & (js < M - 1)[None, :],
-                         other=0.0).to(CD)
-            t0 = tl.load(T + kk, mask=kin, other=0.0).to(CD)
+            tk = tl.load(t_bp, boundary_check=(0, 1), padding_option="zero").to(CD)
+            t0 = tl.load(T + kk, mask=kk < C, other=0.0).to(CD)
             z = tl.dot(xk, tk, z, input_precision=PRECISION)
             z0 += tl.sum(xk.to(tl.float32) * t0.to(tl.float32)[None, :], axis=1)
-            tl.store(OUT + rws[:, None] * so + kk[None, :], xr.to(OUT.dtype.element_ty),
-                     mask=in_range[:, None] & kin[None, :])
-            tl.store(A + rws[:, None] * Kf + kk[None, :], tl.where(refined[:, None], xk, 0.0).to(CD),
-                     mask=in_range[:, None] & (kk < Cp)[None, :])
+            tl.store(o_bp, xr.to(OUT.dtype.element_ty), boundary_check=(0, 1))
+            tl.store(a_bp, tl.where(refined[:, None], xk, 0.0).to(CD), boundary_check=(0, 1))
+            x_bp = tl.advance(x_bp, (0, BLOCK_K))
+            o_bp = tl.advance(o_bp, (0, BLOCK_K))
+            a_bp = tl.advance(a_bp, (0, BLOCK_K))
+            t_bp = tl.advance(t_bp, (BLOCK_K, 0))
         if USE_SOFTMAX:
             sz = tl.where((js < M - 1)[None, :], z * c_scale, float("-inf"))
             s0 = z0 * c_scale
@@ -197,28 +210,37 @@ def _rows_bwd_kernel(
         js = tl.arange(0, BLOCK_M)
         K1 = 2 * (Mp + Cp)
         w1 = W1 + rws[:, None] * K1
+        x_bp = tl.make_block_ptr(X, (R, C), (sx, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+        g_bp = tl.make_block_ptr(G, (R, C), (sg, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+        d_bp = tl.make_block_ptr(DX, (R, C), (sdx, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+        gw_bp = tl.make_block_ptr(W1 + Mp, (R, Cp), (K1, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+        xw_bp = tl.make_block_ptr(W1 + 2 * Mp + Cp, (R, Cp), (K1, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+        t_bp = tl.make_block_ptr(T + C, (C, M - 1), (1, C), (0, 0), (BLOCK_K, BLOCK_M), (0, 1))
+        u_bp = tl.make_block_ptr(U, (C, M - 1), (1, C), (0, 0), (BLOCK_K, BLOCK_M), (0, 1))
         z = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
         z0 = tl.zeros([BLOCK_R], dtype=tl.float32)
         gp = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
         for k0 in range(0, Cp, BLOCK_K):
             kk = k0 + ks
-            kin = kk < C
-            ld = in_range[:, None] & kin[None, :]
-            xk = tl.load(X + rws[:, None] * sx + kk[None, :], mask=ld, other=0.0).to(CD)
-            gr = tl.load(G + rws[:, None] * sg + kk[None, :], mask=ld, other=0.0)
+            xk = tl.load(x_bp, boundary_check=(0, 1), padding_option="zero").to(CD)
+            gr = tl.load(g_bp, boundary_check=(0, 1), padding_option="zero")
             gk = gr.to(CD)
-            tk = tl.load(T + (js[None, :] + 1) * C + kk[:, None], mask=kin[:, None] & (js < M - 1)[None, :],
-                         other=0.0).to(CD)
-            t0 = tl.load(T + kk, mask=kin, other=0.0).to(CD)
-            uk = tl.load(U + js[None, :] * C + kk[:, None], mask=kin[:, None] & (js < M - 1)[None, :],
-                         other=0.0).to(CD)
+            tk = tl.load(t_bp, boundary_check=(0, 1), padding_option="zero").to(CD)
+            t0 = tl.load(T + kk, mask=kk < C, other=0.0).to(CD)
+            uk = tl.load(u_bp, boundary_check=(0, 1), padding_option="zero").to(CD)
             z = tl.dot(xk, tk, z, input_precision=PRECISION)
             z0 += tl.sum(xk.to(tl.float32) * t0.to(tl.float32)[None, :], axis=1)
             gp = tl.dot(gk, uk, gp, input_precision=PRECISION)
-            tl.store(DX + rws[:, None] * sdx + kk[None, :], gr.to(DX.dtype.element_ty), mask=ld)
-            st = in_range[:, None] & (kk < Cp)[None, :]
-            tl.store(w1 + Mp + kk[None, :], tl.where(refined[:, None], gk, 0.0).to(CD), mask=st)
-            tl.store(w1 + 2 * Mp + Cp + kk[None, :], tl.where(refined[:, None], xk, 0.0).to(CD), mask=st)
+            tl.store(d_bp, gr.to(DX.dtype.element_ty), boundary_check=(0, 1))
+            tl.store(gw_bp, tl.where(refined[:, None], gk, 0.0).to(CD), boundary_check=(0, 1))
+            tl.store(xw_bp, tl.where(refined[:, None], xk, 0.0).to(CD), boundary_check=(0, 1))
+            x_bp = tl.advance(x_bp, (0, BLOCK_K))
+            g_bp = tl.advance(g_bp, (0, BLOCK_K))
+            d_bp = tl.advance(d_bp, (0, BLOCK_K))
+            gw_bp = tl.advance(gw_bp, (0, BLOCK_K))
+            xw_bp = tl.advance(xw_bp, (0, BLOCK_K))
+            t_bp = tl.advance(t_bp, (BLOCK_K, 0))
+            u_bp = tl.advance(u_bp, (BLOCK_K, 0))
         if USE_SOFTMAX:
             lse = tl.load(LSE + rws, mask=in_range, other=0.0)
             p = tl.exp(tl.where((js < M - 1)[None, :], z * c_scale, float("-inf")) - lse[:, None])
@@ -254,13 +276,13 @@ def _rows_bwd_kernel(
             tl.store(BB + k[:, None] * C + nn[None, :], v.to(CD), mask=(k < Cp + Mp)[:, None] & nin[None, :])
 
 
-def _tuned(kernel):
+def _tuned(kernel, configs_by_path):
     return {path: triton.autotune(configs=configs(cfgs, _ROWS_INTERP), key=["C", "M"])(kernel)
-            for path, cfgs in ROWS_GPU_CONFIGS.items()}
+            for path, cfgs in configs_by_path.items()}
 
 
-_ROWS_FWD = _tuned(_rows_fwd_kernel)
-_ROWS_BWD = _tuned(_rows_bwd_kernel)
+_ROWS_FWD = _tuned(_rows_fwd_kernel, ROWS_FWD_GPU_CONFIGS)
+_ROWS_BWD = _tuned(_rows_bwd_kernel, ROWS_BWD_GPU_CONFIGS)
 
 
 # ----------------------------------------------------------------------------- GEMMs
@@ -332,34 +354,71 @@ def _grid(R: int, pack_rows: int):
     return grid
 
 
-def _forward(x, T, U, W, b, cdtype, num_prefix, seq_dim, use_softmax, launch=_direct):
-    """T, U: the tokens and U in the compute dtype (the op's Tc, Uc)."""
-    # (out, lse); ``launch`` wraps each kernel before its launch (torch.library.wrap_triton
-    # for the triton_op registration)
-    xv, sd, swapped = row_view(x, seq_dim)
-    S1 = xv.shape[1]
-    x2 = rows(xv)
+def _fwd_rows(x2, S1, sd, T, U, W, b, cdtype, num_prefix, use_softmax, out_dtype, launch=_direct):
+    """The forward row kernel on the [R, C] row view x2 (R > 0): (OUT = x, A, Bt, lse)."""
     R, C = x2.shape
     M = T.shape[0]
     Cp, Kf = _pad16(C), _pad16(C) + _pad16(M)
-    dev = x.device
-    out = new(torch.empty(R, C, device=dev, dtype=torch.promote_types(x.dtype, cdtype)))
+    dev = x2.device
+    out = new(torch.empty(R, C, device=dev, dtype=out_dtype))
     lse = new(torch.empty(R, device=dev, dtype=torch.float32))
-    if R:
-        A = new(torch.empty(R, Kf, device=dev, dtype=cdtype))
-        Bt = new(torch.empty(C, Kf, device=dev, dtype=cdtype))
-        launch(_ROWS_FWD[_path(cdtype, C, x2, out)])[_grid(R, C)](
-            x2, T, U, W, b, out, A, Bt, lse,
-            R, S1, C, M, Cp, Kf,
-            x2.stride(0), out.stride(0), W.stride(0), W.stride(1),
-            num_prefix, C ** -0.5 if use_softmax else 1.0,
-            SEQ_DIM=sd, USE_SOFTMAX=use_softmax, PRECISION=precision(cdtype), BLOCK_M=_block_m(M),
-        )
+    A = new(torch.empty(R, Kf, device=dev, dtype=cdtype))
+    Bt = new(torch.empty(C, Kf, device=dev, dtype=cdtype))
+    launch(_ROWS_FWD[_path(cdtype, C, x2, out)])[_grid(R, C)](
+        x2, T, U, W, b, out, A, Bt, lse,
+        R, S1, C, M, Cp, Kf,
+        x2.stride(0), out.stride(0), W.stride(0), W.stride(1),
+        num_prefix, C ** -0.5 if use_softmax else 1.0,
+        SEQ_DIM=sd, USE_SOFTMAX=use_softmax, PRECISION=precision(cdtype), BLOCK_M=_block_m(M),
+    )
+    return out, A, Bt, lse
+
+
+def _forward(x, T, U, W, b, cdtype, num_prefix, seq_dim, use_softmax, launch=_direct):
+    """(out, lse). T, U: the tokens and U in the compute dtype (the op's Tc, Uc); ``launch``
+    wraps each kernel before its launch (torch.library.wrap_triton for the triton_op)."""
+    xv, sd, swapped = row_view(x, seq_dim)
+    x2 = rows(xv)
+    out_dtype = torch.promote_types(x.dtype, cdtype)
+    if x2.shape[0]:
+        out, A, Bt, lse = _fwd_rows(x2, xv.shape[1], sd, T, U, W, b, cdtype, num_prefix, use_softmax, out_dtype,
+                                    launch)
         _addmm_(out, A, Bt.t())
+    else:
+        out = torch.empty(x2.shape, device=x.device, dtype=out_dtype)
+        lse = torch.empty(0, device=x.device, dtype=torch.float32)
     out = out.view(xv.shape)
     if swapped:
         out = out.transpose(0, 1)
     return out, lse
+
+
+def _bwd_rows(x2, g2, S1, sd, T, U, W, lse, cdtype, num_prefix, use_softmax, launch=_direct):
+    """The backward row kernel on the [R, C] row views x2 and g2 (R > 0): (DX = g, W1, Bb)."""
+    R, C = x2.shape
+    M, dev = T.shape[0], x2.device
+    Cp, Mp = _pad16(C), _pad16(M)
+    # DX accumulates in g's dtype (out's, promote(x, cdtype)), the GEMM adding to it in place
+    dx = new(torch.empty(R, C, device=dev, dtype=g2.dtype))
+    W1 = new(torch.empty(R, 2 * (Mp + Cp), device=dev, dtype=cdtype))
+    Bb = new(torch.empty(Cp + Mp, C, device=dev, dtype=cdtype))
+    launch(_ROWS_BWD[_path(cdtype, C, x2, g2, dx)])[_grid(R, Cp + Mp)](
+        x2, g2, T, U, W, lse, dx, W1, Bb,
+        R, S1, C, M, Cp, Mp,
+        x2.stride(0), g2.stride(0), dx.stride(0), W.stride(0), W.stride(1),
+        num_prefix, C ** -0.5 if use_softmax else 1.0,
+        SEQ_DIM=sd, USE_SOFTMAX=use_softmax, PRECISION=precision(cdtype), BLOCK_M=_block_m(M),
+    )
+    return dx, W1, Bb
+
+
+def _bwd_gemms(dx, W1, Bb, C, M, pdtype):
+    """The backward's three cuBLAS GEMMs on the row kernel's operands: DX += [G | GZ] Bb in
+    place; ([dW ; 0 ; dT ; 0], [dU ; db]) in ``pdtype``."""
+    Cp, Mp = _pad16(C), _pad16(M)
+    GGZ = W1[:, Mp: 2 * Mp + Cp]
+    _addmm_(dx, GGZ, Bb)
+    return _mm(GGZ.t(), W1[:, 2 * Mp + Cp: 2 * Mp + Cp + C], pdtype), _mm(W1[:, :M].t(), W1[:, Mp: Mp + C], pdtype)
 
 
 def _backward(g, x, T, U, W, b, lse, cdtype, num_prefix, seq_dim, use_softmax, launch=_direct):
@@ -368,30 +427,16 @@ def _backward(g, x, T, U, W, b, lse, cdtype, num_prefix, seq_dim, use_softmax, l
     other); the autograd glue slices them. T, U: in the compute dtype (Tc, Uc)."""
     xv, sd, swapped = row_view(x, seq_dim)
     gv, _, _ = row_view(g, seq_dim, swap=swapped)
-    S1 = xv.shape[1]
     x2, g2 = rows(xv), rows(gv)
     R, C = x2.shape
-    M, dev, pdtype = T.shape[0], x.device, W.dtype
-    Cp, Mp = _pad16(C), _pad16(M)
-    # DX accumulates in g's dtype (out's, promote(x, cdtype)), the GEMM adding to it in place
-    dx = new(torch.empty(R, C, device=dev, dtype=g.dtype))
+    M, pdtype = T.shape[0], W.dtype
     if R:
-        W1 = new(torch.empty(R, 2 * (Mp + Cp), device=dev, dtype=cdtype))
-        Bb = new(torch.empty(Cp + Mp, C, device=dev, dtype=cdtype))
-        launch(_ROWS_BWD[_path(cdtype, C, x2, g2, dx)])[_grid(R, Cp + Mp)](
-            x2, g2, T, U, W, lse, dx, W1, Bb,
-            R, S1, C, M, Cp, Mp,
-            x2.stride(0), g2.stride(0), dx.stride(0), W.stride(0), W.stride(1),
-            num_prefix, C ** -0.5 if use_softmax else 1.0,
-            SEQ_DIM=sd, USE_SOFTMAX=use_softmax, PRECISION=precision(cdtype), BLOCK_M=_block_m(M),
-        )
-        GGZ = W1[:, Mp: 2 * Mp + Cp]
-        _addmm_(dx, GGZ, Bb)
-        dWT = _mm(GGZ.t(), W1[:, 2 * Mp + Cp: 2 * Mp + Cp + C], pdtype)
-        dUb = _mm(W1[:, :M].t(), W1[:, Mp: Mp + C], pdtype)
+        dx, W1, Bb = _bwd_rows(x2, g2, xv.shape[1], sd, T, U, W, lse, cdtype, num_prefix, use_softmax, launch)
+        dWT, dUb = _bwd_gemms(dx, W1, Bb, C, M, pdtype)
     else:
-        dWT = torch.zeros(Cp + Mp, C, device=dev, dtype=pdtype)
-        dUb = torch.zeros(M, C, device=dev, dtype=pdtype)
+        dx = torch.empty(g2.shape, device=x.device, dtype=g.dtype)
+        dWT = torch.zeros(_pad16(C) + _pad16(M), C, device=x.device, dtype=pdtype)
+        dUb = torch.zeros(M, C, device=x.device, dtype=pdtype)
     dx = dx.view(xv.shape)
     if swapped:
         dx = dx.transpose(0, 1)

@@ -122,12 +122,12 @@ def jobs_v4(xd, pd, prec):
     paths = [("tc", (True,)), ("tc_odd", (False,))] if prec == "tf32" else [("small", (True, False))]
     jobs = []
     for path, alignments in paths:
-        for cfg in op.ROWS_GPU_CONFIGS[path]:
-            for softmax in (True, False):
-                consts = dict(SEQ_DIM=0, USE_SOFTMAX=softmax, PRECISION=prec, BLOCK_M=128)
-                for aligned in alignments:
-                    jobs += [("v4 rows fwd", op._rows_fwd_kernel, fwd_types, consts, cfg, aligned),
-                             ("v4 rows bwd", op._rows_bwd_kernel, bwd_types, consts, cfg, aligned)]
+        for name, kernel, types, cfgs in (("v4 rows fwd", op._rows_fwd_kernel, fwd_types, op.ROWS_FWD_GPU_CONFIGS),
+                                          ("v4 rows bwd", op._rows_bwd_kernel, bwd_types, op.ROWS_BWD_GPU_CONFIGS)):
+            for cfg in cfgs[path]:
+                for softmax in (True, False):
+                    consts = dict(SEQ_DIM=0, USE_SOFTMAX=softmax, PRECISION=prec, BLOCK_M=128)
+                    jobs += [(name, kernel, types, consts, cfg, aligned) for aligned in alignments]
     return jobs
 
 

@@ -128,14 +128,15 @@ def test_plan_mask2former_first_then_light_then_layers_and_limits():
     ids = [gpu_check.row_id(i) for i in items]
     assert len(set(ids)) == len(ids)
     kinds = [i[0] for i in items]
-    heads = [i[1] for i in items if i[0] != "layer"]
-    first_light, first_layer = heads.index("light"), kinds.index("layer")
+    heads = [i[1] for i in items if i[0] not in ("layer", "probe")]
+    first_light, first_layer = heads.index("light"), kinds.index("probe")
     assert set(heads[:first_light]) == {"mask2former"} and set(heads[first_light:]) == {"light"}
-    assert set(kinds[first_layer:]) == {"layer"}
+    # then each workload's kernel probe, then the layer rows
+    assert set(kinds[first_layer:]) == {"probe", "layer"} and kinds[first_layer:first_layer + 2] == ["probe"] * 2
     # each head: the library's step (cold) first, then its warm start
     assert ids[:2] == ["e2e/mask2former/library", "ttfs/mask2former/library/warm"]
     assert ids[first_light:first_light + 2] == ["e2e/light/library", "ttfs/light/library/warm"]
-    assert "layer/vitl-512/bf16/fwd+bwd/stack/fused" in ids and "layer/vitg-512/bf16/fwd+bwd/call/compile" in ids
+    assert "layer/vitl-512/bf16/fwd+bwd/stack/fused-v4" in ids and "layer/vitg-512/bf16/fwd+bwd/call/compile" in ids
     limits = gpu_check.parse_limits(["e2e/mask2former/*=330,layer/*=45"]) + gpu_check.DEFAULT_LIMITS
     assert gpu_check.limit_for("e2e/mask2former/library", limits) == 330
     assert gpu_check.limit_for("e2e/light/library", limits) == 240

@@ -1,0 +1,118 @@
+"""The kernel-level probe: each launch of one fused layer (kernels v4) beside what the card
+does at the same shape, device time from CUDA-graph replays.
+
+For a workload, one layer as ``rein.train`` runs it (bf16 autocast over an fp32 residual
+stream, or over a bf16 one: ``x_dtype``), its operands formed as ``ReinBackbone`` forms them:
+
+  * ``rows_fwd``, ``rows_bwd``: the two Triton row kernels, each beside its bandwidth bound
+    (the bytes it must move at the measured copy rate);
+  * ``gemm_fwd`` (OUT += A Bt^T), ``gemm_dx`` (DX += [G | GZ] Bb), ``gemm_dw_dt``
+    ([dW ; dT] = [G | GZ]^T XC) and ``gemm_du_db`` ([dU ; db] = P1a^T G), each beside
+    ``cublas_ref``, a plain bf16 [R, C] x [C, C] product at the layer's shape, and the
+    FLOP bound at the measured peak;
+  * the whole op, forward and forward + backward.
+
+    python benchmarks/probe.py [vitl-512 ...]     (on a GPU; prints JSON)
+"""
+from __future__ import annotations
+
+import json
+import sys
+
+import torch
+
+import rein
+import rein_kernels
+from bench import WORKLOADS, Workload
+
+
+def _graph_us(fn, warmup: int = 3) -> float:
+    """Device time of fn in microseconds: replays of a CUDA graph that holds 20 calls."""
+    import triton.testing
+
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(20):
+            fn()
+    return 1e3 * triton.testing.do_bench(g.replay, warmup=50, rep=300, return_mode="median") / 20
+
+
+def probe(w: Workload, ceilings: dict | None = None, x_dtype: torch.dtype = torch.float32) -> dict:
+    """Device time (us) of each launch of one v4 layer at workload w, and its bounds."""
+    import rein_kernels.rein_layer_v4 as op
+
+    dev, cd = "cuda", torch.bfloat16
+    torch.manual_seed(0)
+    saved, rein_kernels.KERNELS = rein_kernels.KERNELS, "v4"
+    try:
+        layer = rein.ReinLayer(w.L, w.C, w.patch, token_length=w.m, lora_dim=w.r, scale_init=0.1).to(dev)
+        with torch.autocast(dev, dtype=cd):
+            T, U, W, b, Tc, Uc = (t.detach() for t in layer.layer_operands(cd)[0])
+    finally:
+        rein_kernels.KERNELS = saved
+    N = w.tokens_per_image + 1
+    x = torch.randn(w.batch, N, w.C, device=dev, dtype=x_dtype)
+    g = torch.randn(w.batch, N, w.C, device=dev, dtype=torch.promote_types(x_dtype, cd))
+    x2, g2 = x.view(-1, w.C), g.view(-1, w.C)
+    R, C, M = x2.shape[0], w.C, w.m
+    out_dtype = torch.promote_types(x_dtype, cd)
+    out, A, Bt, lse = op._fwd_rows(x2, N, 1, Tc, Uc, W, b, cd, 1, True, out_dtype)
+    dx, W1, Bb = op._bwd_rows(x2, g2, N, 1, Tc, Uc, W, lse, cd, 1, True)
+    Cp, Mp = op._pad16(C), op._pad16(M)
+    GGZ, XC = W1[:, Mp: 2 * Mp + Cp], W1[:, 2 * Mp + Cp: 2 * Mp + Cp + C]
+    xb, Wb = x2.to(cd), W.to(cd)
+    bw = (ceilings or {}).get("copy_gbps")
+    peak = (ceilings or {}).get("bf16_tflops")
+    xe, oe, ce = x.element_size(), out.element_size(), 2
+
+    def bytes_us(n):
+        return None if not bw else 1e6 * n / (bw * 1e9)
+
+    def flops_us(f):
+        return None if not peak else 1e6 * f / (peak * 1e12)
+
+    rows = {
+        "rows_fwd": (lambda: op._fwd_rows(x2, N, 1, Tc, Uc, W, b, cd, 1, True, out_dtype),
+                     bytes_us(R * C * (xe + oe) + R * (Cp + Mp) * ce), None),
+        "rows_bwd": (lambda: op._bwd_rows(x2, g2, N, 1, Tc, Uc, W, lse, cd, 1, True),
+                     bytes_us(R * C * (xe + 2 * oe) + R * 2 * (Mp + Cp) * ce), None),
+        "gemm_fwd": (lambda: op._addmm_(out, A, Bt.t()), None, flops_us(2.0 * R * C * (Cp + Mp))),
+        "gemm_dx": (lambda: op._addmm_(dx, GGZ, Bb), None, flops_us(2.0 * R * C * (Cp + Mp))),
+        "gemm_dw_dt": (lambda: op._mm(GGZ.t(), XC, W.dtype), None, flops_us(2.0 * R * C * (Cp + Mp))),
+        "gemm_du_db": (lambda: op._mm(W1[:, :M].t(), W1[:, Mp: Mp + C], W.dtype), None, flops_us(2.0 * R * C * M)),
+        "cublas_ref": (lambda: torch.mm(xb, Wb), None, flops_us(2.0 * R * C * C)),
+    }
+    result = {"workload": w.name, "x_dtype": str(x_dtype).removeprefix("torch."), "rows": R, "C": C, "m": M}
+    for name, (fn, bound_bytes, bound_flops) in rows.items():
+        result[name] = dict(us=_graph_us(fn), bandwidth_bound_us=bound_bytes, flop_bound_us=bound_flops)
+    xg = x.detach().requires_grad_(True)
+    args = (T, U, W, b, Tc, Uc, cd, 1, 1, True)
+
+    def fwd():
+        op.rein_layer_fwd(x, *args)
+
+    def fwd_bwd():
+        o, _ = op.rein_layer_fwd(xg, *args)
+        torch.autograd.grad(o, [xg], g)
+
+    result["op_fwd"] = dict(us=_graph_us(fwd))
+    result["op_fwd_bwd"] = dict(us=_graph_us(fwd_bwd))
+    return result
+
+
+def main(names: list[str]) -> None:
+    from ceilings import measure_ceilings
+
+    ceilings = measure_ceilings()
+    for name in names or ["vitl-512"]:
+        print(json.dumps(probe(WORKLOADS[name], ceilings), indent=1))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
