@@ -48,7 +48,8 @@ def build_data(args):
             SyntheticDomain(s, SYNTHETIC["val_size"], size, seed=3 + i) for i, s in
             enumerate(["overcast", "night", "fog"])]
         return train, vals
-    train, *vals = datasets_from([(args.source, "train", "--source"), *((t, "val", "--target") for t in args.target)])
+    train, *vals = datasets_from([(args.source, "train", "--source"), *((t, "val", "--target") for t in args.target)],
+                                 mapillary_half=args.mapillary_half)
     return train, vals
 
 
