@@ -34,7 +34,9 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     ap.add_argument("--max-iters", type=int, help="iterations (recipe 40000; synthetic 300)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     ap.add_argument("--backbone", help="timm model name (recipe vit_large_patch14_dinov2)")
-    ap.add_argument("--checkpoint", help="local backbone weights (timm or DINOv2/EVA02 release format)")
+    ap.add_argument("--checkpoint", "--backbone-checkpoint", dest="checkpoint",
+                    help="local backbone weights (timm, or the DINOv2/EVA02/DINOv3 release format); "
+                         "--backbone-checkpoint, as rein.evaluate and rein.predict call it, is the same flag")
     ap.add_argument("--conversion", choices=["official", "timm"], default="official",
                     help="how a release checkpoint's 14-pixel patch kernel and position grid are resampled: "
                          "as the official Rein converter (default; what released Rein weights were trained on) "
