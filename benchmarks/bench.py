@@ -60,6 +60,7 @@ WORKLOADS = {
         Workload("vitl-1024", "vit_large_patch14_dinov2", 1024, 24, 2, 1024),
         Workload("vitg-512", "vit_giant_patch14_dinov2", 1536, 40, 4, 512),
         Workload("vitl-512-b16", "vit_large_patch14_dinov2", 1024, 24, 16, 512),
+        Workload("vit7b-512", "vit_7b_patch16_dinov3", 4096, 40, 4, 512),
     ]
 }
 # Small enough for a CPU: eager vs compile only (the fused kernels need a GPU to be timed).
