@@ -220,9 +220,11 @@ def measure(fused: bool, dtype: str, device: str, provider: str | None = None, *
     return row
 
 
-def measure_workload(name: str, setting: str = "fused-bf16", head: str = "light", device: str = "cuda") -> dict:
+def measure_workload(name: str, setting: str = "fused-bf16", head: str = "light", device: str = "cuda",
+                     **overrides) -> dict:
     """The training step of ``STEP_WORKLOADS[name]`` in ``SETTINGS[setting]`` (default: bf16,
-    fused Rein, uncaptured; "library" captures it), as one row of ``measure``."""
-    kw = dict(SETTINGS[setting], **STEP_WORKLOADS[name])
+    fused Rein, uncaptured; "library" captures it), as one row of ``measure``; ``overrides``
+    change either (e.g. ``grad_checkpointing=False``)."""
+    kw = {**SETTINGS[setting], **STEP_WORKLOADS[name], **overrides}
     fused, dtype = kw.pop("fused"), kw.pop("dtype")
     return dict(workload=name, **measure(fused, dtype, device, provider=setting, head=head, **kw))
