@@ -74,9 +74,9 @@ def meta_state(state: Mapping[str, Tensor], model: nn.Module) -> tuple[dict[str,
         third = bias.shape[0] // 3
         query_value = torch.cat([bias[:third], bias[2 * third:]]).float()
         if not bool(torch.isfinite(query_value).all()) or bool(query_value.abs().max() > 0):
-            raise ValueError(f"{key}: Meta's attention adds non-zero query/value biases, which "
-                             f"{getattr(model, 'pretrained_cfg', {}).get('architecture', type(model).__name__)} has no place for; "
-                             "use its _qkvb variant (e.g. vit_base_patch16_dinov3_qkvb)")
+            arch = getattr(model, "pretrained_cfg", {}).get("architecture", type(model).__name__)
+            raise ValueError(f"{key}: Meta's attention adds non-zero query/value biases, which {arch} has no "
+                             "place for; use its _qkvb variant (e.g. vit_base_patch16_dinov3_qkvb)")
         del out[key]
     return out, out.pop("rope_embed.periods", None)
 
