@@ -60,16 +60,26 @@ SETTINGS = {
 }
 
 
+# Training-step workloads other than vitl-512 (bench.WORKLOADS' names): what their backbone
+# needs on one GPU. ``build_on_device``: random weights made on the GPU, not on the host.
+STEP_WORKLOADS = {
+    "vit7b-512": dict(backbone="vit_7b_patch16_dinov3", bf16_weights=True, grad_checkpointing=True,
+                      build_on_device=True),
+}
+
+
 def build_segmentor(fused: bool, device: str, backbone: str = "vit_large_patch14_dinov2", img: int = 512,
                     num_classes: int = 19, head: str = "light", head_kwargs: dict | None = None,
-                    criterion: str | None = None, **timm_kwargs) -> Segmentor:
+                    criterion: str | None = None, build_on_device: bool = False, **timm_kwargs) -> Segmentor:
     """A timm backbone (random weights, patch 16) with Rein after every block, and a head
     (``criterion``: the Mask2Former head's loss; None: its default)."""
     torch.manual_seed(0)
     if head != "light":  # Rein's tokens are the head's queries, of its width
         timm_kwargs.update(link_token_to_query=True, query_dims=(head_kwargs or {}).get("query_dims", 256))
         head_kwargs = dict(head_kwargs or {}, **({"criterion": criterion} if criterion else {}))
-    model = rein.ReinBackbone.from_timm(backbone, img_size=img, patch_size=16, fused=fused, **timm_kwargs).to(device)
+    with torch.device(device) if build_on_device else contextlib.nullcontext():
+        model = rein.ReinBackbone.from_timm(backbone, img_size=img, patch_size=16, fused=fused, **timm_kwargs)
+    model = model.to(device)
     head = build_head(head, model.feature_info.channels(), num_classes, **(head_kwargs or {}))
     return Segmentor(model, head.to(device))
 
@@ -78,13 +88,15 @@ class TrainStep:
     def __init__(self, fused: bool, dtype: str, device: str, img: int = 512, batch: int = 4, num_classes: int = 19,
                  bf16_weights: bool = False, compile: bool | str = False, fused_adamw: bool = False,
                  kernels: str | None = None, capture: bool = False, registration: str = "custom_op",
-                 train_step: bool | dict = False, **model_kwargs):
+                 train_step: bool | dict = False, grad_checkpointing: bool = False, **model_kwargs):
         self.device, self.dtype, self.registration = device, dtype, registration
         self.kernels = kernels or rein_kernels.KERNELS
         segmentor = build_segmentor(fused, device, img=img, num_classes=num_classes, **model_kwargs)
         self.model, self.head = segmentor.backbone, segmentor.head
         if bf16_weights:
             self.model.backbone.to(torch.bfloat16)
+        if grad_checkpointing:  # each (block + Rein) recomputed in the backward, as --grad-checkpointing
+            self.model.set_grad_checkpointing(True)
         self.model.train()
         self.head.train()
         self.graph = self.steps = None
@@ -254,3 +266,13 @@ def measure(fused: bool, dtype: str, device: str, provider: str | None = None, p
     if device == "cuda":
         torch.cuda.empty_cache()
     return row
+
+
+def measure_workload(name: str, setting: str = "fused-bf16", head: str = "light", device: str = "cuda",
+                     **overrides) -> dict:
+    """The training step of ``STEP_WORKLOADS[name]`` in ``SETTINGS[setting]`` (default: bf16,
+    fused Rein, uncaptured; "library" captures it), as one row of ``measure``; ``overrides``
+    change either (e.g. ``grad_checkpointing=False``)."""
+    kw = {**SETTINGS[setting], **STEP_WORKLOADS[name], **overrides}
+    fused, dtype = kw.pop("fused"), kw.pop("dtype")
+    return dict(workload=name, **measure(fused, dtype, device, provider=setting, head=head, **kw))

@@ -24,7 +24,7 @@ import json
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-ORDER = ["vits-512", "vitb-512", "vitl-512", "vitl-1024", "vitg-512", "vitl-512-b16"]
+ORDER = ["vits-512", "vitb-512", "vitl-512", "vitl-1024", "vitg-512", "vitl-512-b16", "vit7b-512"]
 
 
 def load_runs(results_dir: Path) -> list[dict]:

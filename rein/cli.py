@@ -9,6 +9,7 @@ from pathlib import Path
 
 import torch
 
+from .data.images import HALVINGS
 from .errors import DataError, UsageError
 
 # The errors a user fixes (a flag, a file): one line each, never a traceback.
@@ -55,6 +56,15 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                     help="on CUDA, record the sliding window's forward once and replay it for every window "
                          "(default)")
+
+
+def add_mapillary_flag(ap: argparse.ArgumentParser) -> None:
+    """How Mapillary's validation set is halved, for the commands that evaluate one."""
+    ap.add_argument("--mapillary-half", choices=HALVINGS, default="jpeg",
+                    help="Mapillary validation at half size as the official protocol reads it: jpeg (default) "
+                         "halves each image as the official mapillary_resize.py does and re-encodes it as the JPEG "
+                         "(quality 75) that converter writes; plain halves without the re-encode. A root holding "
+                         "that converter's output (half/val_img, half/val_label) is read as it is")
 
 
 def check_out_folder(out: Path, holds: str) -> None:

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import torch
 
-from .cli import FLAG_NAMES, USER_ERRORS, add_model_flags, check_out_folder, device_from_flag, parser, report
+from .cli import (FLAG_NAMES, USER_ERRORS, add_mapillary_flag, add_model_flags, check_out_folder, device_from_flag,
+                  parser, report)
 from .data import datasets_from
 from .metrics import evaluate_targets
 from .model import load_model
@@ -22,6 +23,7 @@ def main(argv=None) -> int:
     add_model_flags(ap)
     ap.add_argument("--target", metavar="KIND=PATH", action="append", required=True,
                     help="dataset to evaluate (repeat): cityscapes=..., bdd100k=..., mapillary=..., acdc-fog=...")
+    add_mapillary_flag(ap)
     ap.add_argument("--out", required=True, help="output folder (metrics.json, samples/)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast for the forward passes")
     args = ap.parse_args(argv)
@@ -29,7 +31,7 @@ def main(argv=None) -> int:
         device = device_from_flag(args.device)
         out = Path(args.out)
         check_out_folder(out, "metrics.json and samples/")
-        datasets = datasets_from([(t, "val", "--target") for t in args.target])
+        datasets = datasets_from([(t, "val", "--target") for t in args.target], args.mapillary_half)
         model, config = load_model(args.checkpoint, args.backbone_checkpoint, device, args.fused,
                                    official=dict(backbone=args.backbone, crop=args.crop), names=FLAG_NAMES)
     except USER_ERRORS as e:

@@ -41,9 +41,11 @@ def check_backbone(name: str, patch_size: int, crop: int, names: dict | None = N
     if not timm.is_model(name):
         import difflib
 
+        from .backbones.dinov3 import missing_model_hint
+
         near = difflib.get_close_matches(name, timm.list_models(), n=3, cutoff=0.6)
         hint = f" (did you mean {', '.join(near)}?)" if near else " (see timm.list_models())"
-        raise UsageError(f"{n['backbone']} {name!r} is not a timm model name{hint}")
+        raise UsageError(f"{n['backbone']} {name!r} is not a timm model name{missing_model_hint(name) or hint}")
     stride = 32 if name.startswith("convnext") else patch_size
     if crop < stride or crop % stride:
         raise UsageError(f"{n['crop']} {crop} is not a multiple of the backbone's {stride}-pixel "

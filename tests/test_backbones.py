@@ -21,6 +21,8 @@ FAMILIES = {
                                         global_attn_indexes=(1, 3))),
     "convnext": ("convnext_atto", {}),
 }
+if timm.is_model("vit_small_patch16_dinov3"):  # DINOv3 (timm >= 1.0.20): 4 registers, RoPE
+    FAMILIES["dinov3"] = ("vit_small_patch16_dinov3", dict(depth=4, embed_dim=128, num_heads=2))
 
 
 def build(family, fused=True, **kw):

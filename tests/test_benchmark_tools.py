@@ -94,6 +94,31 @@ def test_e2e_headline_settings_build_and_step_on_cpu(head):
     assert all(map(math.isfinite, losses)) and min(losses[-2:]) < losses[0], losses
 
 
+def test_the_vit7b_step_builds_and_trains_small_on_cpu():
+    """vit7b-512's training step (e2e.STEP_WORKLOADS: DINOv3 ViT-7B, bf16 frozen weights,
+    activation checkpointing, random weights made on the device) at reduced depth and width:
+    it builds as stated and a step moves Rein's tokens and nothing frozen."""
+    import torch
+
+    import e2e
+
+    timm = pytest.importorskip("timm")
+    if not timm.is_model("vit_7b_patch16_dinov3"):
+        pytest.skip(f"timm {timm.__version__} has no DINOv3 models")
+    w = bench.WORKLOADS["vit7b-512"]
+    assert (w.backbone, w.C, w.L, w.batch, w.image, w.rows) == ("vit_7b_patch16_dinov3", 4096, 40, 4, 512, 4096)
+    assert e2e.STEP_WORKLOADS["vit7b-512"]["backbone"] == w.backbone
+    kw = dict(e2e.SETTINGS["eager-bf16"], **e2e.STEP_WORKLOADS["vit7b-512"])  # the fused kernels are GPU-only
+    step = e2e.TrainStep(**kw, device="cpu", img=32, batch=1, depth=2, embed_dim=128, num_heads=2)
+    assert step.model.backbone.grad_checkpointing and step.model.backbone.num_prefix_tokens == 5
+    assert {p.dtype for p in step.model.backbone.parameters()} == {torch.bfloat16}
+    frozen = {k: v.clone() for k, v in step.model.backbone.state_dict().items()}
+    tokens = step.model.rein.learnable_tokens_a.detach().clone()
+    assert torch.isfinite(step())
+    assert not torch.equal(step.model.rein.learnable_tokens_a, tokens)
+    assert all(torch.equal(v, step.model.backbone.state_dict()[k]) for k, v in frozen.items())
+
+
 def test_evaluation_row_on_cpu():
     """The sliding-window evaluation row runs (uncaptured: graphs need CUDA) on a tiny ViT."""
     import e2e

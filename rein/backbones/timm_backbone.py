@@ -16,8 +16,8 @@ in the backward must repeat its forward's operations): each layer forms its own
 operands, by its index.
 
 Layouts handled by the hooks:
-  * ViT-like (DINOv2 with or without registers, CLIP, EVA02): [B, N, C] tokens, the
-    model's prefix tokens (cls, registers) pass through;
+  * ViT-like (DINOv2 with or without registers, CLIP, EVA02, DINOv3): [B, N, C] tokens,
+    the model's prefix tokens (cls, registers) pass through;
   * SAM (``VisionTransformerSAM``): NHWC maps, no prefix tokens;
   * ConvNeXt: NCHW block outputs; as the official ReinsConvNeXt, one ReinLayer per
     stage with one layer per block (the index counting within the stage), applied after
@@ -76,6 +76,7 @@ def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Ten
                          conversion: str = "official") -> None:
     """Load a checkpoint in timm's format or in the original release format (DINOv2's
     ``dinov2_vit*14_pretrain.pth``, with ``mask_token`` / ``register_tokens``; EVA02's;
+    Meta's DINOv3 ``dinov3_vit*16_pretrain_*.pth``, see ``dinov3.py``;
     OpenAI CLIP's state dict; the frozen backbone inside an official full-weights Rein
     checkpoint) into a timm model. Patch kernel and position grid are resampled to the model's:
     ``conversion="official"`` (default) as the official Rein converter does for DINOv2
@@ -88,6 +89,7 @@ def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Ten
     of checkpoint, and one that does not fit (in one line: counts and first keys, all of
     them in a file it names)."""
     from .convert import CONVERSIONS, official_resize, official_resize_clip
+    from .dinov3 import is_meta_dinov3, meta_state, pin_rope_periods
 
     if conversion not in CONVERSIONS:
         raise ValueError(f"conversion must be one of {CONVERSIONS}, got {conversion!r}")
@@ -112,6 +114,12 @@ def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Ten
         if not state:
             raise error(f"{name} is an official Rein checkpoint without the frozen backbone's weights: give the "
                         "backbone's own (e.g. dinov2_vitl14_pretrain.pth)")
+    periods = None
+    if is_meta_dinov3(state):  # Meta's DINOv3 release layout: what timm's converter leaves out (dinov3.py)
+        try:
+            state, periods = meta_state(state, model)
+        except ValueError as e:
+            raise error(f"{name} does not fit {type(model).__name__}: {e}") from None
     if conversion == "official" and hasattr(model, "patch_embed"):
         patch, grid = tuple(model.patch_embed.proj.weight.shape[-2:]), tuple(model.patch_embed.grid_size)
         if "visual.conv1.weight" in state:
@@ -128,6 +136,11 @@ def load_timm_checkpoint(model: nn.Module, path_or_state: str | Mapping[str, Ten
     if problem:
         raise error(f"{name} does not fit {type(model).__name__}: {problem}")
     model.load_state_dict(state, strict=True)
+    if periods is not None:
+        try:
+            pin_rope_periods(model, periods)
+        except ValueError as e:
+            raise error(f"{name} does not fit {type(model).__name__}: {e}") from None
 
 
 class _RefineHook:
@@ -216,6 +229,10 @@ class ReinBackbone(nn.Module):
             kwargs.setdefault("patch_size", patch_size)
             if not name.startswith("samvit"):
                 kwargs.setdefault("dynamic_img_size", True)
+        if not timm.is_model(name):
+            from .dinov3 import missing_model_hint
+
+            raise ValueError(f"{name!r} is not a timm model name{missing_model_hint(name)}")
         model = timm.create_model(name, pretrained=False, **kwargs)
         if checkpoint is not None:
             load_timm_checkpoint(model, checkpoint, conversion)

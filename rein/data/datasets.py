@@ -11,8 +11,8 @@ import torch
 from torch import Tensor
 
 from ..errors import DataError
-from .images import read_image
-from .labels import LUTS
+from .images import HALVINGS, read_image
+from .labels import IGNORE, LUTS
 
 ACDC_KINDS = ("acdc-fog", "acdc-night", "acdc-rain", "acdc-snow")
 KINDS = ("gtav", "cityscapes", "bdd100k", "mapillary", *ACDC_KINDS)
@@ -58,13 +58,26 @@ def _layout(kind: str, root: Path, split: str):
         sub = {"train": "training", "val": "validation"}[split]
         img_dir, lbl_dir = root / sub / "images", root / sub / "labels"
         return img_dir, lbl_dir, "*.jpg", lambda p: lbl_dir / (p.stem + ".png"), ("*.png",), False
+    if kind == "mapillary-converted":  # root: the official mapillary_resize.py's output (train ids)
+        img_dir, lbl_dir = root / "val_img", root / "val_label"
+        return img_dir, lbl_dir, "*.jpg", lambda p: lbl_dir / (p.stem + ".png"), ("*.png",), False
     raise DataError(f"unknown dataset kind {kind!r}: choose one of {', '.join(KINDS)}")
 
 
-def _pairs(kind: str, root: Path, split: str) -> list[tuple[Path, Path]]:
-    """(image, label) paths in the dataset's standard layout; images without a label file
-    and label files without an image are errors."""
-    img_dir, lbl_dir, images, label_of, labels, twins = _layout(kind, root, split)
+def official_mapillary_half(root: Path) -> Path | None:
+    """Where the official ``mapillary_resize.py`` wrote its half-size validation set under
+    ``root`` (``val_img/*.jpg``, ``val_label/*.png`` in train ids: the official README's
+    ``half/``, or ``root`` itself), if it did."""
+    for d in (root / "half", root):
+        if (d / "val_img").is_dir() and (d / "val_label").is_dir():
+            return d
+    return None
+
+
+def _pairs(kind: str, root: Path, split: str, layout: str | None = None) -> list[tuple[Path, Path]]:
+    """(image, label) paths in the dataset's standard layout (``layout``: another layout
+    of that kind); images without a label file and label files without an image are errors."""
+    img_dir, lbl_dir, images, label_of, labels, twins = _layout(layout or kind, root, split)
     for d in (img_dir, lbl_dir):
         if not d.is_dir():
             raise DataError(f"{kind}: missing folder {d} (expected the standard {kind} layout under {root})")
@@ -87,18 +100,37 @@ def _pairs(kind: str, root: Path, split: str) -> list[tuple[Path, Path]]:
 class FolderDataset:
     """A real dataset on disk; items are (image [3, H, W] float in [0, 1], label [H, W] long),
     or with ``uint8`` the image's pixels as decoded ([3, H, W] uint8: what the training
-    pipeline works on, without a round trip through floats)."""
+    pipeline works on, without a round trip through floats).
 
-    def __init__(self, kind: str, root: str | os.PathLike, split: str, uint8: bool = False):
+    Mapillary's validation set is evaluated at half size, as the official protocol reads
+    it: the files its ``tools/convert_datasets/mapillary_resize.py`` writes.
+    ``mapillary_half="jpeg"`` (default) halves the original images as that converter
+    does, re-encoded as the JPEG it writes (the same bytes, decoded), and the labels with
+    PIL's nearest; ``"plain"`` halves without the re-encode. A folder holding the
+    converter's own output (``half/val_img``, ``half/val_label``: official layout, train-id
+    labels) is read as it is, not halved again."""
+
+    def __init__(self, kind: str, root: str | os.PathLike, split: str, uint8: bool = False,
+                 mapillary_half: str = "jpeg"):
         from PIL import Image  # noqa: F401  (pillow is needed; fail here, not mid-training)
 
+        if mapillary_half not in HALVINGS:
+            raise ValueError(f"mapillary_half must be one of {HALVINGS}, got {mapillary_half!r}")
         self.kind, self.root, self.split, self.uint8 = kind, Path(root), split, uint8
-        self.pairs = _pairs(kind, self.root, split)
         self.lut = LUTS[kind]
         self.name = kind
-        # The official protocol evaluates Mapillary on half-resolution validation images
-        # and labels (its tools/convert_datasets/mapillary_resize.py): done here on load.
-        self.half = kind == "mapillary" and split == "val"
+        self.half, layout, layout_root = None, None, self.root
+        if kind == "mapillary" and split == "val":
+            converted = official_mapillary_half(self.root)
+            if converted is not None and (mapillary_half == "jpeg" or not (self.root / "validation").is_dir()):
+                if mapillary_half == "plain":
+                    raise DataError(f"mapillary: {self.root} holds the official converter's half-size validation set "
+                                    f"({converted / 'val_img'}), not the original validation/ that --mapillary-half "
+                                    "plain halves; drop --mapillary-half plain to read those files as they are")
+                layout, layout_root, self.lut = "mapillary-converted", converted, LUTS["train_ids"]
+            else:
+                self.half = mapillary_half
+        self.pairs = _pairs(kind, layout_root, split, layout)
 
     def __len__(self) -> int:
         return len(self.pairs)
@@ -115,7 +147,10 @@ class FolderDataset:
             except (OSError, ValueError, SyntaxError) as e:
                 raise DataError(f"{self.kind}: cannot read {img} or {lbl} ({e}); replace or remove the file") from None
             if sizes[0] != sizes[1]:
-                raise DataError(f"{self.kind}: image {img} is {sizes[0]} but its label {lbl} is {sizes[1]}")
+                halved = sizes[0] == (sizes[1][0] // 2, sizes[1][1] // 2)
+                hint = " (half its label's size: halved already, e.g. by the official mapillary_resize.py?)"
+                raise DataError(f"{self.kind}: image {img} is {sizes[0]} but its label {lbl} is {sizes[1]}"
+                                f"{hint if halved else ''}")
         step = max(1, len(self.pairs) // sample)
         for i in range(0, len(self.pairs), step):
             self._label(self.pairs[i][1])
@@ -123,18 +158,28 @@ class FolderDataset:
     def _lut_for(self, path: Path) -> np.ndarray:
         return LUTS["train_ids"] if path.name.endswith("_labelTrainIds.png") else self.lut
 
+    def _not_train_ids(self, path: Path, raw: np.ndarray) -> None:
+        """A Mapillary v1.2 label (ids 0-65) never holds 255; the official converters' train-id
+        files (mapillary2cityscape.py, mapillary_resize.py) do, and would map to wrong classes."""
+        if self.kind == "mapillary" and self.lut is LUTS["mapillary"] and (raw == IGNORE).any():
+            raise DataError(f"mapillary: label {path} holds 255, which no Mapillary v1.2 label does: it holds train "
+                            "ids, as the official converters write them; give the root whose half/val_img and "
+                            "half/val_label hold mapillary_resize.py's output (read as it is), or the original "
+                            "v1.2 labels")
+
     def _label(self, path: Path) -> np.ndarray:
         from PIL import Image
 
         try:
             with Image.open(path) as im:
-                if self.half:
-                    im = im.resize((im.width // 2, im.height // 2), Image.NEAREST)
+                if self.half:  # as mapillary_resize.py: PIL nearest to (W // 2, H // 2)
+                    im = im.resize((im.width // 2, im.height // 2), resample=Image.NEAREST)
                 raw = np.asarray(im)
         except (OSError, ValueError, SyntaxError) as e:  # truncated, corrupt, not an image
             raise DataError(f"{self.kind}: cannot read label {path} ({e}); replace or remove the file") from None
         if raw.ndim != 2:
             raise DataError(f"{self.kind}: label {path} has shape {raw.shape}; expected one id per pixel")
+        self._not_train_ids(path, raw)
         mapped = self._lut_for(path)[raw]
         if (mapped < 0).any():
             bad = sorted(set(np.unique(raw[mapped < 0]).tolist()))
@@ -162,12 +207,13 @@ def _kind_and_path(spec: str, flag: str) -> tuple[str, str]:
     return kind, path
 
 
-def datasets_from(specs: list[tuple[str, str, str]]) -> list[FolderDataset]:
+def datasets_from(specs: list[tuple[str, str, str]], mapillary_half: str = "jpeg") -> list[FolderDataset]:
     """Datasets from (``KIND=PATH``, split, flag) triples, checked on disk: every spec is
     parsed before any folder is looked at. Training splits give uint8 pixels (what the
-    training pipeline works on), the others float images."""
+    training pipeline works on), the others float images; ``mapillary_half``: how
+    Mapillary's validation images are halved (``FolderDataset``)."""
     parsed = [(*_kind_and_path(spec, flag), split) for spec, split, flag in specs]
-    datasets = [FolderDataset(*p, uint8=p[-1] == "train") for p in parsed]
+    datasets = [FolderDataset(*p, uint8=p[-1] == "train", mapillary_half=mapillary_half) for p in parsed]
     for d in datasets:
         d.check()
     return datasets

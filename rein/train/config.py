@@ -6,7 +6,7 @@ import argparse
 import os
 from pathlib import Path
 
-from ..cli import check_out_folder, device_from_flag, parser
+from ..cli import add_mapillary_flag, check_out_folder, device_from_flag, parser
 from ..errors import UsageError
 from ..model import OFFICIAL_PATCH_SIZE, check_backbone
 
@@ -29,11 +29,14 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     ap.add_argument("--source", metavar="KIND=PATH", help="source domain, e.g. gtav=/data/gtav")
     ap.add_argument("--target", metavar="KIND=PATH", action="append", default=[],
                     help="target domain (repeat): cityscapes=..., bdd100k=..., mapillary=...")
+    add_mapillary_flag(ap)
     ap.add_argument("--out", default="runs/rein", help="output folder (checkpoint, metrics.json, loss.png)")
     ap.add_argument("--max-iters", type=int, help="iterations (recipe 40000; synthetic 300)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     ap.add_argument("--backbone", help="timm model name (recipe vit_large_patch14_dinov2)")
-    ap.add_argument("--checkpoint", help="local backbone weights (timm or DINOv2/EVA02 release format)")
+    ap.add_argument("--checkpoint", "--backbone-checkpoint", dest="checkpoint",
+                    help="local backbone weights (timm, or the DINOv2/EVA02/DINOv3 release format); "
+                         "--backbone-checkpoint, as rein.evaluate and rein.predict call it, is the same flag")
     ap.add_argument("--conversion", choices=["official", "timm"], default="official",
                     help="how a release checkpoint's 14-pixel patch kernel and position grid are resampled: "
                          "as the official Rein converter (default; what released Rein weights were trained on) "
