@@ -66,6 +66,7 @@ DEFAULT_LIMITS = [
     ("e2e/mask2former/*", 360),
     ("ttfs/mask2former/*", 240),
     ("e2e/*", 240),
+    ("step/*", 240),
     ("ttfs/*", 180),
     ("*", 120),
 ]
@@ -108,6 +109,8 @@ def plan(names: list[str], heads: list[str], layers: bool, e2e: bool) -> list[tu
             items += [("e2e", head, s) for s in ("library-graph", "library-compile-graph") if head == "light"]
             items += [("e2e", head, "library-triton-op")] if head == heads[0] else []
             items += [("e2e", head, s) for s in ("library-v3", "fused-bf16", "eager-bf16")]
+    if e2e and "vit7b-512" in names:  # ViT-7B on one GPU: bf16 weights, activation checkpointing
+        items += [("step", "vit7b-512", head, "fused-bf16") for head in heads]
     if layers:
         first, rest = names[0], names[1:]
         # each launch of the layer beside cuBLAS and the bandwidth bound at the shape
@@ -287,7 +290,7 @@ def _file(report: dict, item, rid: str, rec: dict, files_before: int | None = No
         report["device"] = row.get("device") or report.get("device")
     elif kind in ("layer", "fake"):
         report["results"].append(row)
-    elif kind in ("e2e", "eval"):
+    elif kind in ("e2e", "eval", "step"):
         report["e2e"].append(row)
     elif kind == "probe":
         report.setdefault("probe", []).append(row)
@@ -510,6 +513,16 @@ def _row_ttfs(item, spec, rep):
     return _row_e2e(item, spec, rep, first_steps_only=True)
 
 
+def _row_step(item, spec, rep):
+    """A training step of another workload (``e2e.STEP_WORKLOADS``, e.g. vit7b-512: bf16
+    frozen weights, activation checkpointing): step time and peak memory."""
+    _torch()
+    from e2e import measure_workload
+
+    _, name, head, setting = item
+    return measure_workload(name, setting, head, phase=rep.phase), None
+
+
 def _row_fake(item, spec, rep):
     """Test-only (no torch, no GPU): the phases of a row, a few sleeping "compile workers"
     started first (``workers`` in the row's group, ``escaped`` in sessions of their own),
@@ -527,7 +540,7 @@ def _row_fake(item, spec, rep):
 
 ROW_KINDS = {"ceilings": _row_ceilings, "parity": _row_parity, "layer": _row_layer, "probe": _row_probe,
              "eval": _row_eval,
-             "e2e": _row_e2e, "ttfs": _row_ttfs, "fake": _row_fake}
+             "e2e": _row_e2e, "ttfs": _row_ttfs, "step": _row_step, "fake": _row_fake}
 
 
 def child_main(spec_json: str) -> int:
