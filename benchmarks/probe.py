@@ -87,6 +87,12 @@ def probe(w: Workload, ceilings: dict | None = None, x_dtype: torch.dtype = torc
         "gemm_dw_dt": (lambda: op._mm(GGZ.t(), XC, W.dtype), None, flops_us(2.0 * R * C * (Cp + Mp))),
         "gemm_du_db": (lambda: op._mm(W1[:, :M].t(), W1[:, Mp: Mp + C], W.dtype), None, flops_us(2.0 * R * C * M)),
         "cublas_ref": (lambda: torch.mm(xb, Wb), None, flops_us(2.0 * R * C * C)),
+        # what the alternatives would cost: the [dW ; dT] GEMM written in bf16, the logits
+        # as a cuBLAS GEMM (x T^T, N = m), and a plain stream of x to an fp32 copy and a
+        # bf16 cast (torch's own kernels), the floor of a row kernel without dots
+        "alt_gemm_dw_dt_bf16_out": (lambda: torch.mm(GGZ.t(), XC), None, flops_us(2.0 * R * C * (Cp + Mp))),
+        "alt_gemm_logits": (lambda: torch.mm(XC, Tc.t()), None, flops_us(2.0 * R * C * M)),
+        "alt_copy_and_cast": (lambda: (x2.clone(), x2.to(cd)), bytes_us(R * C * (2 * xe + ce)), None),
     }
     result = {"workload": w.name, "x_dtype": str(x_dtype).removeprefix("torch."), "rows": R, "C": C, "m": M}
     for name, (fn, bound_bytes, bound_flops) in rows.items():

@@ -51,6 +51,24 @@ def _warn_fallback_once(device: torch.device) -> None:
         )
 
 
+class _ProductOutsideAutocast(torch.autograd.Function):
+    """A @ B with autocast off in the forward and in the backward alike: a backward run
+    inside an autocast region would otherwise recast its products (what
+    ``torch.amp.custom_bwd`` does, for the device of the inputs)."""
+
+    @staticmethod
+    def forward(ctx, A: Tensor, B: Tensor) -> Tensor:
+        ctx.save_for_backward(A, B)
+        with torch.autocast(A.device.type, enabled=False):
+            return A @ B
+
+    @staticmethod
+    def backward(ctx, g: Tensor):
+        A, B = ctx.saved_tensors
+        with torch.autocast(g.device.type, enabled=False):
+            return g @ B.mT, A.mT @ g
+
+
 class ReinLayer(nn.Module):
     """One Rein module shared by all ``num_layers`` blocks of a backbone.
 
@@ -192,13 +210,14 @@ class ReinLayer(nn.Module):
 
     def _kernel_tokens(self, layer: int) -> Tensor:
         """The tokens the kernels take. v4 takes them in the parameters' dtype: LoRA's
-        product A B then runs outside autocast, and the kernels round it to the compute
-        dtype where autocast's matmul would have (one rounding of the fp32-accumulated
-        product either way), with no casts of A and B and their gradients."""
+        product A B then runs outside autocast (its backward too, wherever that runs), and
+        the kernels round it to the compute dtype where autocast's matmul would have (one
+        rounding of the fp32-accumulated product either way), with no casts of A and B and
+        their gradients."""
         if rein_kernels.KERNELS == "v3" or self.lora_dim is None:
             return self.get_tokens(layer)
-        with torch.autocast(self.learnable_tokens_a.device.type, enabled=False):
-            return self.get_tokens(layer)
+        A, B = self.learnable_tokens_a, self.learnable_tokens_b
+        return _ProductOutsideAutocast.apply(A, B) if layer == -1 else _ProductOutsideAutocast.apply(A[layer], B[layer])
 
     def layer_operands(self, cdtype: torch.dtype) -> list[tuple[Tensor, ...]]:
         """Every layer's operands for the kernels, formed at once (one batched GEMM for U and

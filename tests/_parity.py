@@ -150,12 +150,36 @@ def _term_sizes(ref_layer, x: torch.Tensor, g: torch.Tensor, case: Case) -> dict
         batch_first=case.batch_first, num_prefix_tokens=case.prefix, use_softmax=case.softmax)
     dT, dV = torch.autograd.grad(out, (T, V_bias), g, allow_unused=True, materialize_grads=True)
     sizes = {"mlp_token2feat.bias": dV.abs().sum(0).max().item()}
-    if case.lora is not None:
+    if case.lora is None:
+        sizes["learnable_tokens"] = _logit_path_terms(ref_layer, x, g, case, T.detach())
+    else:
         A = ref_layer.learnable_tokens_a[case.layer].detach().abs()
         Bm = ref_layer.learnable_tokens_b[case.layer].detach().abs()
         sizes["learnable_tokens_a"] = (dT.abs() @ Bm.t()).max().item()
         sizes["learnable_tokens_b"] = (A.t() @ dT.abs()).max().item()
     return sizes
+
+
+def _logit_path_terms(ref_layer, x: torch.Tensor, g: torch.Tensor, case: Case, T: torch.Tensor) -> float:
+    """The size of what dT's logit path, gz^T x, adds up: |gz|^T |x| with |gz| formed from
+    |g| |U|^T (gz = p (gp - <p, gp>) c, gp = g U^T; gz = gp without softmax). A rounding
+    error in gp (tf32 keeps 10 bits of g and U) scales with that, not with a dT whose
+    terms cancel: a tf32 draw with one refined row and C = 5 exceeded a bound relative to
+    max |dT| by 0.2%."""
+    feats = (x if case.batch_first else x.transpose(0, 1))[:, case.prefix:].reshape(-1, case.C)
+    gr = (g if case.batch_first else g.transpose(0, 1))[:, case.prefix:].reshape(-1, case.C)
+    W_t, b_t = ref_layer.mlp_token2feat.weight.detach(), ref_layer.mlp_token2feat.bias.detach()
+    scale = ref_layer.scale.detach() if isinstance(ref_layer.scale, torch.Tensor) else ref_layer.scale
+    U = torch.nn.functional.linear(torch.nn.functional.linear(T[1:], W_t, b_t), ref_layer.mlp_delta_f.weight.detach())
+    gp = gr.abs() @ (U * scale).abs().t()
+    if case.softmax:
+        c = case.C ** -0.5
+        p = torch.softmax(feats @ T.t() * c, dim=-1)
+        pgp = (p[:, 1:] * gp).sum(-1, keepdim=True)
+        gz = torch.cat([p[:, :1] * pgp, p[:, 1:] * (gp + pgp)], dim=1) * c
+    else:
+        gz = torch.cat([torch.zeros_like(gp[:, :1]), gp], dim=1)
+    return (gz.t() @ feats.abs()).max().item() if feats.numel() else 0.0
 
 
 def check_case(case: Case, seed: int = 0) -> None:
