@@ -2,6 +2,7 @@
 captured in CUDA graphs, and why a run is not captured."""
 from __future__ import annotations
 
+import functools
 import sys
 from typing import Callable, NamedTuple
 
@@ -72,12 +73,23 @@ def compile_regions(model, **compile_kw) -> bool:
     bb = model.backbone
     if getattr(bb, "family", None) not in ("vit", "sam"):
         return False
-    regions = [blk for _, blk in bb._blocks()] + [model.head]
-    for module in regions:
-        module._compiled_call_impl = torch.compile(module._call_impl, **compile_kw)
+    # one compiled function for every block: the block and its module are arguments (the
+    # module's parameters become graph inputs), so one graph serves all blocks; a block's
+    # own call runs it in place of Module.__call__ (whose hooks would be separate frames)
+    block = torch.compile(_block_and_rein, **compile_kw)
+    blocks = [blk for _, blk in bb._blocks()]
+    for blk in blocks:
+        blk._compiled_call_impl = functools.partial(block, bb, blk)
+    model.head._compiled_call_impl = torch.compile(model.head._call_impl, **compile_kw)
     bb.rein.layer_operands = torch.compile(bb.rein.layer_operands, **compile_kw)
-    model._compiled_regions = regions
+    model._compiled_regions = [*blocks, model.head]
     return True
+
+
+def _block_and_rein(backbone, blk, *args, **kwargs):
+    """One backbone block and the Rein layer after it: what the block's forward hook does
+    (``ReinBackbone._refine``), as one frame for torch.compile."""
+    return backbone._refine(blk.forward(*args, **kwargs), blk)
 
 
 def run_compiled(steps: Step, eager: Step, done: int, images, labels, opt, args, device, main_proc):
