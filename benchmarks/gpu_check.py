@@ -630,7 +630,7 @@ def print_table(report: dict, names: list[str]) -> None:
     for pr in report.get("probe", []):
         print(f"probe {pr['workload']} (x {pr['x_dtype']}, rows {pr['rows']}): " + ", ".join(
             f"{k} {v['us']:.1f} us" + (f" (bound {v['bandwidth_bound_us']:.1f})" if v.get("bandwidth_bound_us") else "")
-            for k, v in pr.items() if isinstance(v, dict)))
+            for k, v in pr.items() if isinstance(v, dict) and "us" in v))
     for row in report["e2e"]:
         print(f"{row.get('workload', 'vitl-512'):16s} {row.get('head', 'light'):11s} {row.get('provider'):17s} "
               f"{row.get('dtype')} "

@@ -41,20 +41,21 @@ def _fmt(v, spec=".3f"):
 
 
 def device_table(run: dict) -> list[str]:
-    """Runs that recorded graph replays (2026-11-30 on): device time per layer, by mode."""
+    """Runs that recorded graph replays (2026-11-30 on): device time per layer, by mode. The
+    run's newest kernels (``fused-v4``, or ``fused`` in runs before v4) are held against the
+    floor, the previous kernels, compile(reference) and eager."""
     by = {(r["workload"], r["dtype"], r["pass"], r.get("mode", "call"), r["provider"]): r for r in run["results"]}
-    # other kernel versions (fused-v3, fused-v4, ...) get a column each, after these
-    providers = ("eager", "compile", "fused-v2", "fused")
-    more = sorted({k[4] for k in by} - set(providers))
-    providers += tuple(more)
+    present = {k[4] for k in by}
+    new, old = ("fused-v4", "fused-v3") if "fused-v4" in present else ("fused", "fused-v2")
+    providers = ("eager", "compile", old, new)
+    names = {"fused": "kernels v3", "fused-v2": "kernels v2", "fused-v3": "kernels v3", "fused-v4": "kernels v4"}
     lines = [
         "Device time per layer, ms (one CUDA-graph replay; `stack`: all L layers chained inside "
-        "`prepared()` as a backbone runs them, divided by L; `call`: one layer called alone, its "
-        "parameter operands formed per call). `fused` is kernels v3, `fused-v2` the previous ones"
-        + "".join(f", `{p}` kernels {p.split('-', 1)[1]}" for p in more if p.startswith("fused-")) + ".", "",
-        "| workload | dtype | pass | mode | eager | compile | fused-v2 | fused | " + "".join(f"{p} | " for p in more)
-        + "floor | fused/floor | x v2 | x compile | x eager | host ms per call (fused) |",
-        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|" + "---|" * len(more),
+        f"`prepared()` as a backbone runs them, divided by L; `call`: one layer called alone, its "
+        f"parameter operands formed per call). `{new}` is {names[new]}, `{old}` {names[old]}.", "",
+        f"| workload | dtype | pass | mode | eager | compile | {old} | {new} | floor | {new}/floor | x {old} "
+        f"| x compile | x eager | host ms per call ({new}) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for w in ORDER + sorted({k[0] for k in by} - set(ORDER)):
         for dtype in ("bf16", "bf16x", "fp32"):
@@ -64,17 +65,36 @@ def device_table(run: dict) -> list[str]:
                     if not any(rows.values()):
                         continue
                     t = {p: (r or {}).get("graph_ms") for p, r in rows.items()}
-                    f = rows["fused"] or next(r for r in rows.values() if r)
+                    f = rows[new] or next(r for r in rows.values() if r)
                     ratio = (lambda a, b: f"{a / b:.2f}" if a and b else "-")
                     lines.append(
                         f"| {w} | {dtype} | {pass_} | {mode} | " + " | ".join(_fmt(t[p]) for p in providers)
-                        + f" | {_fmt(f.get('floor_ms'))} | {ratio(t['fused'], f.get('floor_ms'))} "
-                        f"| {ratio(t['fused-v2'], t['fused'])} | {ratio(t['compile'], t['fused'])} "
-                        f"| {ratio(t['eager'], t['fused'])} | {_fmt((rows['fused'] or {}).get('host_ms'))} |")
+                        + f" | {_fmt(f.get('floor_ms'))} | {ratio(t[new], f.get('floor_ms'))} "
+                        f"| {ratio(t[old], t[new])} | {ratio(t['compile'], t[new])} "
+                        f"| {ratio(t['eager'], t[new])} | {_fmt((rows[new] or {}).get('host_ms'))} |")
+    return lines
+
+
+def probe_table(run: dict) -> list[str]:
+    """Runs with the kernel probe (benchmarks/probe.py): each launch of one v4 layer, device
+    time beside its bound (bytes at the copy rate, or FLOPs at the bf16 peak)."""
+    lines = []
+    for pr in run.get("probe", []):
+        lines += [f"Kernels v4 launch by launch, {pr['workload']} ({pr['rows']} rows, C {pr['C']}, m {pr['m']}, "
+                  f"x {pr['x_dtype']}), device time from CUDA-graph replays:", "",
+                  "| launch | us | bound us | x bound |", "|---|---|---|---|"]
+        for name, v in pr.items():
+            if isinstance(v, dict) and "us" in v:
+                bound = v.get("bandwidth_bound_us") or v.get("flop_bound_us")
+                lines.append(f"| {name} | {_fmt(v['us'], '.1f')} | {_fmt(bound, '.1f')} "
+                             f"| {_fmt(v['us'] / bound if bound else None, '.2f')} |")
+        lines.append("")
     return lines
 
 
 def run_table(run: dict) -> list[str]:
+    if not run["results"]:
+        return []
     if any("graph_ms" in r for r in run["results"]):
         return device_table(run)
     by = {(r["workload"], r["dtype"], r["pass"], r["provider"]): r for r in run["results"]}
@@ -209,13 +229,14 @@ def main() -> None:
                  f"copy {c['copy_gbps']:.0f} GB/s. " if c else "Ceilings not measured (no floors). ")
                 + f"Parity suite natively: "
                 f"{(run.get('parity') or {}).get('summary', 'not run')}. File: `results/{run['_file']}`.", ""]
-        out += run_table(run) + [""]
+        out += run_table(run) + [""] + probe_table(run)
         if run.get("e2e"):
             out += ["End-to-end training step (DINOv2 ViT-L/16, 512², batch 4, AdamW; settings in "
-                    "`benchmarks/e2e.py`: `library` = fused Rein, bf16 weights, forward and backward captured by "
-                    "torch.compile's reduce-overhead mode; `compile-reference` = the same with the reference Rein; "
-                    "`official` = fp32, eager reference, nothing captured; host ms = wall time per unsynchronised "
-                    "step; a captured step's allocated peak misses its graph pools, reserved bounds it):", "",
+                    "`benchmarks/e2e.py`: `library` = `rein.train`'s captured step (fused Rein, bf16 weights, "
+                    "compiled in reduce-overhead mode: regionally from 2026-12-04, the model whole before); "
+                    "`compile-reference` = the same with the reference Rein; `official` = fp32, eager reference, "
+                    "nothing captured; host ms = wall time per unsynchronised step; a captured step's allocated "
+                    "peak misses its graph pools, reserved bounds it):", "",
                     "| head | dtype | provider | step ms | host ms | peak MB | reserved MB | held after forward MB |",
                     "|---|---|---|---|---|---|---|---|"]
             out += [f"| {r.get('head', 'light')} | {r.get('dtype')} | {r.get('provider')} | {_fmt(r.get('median_ms'))} "
