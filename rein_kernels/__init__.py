@@ -9,9 +9,11 @@
                           the two halves of rein_layer_fused: the parameter operands (for
                           one layer or all at once), then the op on them.
     KERNELS               which kernels the op runs: "v4" (rein_layer_v4.py: cuBLAS for the
-                          GEMMs, Triton for the row-wise work) or "v3" (rein_layer.py: Triton
-                          GEMMs), from REIN_KERNELS; benchmarks/NOTES.md says why the default
-                          is what it is.
+                          GEMMs, Triton for the row-wise work; the default) or "v3"
+                          (rein_layer.py: Triton GEMMs), from REIN_KERNELS. v4 is the default
+                          since the H200 run of 2026-12-04 measured it 1.27x v3 per layer as a
+                          backbone runs them (benchmarks/NOTES.md); v3 stays selectable until
+                          every named workload has been measured with both.
     REGISTRATION          which registration of the op the layer calls: "custom_op" (the
                           default; opaque to torch.compile) or "triton_op" (torch >= 2.6:
                           torch.compile traces it and Inductor launches the kernels itself),
@@ -40,7 +42,7 @@ __all__ = [
 
 
 KERNEL_VERSIONS = ("v4", "v3")
-KERNELS = os.environ.get("REIN_KERNELS", "v3")
+KERNELS = os.environ.get("REIN_KERNELS", "v4")
 if KERNELS not in KERNEL_VERSIONS:
     raise ValueError(f"REIN_KERNELS={KERNELS!r}: choose one of {', '.join(KERNEL_VERSIONS)}")
 REGISTRATIONS = ("custom_op", "triton_op")
