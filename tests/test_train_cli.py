@@ -344,6 +344,33 @@ def test_regional_compile_does_not_grow_with_depth(fused):
     assert frames[4] == frames[12] and frames[4] >= 2, frames  # blocks, Rein's operands, the head
 
 
+def test_compiled_step_says_it_compiles_and_how_long_it_took(capsys, monkeypatch, tmp_path):
+    """The first compiled iteration says that it compiles and where torch.compile's cache
+    lives (~/.cache/rein-kernels/torch-compile unless TORCHINDUCTOR_CACHE_DIR says
+    otherwise), the last warm-up iteration how long compiling and recording took; the
+    iterations after say nothing."""
+    from argparse import Namespace
+
+    from rein.train.step import WARM_STEPS, Step, compile_cache_dir, run_compiled
+
+    monkeypatch.delenv("TORCHINDUCTOR_CACHE_DIR", raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert compile_cache_dir() == tmp_path / ".cache" / "rein-kernels" / "torch-compile"
+    monkeypatch.setenv("TORCHINDUCTOR_CACHE_DIR", str(tmp_path / "mine"))
+    assert compile_cache_dir() == tmp_path / "mine"
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    step = Step(model, lambda out, labels: (out - labels).square().mean(), opt.step)
+    x, y = torch.randn(4, 3), torch.randn(4, 2)
+    said = []
+    for done in range(WARM_STEPS + 2):
+        run_compiled(step, step, done, x, y, opt, Namespace(amp=False), torch.device("cpu"), True)
+        said.append(capsys.readouterr().err)
+    assert f"compiling the training step, first run only (cache: {tmp_path / 'mine'})" in said[0]
+    assert "compiled and recorded in" in said[WARM_STEPS - 1]
+    assert not any(said[1:WARM_STEPS - 1]) and not any(said[WARM_STEPS:])
+
+
 def test_training_step_capture_and_its_fallbacks(capsys, monkeypatch):
     """Captured on CUDA by default; the reason printed where not (another device, torchrun,
     --no-cuda-graphs); a compiled step that fails to compile or record (at its first call,

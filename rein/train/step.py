@@ -3,7 +3,10 @@ captured in CUDA graphs, and why a run is not captured."""
 from __future__ import annotations
 
 import functools
+import os
 import sys
+import time
+from pathlib import Path
 from typing import Callable, NamedTuple
 
 import torch
@@ -55,6 +58,7 @@ def captured_step(model, wrapped, opt, regional: bool = True, **compile_kw) -> S
     graphs. ``regional``: the forward's repeated blocks are compiled one at a time and
     share one compiled graph (``compile_regions``), else the whole model is one."""
     compile_kw = compile_kw or {"mode": "reduce-overhead"}
+    compile_cache_dir()
     loss = model.head.captured_loss(**compile_kw) or model.head.loss
     forward = wrapped if regional and compile_regions(model, **compile_kw) else torch.compile(wrapped, **compile_kw)
     return Step(forward, loss, torch.compile(opt.step, **compile_kw))
@@ -92,11 +96,35 @@ def _block_and_rein(backbone, blk, *args, **kwargs):
     return backbone._refine(blk.forward(*args, **kwargs), blk)
 
 
+def compile_cache_dir() -> Path:
+    """Where torch.compile keeps what it compiled (Inductor's FX graph and AOTAutograd
+    caches, the kernels), so that a second run on the same machine starts in seconds:
+    TORCHINDUCTOR_CACHE_DIR when set, else ~/.cache/rein-kernels/torch-compile (set here,
+    for this process), instead of Inductor's default under /tmp, which a reboot empties."""
+    folder = os.environ.get("TORCHINDUCTOR_CACHE_DIR")
+    if not folder:
+        folder = os.environ["TORCHINDUCTOR_CACHE_DIR"] = str(Path.home() / ".cache" / "rein-kernels" / "torch-compile")
+    return Path(folder)
+
+
+_compile_started: list[float] = []
+
+
 def run_compiled(steps: Step, eager: Step, done: int, images, labels, opt, args, device, main_proc):
     """One compiled (or captured) step; within the first ``WARM_STEPS`` iterations, a
-    failure to compile or record falls back to the eager step, with one line saying why."""
+    failure to compile or record falls back to the eager step, with one line saying why.
+    The first iteration says that it compiles, the last of them how long it took."""
+    if done == 0 and main_proc:
+        _compile_started[:] = [time.time()]
+        print(f"rein-train: compiling the training step, first run only (cache: {compile_cache_dir()})",
+              file=sys.stderr, flush=True)
     try:
-        return steps, steps.run(images, labels, opt, args, device)
+        loss = steps.run(images, labels, opt, args, device)
+        if done == WARM_STEPS - 1 and main_proc and _compile_started:
+            float(loss)  # the recorded step has run
+            print(f"rein-train: training step compiled and recorded in {time.time() - _compile_started[0]:.0f} s",
+                  file=sys.stderr, flush=True)
+        return steps, loss
     except Exception as e:  # torch.compile and CUDA graphs raise many kinds: the step itself must go on
         if done >= WARM_STEPS:
             raise
@@ -114,8 +142,9 @@ def release_compiled(opt, model=None) -> None:
     opt.zero_grad(set_to_none=True)
     for module in getattr(model, "_compiled_regions", ()):
         module._compiled_call_impl = None
-    if model is not None and "layer_operands" in vars(model.backbone.rein):
-        del model.backbone.rein.layer_operands
-    if model is not None:
+    rein = getattr(getattr(model, "backbone", None), "rein", None)
+    if isinstance(rein, torch.nn.Module) and "layer_operands" in vars(rein):
+        del rein.layer_operands
+    if hasattr(model, "_compiled_regions"):
         model._compiled_regions = ()
     torch.compiler.reset()
