@@ -2,11 +2,11 @@
 revert, and report which bugs the suite caught and how.
 
     python tests/mutation/run.py                 # every mutant (~2.5 h on 2 cores)
-    python tests/mutation/run.py --kernels v3    # the current kernels' and the shared code's
+    python tests/mutation/run.py --kernels v4    # the default kernels' and the shared code's
     python tests/mutation/run.py --only lse-no-max gemm-no-bias
     python tests/mutation/run.py --list
 
-Mutants of the v2 kernels (kept selectable) run with REIN_KERNELS=v2, the others with v3.
+Mutants of the v3 kernels (kept selectable) run with REIN_KERNELS=v3, the others with v4.
 A mutant counts as caught when a test fails; "assert" when every failure is an
 AssertionError (the goal), "error" when a test raised something else, "crash" when
 pytest itself died (a segfault: a bug caught only by luck). Exits non-zero when the
@@ -97,7 +97,7 @@ def run_one(mu, tests, timeout) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", help="mutant ids to run (default: all)")
-    ap.add_argument("--kernels", choices=["v3", "v2"], help="only the mutants run with these kernels")
+    ap.add_argument("--kernels", choices=["v4", "v3"], help="only the mutants run with these kernels")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     ap.add_argument("--tests", nargs="+", default=TESTS)
     ap.add_argument("--timeout", type=float, default=600)
