@@ -102,6 +102,8 @@ def plan(names: list[str], heads: list[str], layers: bool, e2e: bool) -> list[tu
                 items += [("ttfs", head, s, "warm")] if s in TTFS_SETTINGS else []
             # the sliding-window evaluation of one Cityscapes image, replayed against called
             items += [("eval", head, dtype, graphs) for dtype in ("fp32", "bf16") for graphs in (True, False)]
+            # the model compiled whole rather than regionally
+            items.append(("e2e", head, "library-whole"))
             # the previous default (only the forward and backward captured) and transformers' loss
             items.append(("e2e", head, "library-forward-graphs"))
             items += [("e2e", head, "library-transformers-loss")] if head == "mask2former" else []

@@ -170,7 +170,7 @@ def test_results_md_reads_the_new_fields_and_every_older_file(tmp_path):
     layer = dict(workload="vitl-512", dtype="bf16", mode="stack", provider="fused-v4", graph_ms=0.2, floor_ms=0.05,
                  id="layer/vitl-512/bf16/fwd+bwd/stack/fused-v4", phases={"starting": 3.0}, **{"pass": "fwd+bwd"})
     run = dict(device="Synthetic", torch="x", triton="y", date="2000-01-01T00:00:00", ceilings=None,
-               results=[layer, dict(layer, provider="fused", graph_ms=0.25)], e2e=[],
+               results=[layer, dict(layer, provider="fused-v3", graph_ms=0.25)], e2e=[],
                ttfs=[dict(head="mask2former", provider="library", cache="cold", status="timeout", phase="compiling",
                           seconds=330.2, phases={"starting": 4.0, "building": 9.0, "compiling": 317.2}),
                      dict(head="light", provider="library", cache="warm", status="ok", build_s=8.0, first_step_s=30.5,
@@ -179,7 +179,9 @@ def test_results_md_reads_the_new_fields_and_every_older_file(tmp_path):
                              limit_s=330, phases={"compiling": 317.2}, reason="timed out in compiling after 330 s"),
                         dict(id="eval/light/fp32/uncaptured", status="budget", reason="time budget spent")])
     table = "\n".join(make_results.run_table(run))
-    assert "| fused-v4 |" in table and "| vitl-512 | bf16 | fwd+bwd | stack | - | - | - | 0.250 | 0.200 |" in table
+    # the newest kernels held against the previous ones (x fused-v3: 1.25)
+    assert "| fused-v3 | fused-v4 |" in table
+    assert "| vitl-512 | bf16 | fwd+bwd | stack | - | - | 0.250 | 0.200 | 0.050 | 4.00 | 1.25 |" in table
     ttfs = "\n".join(make_results.ttfs_table(run))
     assert "| mask2former | library | cold | 9.0 | timeout in compiling after 330 s | - | - | - |" in ttfs
     assert "| light | library | warm | 8.0 | 30.5 | 2.5 | 33.0 | 412 |" in ttfs
