@@ -231,12 +231,18 @@ def check_case(case: Case, seed: int = 0) -> None:
     if isinstance(ref_layer.scale, torch.nn.Parameter):
         scale_terms = (gd * (ref_out - xd)).abs().sum().item() / abs(ref_layer.scale.item())
     terms = _term_sizes(ref_layer, x.to(DEVICE).double(), gd, case)
+    # out and dx are stored in their dtype whole, the residual included: their rounding,
+    # a few units of the last place of |out| or |dx|, shows in out - x and dx - g however
+    # small the adapter's part (a GEMM that adds to the residual in place, as v4's do, may
+    # round once per K block, as the CPU's BLAS does)
+    whole = {"out - x": 4 * torch.finfo(dt).eps * ref_out.abs().max().item(),
+             "dx - g": 4 * torch.finfo(dt).eps * ref_grads["x"].abs().max().item()}
     for name, got, theirs, ref in checks:
         assert torch.isfinite(got).all(), f"{name}: non-finite values (unwritten or overflow) in {case}"
         size = max(ref.abs().max().item(), 1e-6)
         if name == "scale" and scale_terms is not None:
             size = max(size, scale_terms)
         size = max(size, terms.get(name, 0.0))
-        bound = 2 * _err(theirs, ref) + tol * size
+        bound = 2 * _err(theirs, ref) + tol * size + whole.get(name, 0.0)
         err = _err(got, ref)
         assert err <= bound, f"{name}: max error {err:.3e} > bound {bound:.3e} in {case}"
