@@ -56,7 +56,7 @@ BF16X_CALL_PROVIDERS = ("fused-v4", "fused-v3", "compile")
 TTFS_SETTINGS = ("library",)
 
 # Seconds per row on an H200, first matching pattern first (--limit's patterns go before
-# these). A Mask2Former step compiled cold has taken more than 240 s (issue 26).
+# these). A Mask2Former step compiled cold has taken more than 240 s (benchmarks/NOTES.md).
 DEFAULT_LIMITS = [
     ("ceilings", 90),
     ("probe/*", 90),
@@ -564,8 +564,8 @@ def child_main(spec_json: str) -> int:
 
 def compiled_kernels() -> dict:
     """What the GPU actually ran: each autotuned kernel's chosen config per key, and each
-    compiled variant's registers and spill bytes as the driver loaded it (issue 13 predicts
-    these from an ahead-of-time ptxas; this is the native count)."""
+    compiled variant's registers and spill bytes as the driver loaded it (tests/compile_sm90.py
+    predicts these from an ahead-of-time ptxas; this is the native count)."""
     try:
         import rein_kernels.rein_layer as op
         import rein_kernels.rein_layer_v4 as op4

@@ -7,7 +7,7 @@ Never edit RESULTS.md by hand: its numbers come only from JSON files that
 ceilings: {bf16_tflops, tf32_tflops, fp32_tflops, copy_gbps} (null if that row failed),
 parity: {summary, ...}, results: [{workload, dtype, pass, provider, median_ms,
 median_ms_repeat, floor_ms, peak_mem_mb, saved_bytes, saved_bytes_no_params}],
-skipped: [{item, reason}], e2e: [...]}. Since issue 26 (every row in a child process of its
+skipped: [{item, reason}], e2e: [...]}. Since 2026-12-04 (every row in a child process of its
 own, benchmarks/README.md) also: every measured row's ``id``, ``phases`` ({phase: seconds})
 and ``seconds``; ``skipped`` entries' ``id``, ``status`` (timeout, error, crashed, stopped,
 budget), ``phase``, ``phases``, ``seconds``, ``limit_s``; ``rows`` (every row in order:
@@ -171,7 +171,7 @@ def plot(run: dict, path: Path) -> bool:
 
 
 def ttfs_table(run: dict) -> list[str]:
-    """Runs from issue 26 on: seconds from the start of the first training step to the end
+    """Runs from 2026-12-04 on: seconds from the start of the first training step to the end
     of the step that first replays, in a fresh process, torch.compile's on-disk caches
     empty (cold: the e2e row) or as the cold row left them (warm: the ttfs row)."""
     if not run.get("ttfs"):
@@ -194,7 +194,7 @@ def ttfs_table(run: dict) -> list[str]:
 
 
 def unfinished_rows(run: dict) -> list[str]:
-    """Runs from issue 26 on: the rows that did not finish (timed out, failed, died, stopped)
+    """Runs from 2026-12-04 on: the rows that did not finish (timed out, failed, died, stopped)
     with the phase they were in and the seconds each phase took; rows the budget did not
     reach are counted."""
     bad = [s for s in run.get("skipped", []) if s.get("status") in ("timeout", "error", "crashed", "stopped")]
