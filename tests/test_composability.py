@@ -59,6 +59,40 @@ def test_compile_backbone_fullgraph():
             torch.testing.assert_close(p.grad, eager[n], rtol=1e-4, atol=1e-5, msg=n)
 
 
+class _PassThrough(torch.nn.Module):
+    """A head that gives back the backbone's features and queries."""
+
+    def forward(self, features, queries):
+        return features, queries
+
+
+@pytest.mark.parametrize("regional", [False, True])
+def test_compiled_forward_forms_reins_operands_once(monkeypatch, regional):
+    """Under torch.compile the backbone still forms Rein's operands once per forward pass
+    for all layers (one rein_kernels.prepare of [L, m, C] tokens, one batched GEMM), not
+    once per layer: whole (fullgraph) and regionally compiled (rein.train's captured step)
+    alike, at 4 blocks as at 12."""
+    import rein_kernels
+    from rein.model import Segmentor
+    from rein.train.step import compile_regions, release_compiled
+
+    calls, real = [], rein_kernels.prepare
+    monkeypatch.setattr(rein_kernels, "prepare", lambda T, *a: calls.append(T.dim()) or real(T, *a))
+    for depth in (4, 12):
+        torch._dynamo.reset()
+        calls.clear()
+        bb = small_backbone(depth=depth).to(DEVICE)
+        model = Segmentor(bb, _PassThrough()).train()
+        if regional:
+            assert compile_regions(model, backend="eager")
+            forward = model
+        else:
+            forward = torch.compile(model, backend="eager", fullgraph=True)
+        forward(torch.randn(1, 3, IMG, IMG, device=DEVICE))
+        assert calls == [3], (depth, calls)  # traced once, for all layers
+        release_compiled(torch.optim.SGD(bb.rein.parameters(), lr=0.1), model)
+
+
 def _ddp_worker(rank, world, init_file, images, result_file, fsdp):
     dist.init_process_group("gloo", init_method=f"file://{init_file}", rank=rank, world_size=world)
     try:

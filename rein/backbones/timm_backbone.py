@@ -330,7 +330,9 @@ class ReinBackbone(nn.Module):
         checkpointing (see the module's docstring), nor where the fused path was asked for
         and cannot run (the layer's own call says so); returns whether it bound them."""
         layer = self.rein
-        if self.family == "convnext" or _saved_tensor_hooks_active() or (
+        # (torch.compile traces no saved-tensor hooks, and cannot ask for them)
+        hooks = not torch.compiler.is_compiling() and _saved_tensor_hooks_active()
+        if self.family == "convnext" or hooks or (
                 torch.is_grad_enabled() and getattr(self.backbone, "grad_checkpointing", False)):
             return False
         dev = images.device.type
