@@ -188,3 +188,21 @@ def test_fused_rounds_once_and_accumulates_in_fp32(prefix, kernels):
     assert torch.equal(out, want.half()), (out.double() - want).abs().max()
     assert torch.equal(grads["x"], want_grads["x"].half()), (grads["x"].double() - want_grads["x"]).abs().max()
     assert grads["scale"].float().item() == want_grads["scale"].item()
+
+
+def test_fp32_parameters_get_fp32_sums_under_autocast(monkeypatch):
+    """Kernels v4 under fp16 autocast with fp32 parameters: the weight-gradient GEMMs return
+    fp32 sums, so dscale, which autograd forms from them (<W_d, dW> + <U, dU> + <b_d, db>),
+    is exact on integer data where fp16 would round it (v3 rounds dW_d to the compute dtype)."""
+    import rein_kernels
+
+    monkeypatch.setattr(rein_kernels, "KERNELS", "v4")
+    layer, x, g = _integer_layer(C=24, m=5, prefix=1, seed=7)
+    layer = layer.float()
+    with torch.autocast(DEVICE, dtype=torch.float16):
+        _, grads = run(layer, x, g, True, True, 1, 0)
+    exact_layer = copy.deepcopy(layer).double()
+    _, want = run(exact_layer, x.double(), g.double(), False, True, 1, 0)
+    assert torch.equal(want["scale"], want["scale"].round()) and abs(want["scale"].item()) > 2**11
+    assert grads["scale"].dtype == torch.float32
+    assert grads["scale"].item() == want["scale"].item()
