@@ -143,7 +143,7 @@ def test_hand_computed_case(softmax, fused):
 # ----------------------------------------------------------------------------- exact arithmetic
 
 
-def _integer_layer(C, m, prefix, seed):
+def _integer_layer(C, m, prefix, seed, x_hi=16, batch=3):
     """fp16 parameters, inputs and an output gradient holding small integers, no softmax:
     every product and every partial sum the layer forms is an integer under 2^24, so fp32
     accumulation is exact and the only rounding is the final one to fp16. A kernel that
@@ -166,8 +166,8 @@ def _integer_layer(C, m, prefix, seed):
     layer = layer.half()
     layer.scale = torch.nn.Parameter(layer.scale.float())  # fp32: dscale comes back unrounded
     layer = layer.to(DEVICE)
-    x = ints(3, 29, C, hi=16).to(DEVICE)
-    g = ints(3, 29, C, hi=3).to(DEVICE)
+    x = ints(batch, 29, C, hi=x_hi).to(DEVICE)
+    g = ints(batch, 29, C, hi=3).to(DEVICE)
     return layer, x, g
 
 
@@ -197,8 +197,11 @@ def test_fp32_parameters_get_fp32_sums_under_autocast(monkeypatch):
     import rein_kernels
 
     monkeypatch.setattr(rein_kernels, "KERNELS", "v4")
-    layer, x, g = _integer_layer(C=24, m=5, prefix=1, seed=7)
+    layer, x, g = _integer_layer(C=24, m=5, prefix=1, seed=7, x_hi=64, batch=6)
     layer = layer.float()
+    # g^T x, dW's direct part, has integers past fp16's 2048 that fp16 cannot hold
+    direct = g[:, 1:].double().flatten(0, 1).t() @ x[:, 1:].double().flatten(0, 1)
+    assert (direct.half().double() != direct).any()
     with torch.autocast(DEVICE, dtype=torch.float16):
         _, grads = run(layer, x, g, True, True, 1, 0)
     exact_layer = copy.deepcopy(layer).double()
