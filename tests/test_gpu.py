@@ -3,6 +3,7 @@ import pytest
 import torch
 
 import rein
+from _tolerance import assert_sums_close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -18,7 +19,8 @@ def test_int64_offsets_rows_times_C_over_2_pow_31():
         tail = x[:, -300:]  # the last rows, past the 2^31 mark, against the reference
         layer.fused = False
         ref = layer(torch.cat([x[:, :1], tail], 1), 0, batch_first=True)[:, 1:]
-    torch.testing.assert_close(out[:, -300:], ref, rtol=2e-2, atol=2e-2)
+    # fp16 on both paths: the error is that of the fp16 roundings a result goes through
+    assert_sums_close(out[:, -300:], ref, terms=16, dtype=torch.float16)
 
 
 def test_cuda_graph_capture_and_replay_training_step():
@@ -43,9 +45,9 @@ def test_cuda_graph_capture_and_replay_training_step():
     x.copy_(torch.randn_like(x))
     graph.replay()
     expected = step()
-    for a, b in zip(captured, expected):
-        if b is not None:
-            torch.testing.assert_close(a, b)
+    for k, (a, b) in enumerate(zip(captured, expected)):
+        if b is not None:  # sums over the rows, the channels and the tokens
+            assert_sums_close(a, b, terms=2 * 257 + 256 + 100, name=f"gradient {k}")
 
 
 def test_sliding_window_replayed_from_a_graph_equals_the_model():
@@ -61,7 +63,8 @@ def test_sliding_window_replayed_from_a_graph_equals_the_model():
         img = torch.randn(1, 3, 150, 97, device="cuda")
         captured = slide_scores(model, img, 64, cuda_graphs=True)
         plain = slide_scores(model, img, 64, cuda_graphs=False)
-        torch.testing.assert_close(captured, plain, rtol=1e-4, atol=1e-4)
+        # through 4 blocks, each summing over at most its MLP's 4 x 384 channels and 65 tokens
+        assert_sums_close(captured, plain, terms=4 * (4 * 384 + 65), name=head)
 
 
 @pytest.mark.parametrize("head", ["light", "mask2former"])
