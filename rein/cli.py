@@ -4,7 +4,9 @@ their argument parser, the flags that name a trained model, the checks of --devi
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
+import tempfile
 from pathlib import Path
 
 import torch
@@ -58,9 +60,29 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
 
 
 def check_out_folder(out: Path, holds: str) -> None:
-    """--out must be a folder (or not exist yet)."""
-    if out.exists() and not out.is_dir():
-        raise UsageError(f"--out {out} is a file; give a folder (it will hold {holds})")
+    """--out must be a folder, or one that can be made, where this process can write: tried
+    by making it (and a file in it), then removing what the try made, so that nothing is
+    left behind when a later check fails."""
+    made = []  # the folders the try makes, deepest first
+    try:
+        if out.exists() and not out.is_dir():
+            raise UsageError(f"--out {out} is a file; give a folder (it will hold {holds})")
+        parent = out
+        while not parent.exists() and parent != parent.parent:
+            made.append(parent)
+            parent = parent.parent
+        if not parent.is_dir():
+            raise UsageError(f"--out {out}: {parent} is a file, not a folder; give a folder (it will hold {holds})")
+        out.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=out):
+            pass
+    except OSError as e:
+        raise UsageError(f"--out {out} cannot be made or written ({e.strerror or e}); give a folder you can "
+                         f"write to (it will hold {holds})") from None
+    finally:
+        for folder in made:
+            with contextlib.suppress(OSError):
+                folder.rmdir()
 
 
 def device_from_flag(flag: str | None) -> torch.device:

@@ -51,6 +51,66 @@ def test_bad_flags_fail_before_writing(tmp_path, capsys, argv, needles):
     assert not out.exists()
 
 
+def _unwritable_outs(tmp_path) -> list[Path]:
+    """--out folders that cannot be made: under a regular file, and (where there is one)
+    in a virtual file system, which even root cannot write."""
+    (tmp_path / "file").write_text("keep me")
+    return [tmp_path / "file" / "out"] + [Path(p) for p in ("/proc/rein-out",) if Path("/proc/self").exists()]
+
+
+@pytest.mark.parametrize("command", ["rein.train", "rein.evaluate", "rein.predict"])
+def test_out_that_cannot_be_made_is_one_line_in_every_command(tmp_path, capsys, command):
+    import importlib
+
+    main_of = importlib.import_module(command + (".loop" if command == "rein.train" else "")).main
+    prog = command.replace(".", "-")
+    extra = {"rein.train": FAST, "rein.evaluate": ["--checkpoint", "x.pth", "--target", "synthetic"],
+             "rein.predict": ["--checkpoint", "x.pth", "--images", str(tmp_path)]}[command]
+    for out in _unwritable_outs(tmp_path):
+        assert main_of([*extra, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{prog}: --out {out}") and "Traceback" not in err, err
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_out_check_leaves_nothing_behind(tmp_path, capsys):
+    """Whether --out can be made is tried by making it: a later bad flag leaves no folder."""
+    out = tmp_path / "a" / "b"
+    rc, _, err = run(capsys, "--max-iters", "1", "--out", str(out), *FAST, "--backbone", "vit_tiny_not_a_model")
+    assert rc == 2 and not (tmp_path / "a").exists(), err
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--lr", "-1"], "--lr -1.0: give a learning rate above 0"),
+    (["--lr", "nan"], "--lr nan: give a learning rate above 0"),
+    (["--weight-decay", "-0.1"], "--weight-decay -0.1: give 0 or more"),
+    (["--ckpt-interval", "0"], "--ckpt-interval 0: give 1 or more iterations"),
+    (["--ckpt-interval", "-1"], "--ckpt-interval -1: give 1 or more iterations"),
+    (["--warmup-iters", "-1"], "--warmup-iters -1: give 0 to --max-iters (300)"),
+    (["--warmup-iters", "301"], "--warmup-iters 301: give 0 to --max-iters (300)"),
+    (["--seed", "-1"], "--seed -1: give 0 to 4294967295"),
+    (["--workers", "-1"], "--workers -1: give 0"),
+    (["--max-iters", "0"], "--max-iters 0: give 1 or more"),
+    (["--batch-size", "0"], "--batch-size 0: give 1 or more"),
+    (["--crop", "4"], "--crop 4: give at least one 8-pixel patch"),
+])
+def test_flags_out_of_range_are_one_line(capsys, argv, says):
+    with pytest.raises(SystemExit) as e:
+        run(capsys, *argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rein-train: {says}") and err.count("\n") == 1, err
+
+
+def test_batch_larger_than_the_training_set(tmp_path, capsys):
+    out = tmp_path / "o"
+    rc, _, err = run(capsys, "--max-iters", "1", "--out", str(out), *FAST, "--batch-size", "100000")
+    assert rc == 2
+    _one_line_error(err, "--batch-size 100000 is more than the 400 images of the training set", "at most 400")
+    assert not out.exists()
+
+
 def test_out_naming_a_file(tmp_path, capsys):
     f = tmp_path / "results.txt"
     f.write_text("keep me")

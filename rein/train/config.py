@@ -3,6 +3,7 @@ every check that can be made before anything is written."""
 from __future__ import annotations
 
 import argparse
+import math
 import os
 from pathlib import Path
 
@@ -86,17 +87,37 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
     args.timm_kwargs = {} if (user_backbone or not args.synthetic) else {"depth": SYNTHETIC["depth"]}
     if args.warmup_iters is None:
         args.warmup_iters = min(defaults["warmup_iters"], max(1, args.max_iters // 10))
-    args.ckpt_interval = args.ckpt_interval or max(1, args.max_iters // 10)
+    if args.ckpt_interval is None:
+        args.ckpt_interval = max(1, args.max_iters // 10)
     if args.workers is None:
         args.workers = min(8, max(0, (os.cpu_count() or 1) - 1))
-    if args.max_iters < 1 or args.batch_size < 1 or args.crop < args.patch_size or args.workers < 0:
-        ap.error("--max-iters and --batch-size must be positive, --crop at least one patch, --workers >= 0")
+    for wrong, message in _out_of_range(args):
+        if wrong:
+            ap.error(message)
     return args
+
+
+def _out_of_range(args) -> list[tuple[bool, str]]:
+    """(whether a flag is out of its range, the line that says so), flag by flag."""
+    return [
+        (args.max_iters < 1, f"--max-iters {args.max_iters}: give 1 or more"),
+        (args.batch_size < 1, f"--batch-size {args.batch_size}: give 1 or more"),
+        (args.crop < args.patch_size, f"--crop {args.crop}: give at least one {args.patch_size}-pixel patch"),
+        (args.workers < 0, f"--workers {args.workers}: give 0 (load in this process) or more"),
+        (not (math.isfinite(args.lr) and args.lr > 0), f"--lr {args.lr}: give a learning rate above 0"),
+        (not (math.isfinite(args.weight_decay) and args.weight_decay >= 0),
+         f"--weight-decay {args.weight_decay}: give 0 or more"),
+        (not 0 <= args.warmup_iters <= args.max_iters,
+         f"--warmup-iters {args.warmup_iters}: give 0 to --max-iters ({args.max_iters})"),
+        (args.ckpt_interval < 1, f"--ckpt-interval {args.ckpt_interval}: give 1 or more iterations"),
+        # the batch and step seeds, (seed * 1000003 + iteration) * 4096 + rank, fit in 64 bits
+        (not 0 <= args.seed < 2**32, f"--seed {args.seed}: give 0 to {2**32 - 1}"),
+    ]
 
 
 def validate(args) -> None:
     """Every check of the flags alone; raises UsageError naming the flag and the fix."""
-    check_out_folder(Path(args.out), "checkpoint.pth, metrics.json, loss.png")
+    check_out_folder(Path(args.out), "checkpoint.pth, metrics.json, loss.png, samples/")
     device_from_flag(args.device)
     check_backbone(args.backbone, args.patch_size, args.crop)
     if args.init_from_official is not None:
@@ -130,5 +151,7 @@ def resume_mismatches(saved: dict, args) -> list[str]:
     """Flags that change the model or the schedule and differ from the checkpoint's."""
     now = vars(args)
     name = {"head_kwargs": "the head's sizes (set by --head and the data)"}
+    if saved.get("max_iters") != now.get("max_iters"):  # the warm-up's default follows --max-iters
+        name["warmup_iters"] = "--warmup-iters (by default from --max-iters)"
     return [f"{name.get(k, '--' + k.replace('_', '-'))} {saved.get(k)!r} -> {now.get(k)!r}" for k in RESUME_KEYS
             if k in saved and saved.get(k) != now.get(k)]

@@ -226,6 +226,9 @@ def main(argv=None) -> int:
         validate(args)
         rank, world, device = _setup_distributed(args)
         train_set, val_sets = build_data(args)
+        if args.batch_size > len(train_set):  # it would only repeat images, at the memory cost of a larger batch
+            raise UsageError(f"--batch-size {args.batch_size} is more than the {len(train_set)} images of the "
+                             f"training set ({train_set.name}); give at most {len(train_set)}")
         ck = _load_resume(args, out)
         if args.fused and not rein_kernels.is_available(torch.empty(0, device=device)):
             if rank == 0:
