@@ -1,5 +1,6 @@
 """The training command on bad input: one clear line naming the flag or file, exit code 2,
 nothing half-written, and nothing lost when a bad file turns up mid-run."""
+import contextlib
 import json
 import os
 import re
@@ -258,6 +259,48 @@ def test_bad_target_file_keeps_the_training_and_other_domains(tmp_path, capsys):
     assert metrics["cityscapes"]["mIoU"] is None and str(bad) in metrics["cityscapes"]["error"]
     assert isinstance(metrics["bdd100k"]["mIoU"], float)
     assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 2
+
+
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_batch_out_of_memory_saves_and_says_what_to_do(tmp_path, capsys, monkeypatch, workers):
+    """Building a batch runs out of memory (in a loader worker, or in the training process
+    without one): one line saying what to lower, and a resumable checkpoint."""
+    import rein.train.data
+
+    def no_memory(img):
+        raise MemoryError
+
+    monkeypatch.setattr(rein.train.data, "normalize", no_memory)  # forked workers inherit it
+    out = tmp_path / "o"
+    rc, _, err = run(capsys, "--max-iters", "3", "--out", str(out), *FAST[:-1], workers)
+    assert rc == 2
+    _one_line_error(err, "out of memory building the batch of iteration 0 (2 images of 64x64",
+                    "Saved a resumable checkpoint at iteration 0 of 3", "lower --workers, or --batch-size with "
+                    "--force-resume, then continue with: python -m rein.train")
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 0
+
+
+def test_loader_worker_killed_mid_run_saves_and_says_so(tmp_path, capsys, monkeypatch):
+    """A loader worker killed (as the kernel's out-of-memory killer does) while the trainer
+    computes: noticed when it next waits for a batch, between two steps, where it saves.
+    (Which: the batches the worker had built before may die with it, unsent.)"""
+    import rein.train.data
+
+    real = rein.train.data.TrainBatches.__getitem__
+
+    def dies_at_2(self, it):
+        if it == 2 and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, it)
+
+    monkeypatch.setattr(rein.train.data.TrainBatches, "__getitem__", dies_at_2)
+    out = tmp_path / "o"
+    rc, _, err = run(capsys, "--max-iters", "4", "--out", str(out), *FAST[:-1], "1")
+    assert rc == 2
+    _one_line_error(err, "a data loading process ended (DataLoader worker (pid", "Saved a resumable checkpoint at "
+                    "iteration ", "lower --workers")
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert f"at iteration {ck['iteration']} of 4" in err and ck["iteration"] == len(ck["losses"]) <= 2
 
 
 def test_loader_workers_give_the_same_run(tmp_path):
@@ -563,3 +606,67 @@ def test_ctrl_c_under_torchrun_stops_every_process_at_one_iteration(tmp_path):
     assert m, stderr[-3000:]
     assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == int(m[2]) >= 1
     assert stderr.count("Saved a resumable checkpoint") == 1
+
+
+# A run whose loader worker never delivers batch 1 (it sleeps instead: a hung file system,
+# a decoder stuck on a file): the trainer waits for it after its first step.
+STUCK_LOADER = """
+import sys, time
+import torch
+import rein.train.data
+
+real = rein.train.data.TrainBatches.__getitem__
+
+def stuck(self, it):
+    if it >= 1 and torch.utils.data.get_worker_info() is not None:
+        time.sleep(3600)
+    return real(self, it)
+
+rein.train.data.TrainBatches.__getitem__ = stuck
+from rein.train.loop import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_ends_a_run_waiting_on_a_stuck_loader_within_seconds(tmp_path, signum):
+    """SIGTERM to the trainer alone (as a scheduler or `kill` sends it), or SIGINT to the
+    whole group (Ctrl-C): the wait is cut short, a resumable checkpoint saved, and every
+    process of the run gone within seconds, the stuck worker included."""
+    out = tmp_path / "run"
+    flags = ["--max-iters", "400", "--out", str(out), *FAST[:-1], "1"]
+    proc, err = _start([sys.executable, "-c", STUCK_LOADER, *flags])
+    try:
+        deadline = time.monotonic() + 600
+        while "loss=" not in "".join(err):  # the first step's loss: the trainer then waits for batch 1
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(err)[-3000:]
+            time.sleep(0.2)
+        time.sleep(1)
+        sent = time.monotonic()
+        if signum == signal.SIGTERM:
+            os.kill(proc.pid, signum)
+        else:
+            os.killpg(proc.pid, signum)
+        proc.wait(timeout=30)
+        took = time.monotonic() - sent
+        while True:  # the worker too
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() - sent < 30, "a process of the run outlived it"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.reader.join(timeout=10)
+    proc.stdout.close()
+    stderr = "".join(err)
+    assert proc.returncode == 128 + signum and "Traceback" not in stderr, stderr[-3000:]
+    assert took < 10, took
+    assert (f"rein-train: stopped by {signal.Signals(signum).name}. Saved a resumable checkpoint at iteration 1 of "
+            "400") in stderr, stderr[-3000:]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 1

@@ -35,7 +35,7 @@ from ..inference import run_test_scale
 from ..metrics import evaluate_targets
 from ..model import backfill, build_model, load_trained
 from .config import SYNTHETIC, parse_args, resume_mismatches, validate, warnings_for
-from .data import TrainBatches, train_loader
+from .data import LESS_MEMORY, TrainBatches, train_loader
 from .optim import load_optimizer_state, lr_at, make_optimizer, optimizer_state, set_lr
 from .step import Step, autocast_for, captured_step, release_compiled, run_compiled, why_uncaptured
 
@@ -120,43 +120,85 @@ def _load_resume(args, out: Path):
     return ck
 
 
+class _Interrupted(Exception):
+    """A stop signal that came while the trainer waited for a batch."""
+
+
+class _StopRequests:
+    """The handler of SIGINT and SIGTERM while training: it notes the signal's number in
+    ``caught``, and the loop stops between two iterations, with a resumable checkpoint, on
+    every process alike. Every signal is noted, none kills: torchrun passes the one it gets
+    on to its workers, which a second default handler would stop mid-step. While the
+    trainer waits for a batch (``waiting``), which a loader worker may take long to build,
+    or never deliver, the wait is cut short (raising ``_Interrupted``, once)."""
+
+    def __init__(self):
+        self.caught: list[int] = []
+        self.waiting = False
+
+    def __call__(self, signum, frame):
+        self.caught.append(signum)
+        if self.waiting:
+            self.waiting = False
+            raise _Interrupted
+
+
 @contextlib.contextmanager
 def _stop_requests():
-    """While training, SIGINT (Ctrl-C) and SIGTERM only note their number in the list this
-    yields: the loop stops between two iterations, with a resumable checkpoint, on every
-    process alike. Every signal is noted, none kills: torchrun passes the one it gets on
-    to its workers, which a second default handler would stop mid-step."""
-    caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    """SIGINT and SIGTERM handled by a ``_StopRequests``, which this yields. SIGCHLD keeps
+    its default action meanwhile: DataLoader's handler would raise in the middle of a step
+    when a loader worker dies; the trainer learns of it when it next waits for a batch
+    (within 5 s), between two steps, where a checkpoint can be saved."""
+    stops = _StopRequests()
+    previous = {s: signal.signal(s, stops) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
-        yield caught
+        yield stops
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _next_batch(batches, stops: _StopRequests):
+    """The next batch; ``{"error": (what happened, what to do)}`` for one that could not be
+    built (a bad file, no memory) or a loader worker that died; None when a stop signal
+    came meanwhile."""
+    try:
+        try:
+            stops.waiting = True
+            return next(batches)
+        finally:
+            stops.waiting = False
+    except _Interrupted:
+        return None
+    except RuntimeError as e:  # what DataLoader raises when a worker process is gone
+        if not str(e).startswith("DataLoader worker (pid"):
+            raise
+        return {"error": (f"a data loading process ended ({e}; the system may have run out of memory)",
+                          LESS_MEMORY)}
 
 
 def _train(args, steps: Step, eager: Step, opt, train_set, rank, world, device, start, losses, checkpoint,
            main_proc):
     """The training iterations (``steps``: the step's functions, compiled or captured where
     they are; ``eager``: the same uncompiled, which the first iterations fall back to if
-    compiling or recording fails). Returns (the message of a file that could not be read, the
-    signal that asked to stop), both None when every iteration ran; after either, a
-    resumable checkpoint is saved at the iteration it stopped at."""
+    compiling or recording fails). Returns (a batch that could not be loaded: (what happened,
+    what to do), the signal that asked to stop), both None when every iteration ran; after
+    either, a resumable checkpoint is saved at the iteration it stopped at."""
     from tqdm import tqdm
 
     batches = TrainBatches(train_set, args.batch_size, args.crop, args.seed, rank, world)
-    loader = train_loader(batches, start, args.max_iters, args.workers, pin_memory=device.type == "cuda")
-    bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, disable=not main_proc,
-               desc="train", dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
     waited = total = 0.0
-    it_loader = iter(loader)
-    with _stop_requests() as caught:
+    # the loader first: its first workers set DataLoader's SIGCHLD handler, which _stop_requests sets aside
+    with train_loader(batches, start, args.max_iters, args.workers, pin_memory=device.type == "cuda") as loader, \
+            _stop_requests() as stops:
+        bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, disable=not main_proc,
+                   desc="train", dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
         for it in bar:
             t0 = time.perf_counter()
-            batch = next(it_loader)
+            batch = _next_batch(loader, stops)
             t1 = time.perf_counter()
-            error, signum = _agree(batch["error"] if isinstance(batch, dict) else None, max(caught, default=0),
+            error, signum = _agree(batch["error"] if isinstance(batch, dict) else None, max(stops.caught, default=0),
                                    world, device)
             if error is not None or signum:  # on some process: keep what was trained
                 checkpoint(it)
@@ -193,7 +235,7 @@ def _train(args, steps: Step, eager: Step, opt, train_set, rank, world, device, 
     return None, None
 
 
-def _agree(error: str | None, signum: int, world: int, device) -> tuple[str | None, int]:
+def _agree(error: tuple[str, str] | None, signum: int, world: int, device) -> tuple[tuple[str, str] | None, int]:
     """A data error and a stop signal (0: none) on any process, known to every process, so
     that all stop together and rank 0, which saves and reports, can name the file and the
     signal: one collective per iteration."""
@@ -297,17 +339,17 @@ def main(argv=None) -> int:
                 "config": {k: v for k, v in vars(args).items() if k not in ("resume", "force_resume", "stop_at")}})
 
     t0 = time.time()
-    bad_file, signum = _train(args, steps, eager, opt, train_set, rank, world, device, start, losses,
+    bad_data, signum = _train(args, steps, eager, opt, train_set, rank, world, device, start, losses,
                               checkpoint, main_proc)
-    if bad_file is not None or signum is not None:
+    if bad_data is not None or signum is not None:
         if main_proc:
-            why, then = (bad_file, "fix the file, then continue") if bad_file is not None else (
-                f"stopped by {signal.Signals(signum).name}", "continue")
+            why, then = bad_data if bad_data is not None else (f"stopped by {signal.Signals(signum).name}",
+                                                               "continue")
             print(f"rein-train: {why}. Saved a resumable checkpoint at iteration {len(losses)} of {args.max_iters} "
                   f"in {out / 'checkpoint.pth'}; {then} with: {_resume_command(argv, world)}", file=sys.stderr)
         if world > 1:
             dist.destroy_process_group()
-        return 2 if bad_file is not None else 128 + signum  # as a shell reports a process the signal ended
+        return 2 if bad_data is not None else 128 + signum  # as a shell reports a process the signal ended
     if args.stop_at is not None and len(losses) < args.max_iters:
         if world > 1:
             dist.destroy_process_group()
