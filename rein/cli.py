@@ -15,6 +15,9 @@ from .errors import DataError, UsageError
 
 # The errors a user fixes (a flag, a file): one line each, never a traceback.
 USER_ERRORS = (UsageError, DataError)
+# What --backbone and --crop mean for an official checkpoint when not given: the published
+# DINOv2-L model at 512 crops.
+OFFICIAL_FLAGS = {"backbone": "vit_large_patch14_dinov2", "crop": 512}
 # How rein.model.load_model's errors name its inputs in the commands: their flags.
 FLAG_NAMES = {"checkpoint": "--checkpoint", "backbone_checkpoint": "--backbone-checkpoint",
               "backbone": "--backbone", "crop": "--crop"}
@@ -47,16 +50,33 @@ def add_model_flags(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--backbone-checkpoint",
                     help="the frozen backbone's weights (release or timm format; default: those of the run; "
                          "needed for an official checkpoint unless it carries them)")
-    ap.add_argument("--backbone", default="vit_large_patch14_dinov2",
-                    help="official checkpoints: the timm backbone they were trained on (default DINOv2-L)")
-    ap.add_argument("--crop", type=int, default=512,
-                    help="official checkpoints: the training crop, 512 or 1024 (a rein.train run knows its own)")
+    ap.add_argument("--backbone",
+                    help=f"official checkpoints only: the timm backbone they were trained on (default: "
+                         f"{OFFICIAL_FLAGS['backbone']}; a rein.train checkpoint records its own)")
+    ap.add_argument("--crop", type=int,
+                    help=f"official checkpoints only: the training crop, 512 or 1024 (default: "
+                         f"{OFFICIAL_FLAGS['crop']}; a rein.train checkpoint records its own)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
     ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                     help="Rein's Triton kernels where they can run (default) or the PyTorch reference")
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=True,
                     help="on CUDA, record the sliding window's forward once and replay it for every window "
-                         "(default)")
+                         "(default: on)")
+
+
+def official_flags(args) -> dict:
+    """--backbone and --crop as ``rein.model.load_model`` takes them for an official
+    checkpoint: their defaults where not given."""
+    return {k: v if getattr(args, k) is None else getattr(args, k) for k, v in OFFICIAL_FLAGS.items()}
+
+
+def ignored_flags(args, config, checkpoint: str) -> list[str]:
+    """A line for each flag given that a rein.train checkpoint's own configuration
+    overrides (``config``: ``load_model``'s)."""
+    if config.checkpoint_kind != "rein.train":
+        return []
+    return [f"--{k} {getattr(args, k)} is ignored: {checkpoint} is a rein.train checkpoint, built as its run's "
+            f"configuration says (--{k} {getattr(config, k)})" for k in OFFICIAL_FLAGS if getattr(args, k) is not None]
 
 
 def check_out_folder(out: Path, holds: str) -> None:

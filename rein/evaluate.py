@@ -2,7 +2,8 @@
 evaluate a checkpoint that ``rein.train`` wrote, or an official Rein checkpoint (mmseg
 format; with ``--backbone-checkpoint`` for the frozen DINOv2 weights), by the official
 protocol (``rein.inference``), writing what training writes after its last iteration:
-``metrics.json`` and sample pictures (``rein.metrics``).
+``metrics.json`` and sample pictures (``rein.metrics``). ``--target synthetic`` evaluates
+on the validation domains of ``rein.train``'s synthetic default run, as that run did.
 """
 from __future__ import annotations
 
@@ -11,8 +12,9 @@ from pathlib import Path
 
 import torch
 
-from .cli import FLAG_NAMES, USER_ERRORS, add_model_flags, check_out_folder, device_from_flag, parser, report
-from .data import datasets_from
+from .cli import (FLAG_NAMES, USER_ERRORS, add_model_flags, check_out_folder, device_from_flag, ignored_flags,
+                  official_flags, parser, report)
+from .data import datasets_from, synthetic_validation
 from .metrics import evaluate_targets
 from .model import load_model
 
@@ -21,7 +23,8 @@ def main(argv=None) -> int:
     ap = parser("rein-evaluate", __doc__)
     add_model_flags(ap)
     ap.add_argument("--target", metavar="KIND=PATH", action="append", required=True,
-                    help="dataset to evaluate (repeat): cityscapes=..., bdd100k=..., mapillary=..., acdc-fog=...")
+                    help="dataset to evaluate (repeat): cityscapes=..., bdd100k=..., mapillary=..., acdc-fog=..., "
+                         "or synthetic (the synthetic validation domains of rein.train's default run)")
     ap.add_argument("--out", required=True, help="output folder (metrics.json, samples/)")
     ap.add_argument("--amp", action="store_true", help="bf16 autocast for the forward passes")
     args = ap.parse_args(argv)
@@ -29,11 +32,16 @@ def main(argv=None) -> int:
         device = device_from_flag(args.device)
         out = Path(args.out)
         check_out_folder(out, "metrics.json and samples/")
-        datasets = datasets_from([(t, "val", "--target") for t in args.target])
+        specs = [t for t in args.target if t != "synthetic"]
+        datasets = datasets_from([(t, "val", "--target") for t in specs])
         model, config = load_model(args.checkpoint, args.backbone_checkpoint, device, args.fused,
-                                   official=dict(backbone=args.backbone, crop=args.crop), names=FLAG_NAMES)
+                                   official=official_flags(args), names=FLAG_NAMES)
+        if "synthetic" in args.target:
+            datasets = synthetic_validation(config.crop) + datasets
     except USER_ERRORS as e:
         return report("rein-evaluate", e)
+    for line in ignored_flags(args, config, args.checkpoint):
+        print(f"rein-evaluate: WARNING: {line}", file=sys.stderr)
     amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)  # noqa: E731
     failed = evaluate_targets(model, datasets, config.crop, device, out, amp, cuda_graphs=args.cuda_graphs)
     print(f"rein-evaluate: wrote {out / 'metrics.json'} and {out / 'samples'}/")

@@ -174,6 +174,8 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
                          f"{n['backbone_checkpoint']}")
     config["fused"] = fused and rein_kernels.is_available(torch.empty(0, device=device))
     config["init_from_official"] = None  # Rein and the head come from the checkpoint itself
+    # which flags the configuration overrides (the commands say so)
+    config["checkpoint_kind"] = "rein.train" if is_ours else "official"
     args = argparse.Namespace(**config)
     try:
         model = build_model(args, device, checkpoint_flag=n["backbone_checkpoint"] if backbone_checkpoint else

@@ -20,7 +20,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .cli import FLAG_NAMES, USER_ERRORS, add_model_flags, check_out_folder, device_from_flag, parser, report
+from .cli import (FLAG_NAMES, USER_ERRORS, add_model_flags, check_out_folder, device_from_flag, ignored_flags,
+                  official_flags, parser, report)
 from .data import LABEL_IDS, DataError, colorize, overlay, read_image, to_uint8
 from .errors import UsageError
 from .inference import predict, run_test_scale
@@ -108,9 +109,11 @@ def main(argv=None) -> int:
         check_out_folder(out, "the predicted PNGs")
         files = _images(args.images, out)
         model, config = load_model(args.checkpoint, args.backbone_checkpoint, device, args.fused,
-                                   official=dict(backbone=args.backbone, crop=args.crop), names=FLAG_NAMES)
+                                   official=official_flags(args), names=FLAG_NAMES)
     except USER_ERRORS as e:
         return report("rein-predict", e)
+    for line in ignored_flags(args, config, args.checkpoint):
+        print(f"rein-predict: WARNING: {line}", file=sys.stderr)
     scale, says = _scale(scale_flag, config)
     print(f"rein-predict: {says}")
     out.mkdir(parents=True, exist_ok=True)

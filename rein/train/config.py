@@ -16,7 +16,7 @@ RECIPE = dict(crop=512, batch_size=4, max_iters=40000, backbone="vit_large_patch
               patch_size=OFFICIAL_PATCH_SIZE, warmup_iters=0, head="mask2former", head_kwargs={})
 # The synthetic default: small enough for a 2-core CPU in minutes, the same pipeline.
 SYNTHETIC = dict(crop=128, batch_size=4, max_iters=300, backbone="vit_small_patch14_dinov2", patch_size=8,
-                 warmup_iters=20, depth=4, train_size=400, val_size=12, head="light", head_kwargs={})
+                 warmup_iters=20, depth=4, head="light", head_kwargs={})
 # Mask2Former scaled down for a CPU (the synthetic data with --head mask2former, and the tests)
 SMALL_MASK2FORMER = dict(query_dims=64, num_heads=4, encoder_layers=2, decoder_layers=3, encoder_ffn_dims=256,
                          decoder_ffn_dims=256, num_points=1024)

@@ -29,7 +29,7 @@ import rein_kernels
 
 from ..checkpoints import CheckpointError, checkpoint_kind, load_tensors
 from ..cli import USER_ERRORS, device_from_flag, report
-from ..data import SyntheticDomain, datasets_from
+from ..data import datasets_from, synthetic_train, synthetic_validation
 from ..errors import UsageError
 from ..inference import run_test_scale
 from ..metrics import evaluate_targets
@@ -42,12 +42,7 @@ from .step import Step, autocast_for, captured_step, release_compiled, run_compi
 
 def build_data(args):
     if args.synthetic:
-        n, size = SYNTHETIC["train_size"], args.crop
-        train = SyntheticDomain("source", n, size, seed=1)
-        vals = [SyntheticDomain("source", SYNTHETIC["val_size"], size, seed=2)] + [
-            SyntheticDomain(s, SYNTHETIC["val_size"], size, seed=3 + i) for i, s in
-            enumerate(["overcast", "night", "fog"])]
-        return train, vals
+        return synthetic_train(args.crop), synthetic_validation(args.crop)
     train, *vals = datasets_from([(args.source, "train", "--source"), *((t, "val", "--target") for t in args.target)])
     return train, vals
 
