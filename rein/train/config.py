@@ -26,15 +26,26 @@ RESUME_KEYS = ("source", "backbone", "checkpoint", "conversion", "head", "head_k
 
 
 def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
+    r, syn = RECIPE, SYNTHETIC
     ap = parser("rein-train", description)
-    ap.add_argument("--source", metavar="KIND=PATH", help="source domain, e.g. gtav=/data/gtav")
+    ap.add_argument("--source", metavar="KIND=PATH",
+                    help="source domain, e.g. gtav=/data/gtav, with the published recipe's defaults (default: "
+                         "none: the synthetic data, with the synthetic defaults below)")
     ap.add_argument("--target", metavar="KIND=PATH", action="append", default=[],
-                    help="target domain (repeat): cityscapes=..., bdd100k=..., mapillary=...")
-    ap.add_argument("--out", default="runs/rein", help="output folder (checkpoint, metrics.json, loss.png)")
-    ap.add_argument("--max-iters", type=int, help="iterations (recipe 40000; synthetic 300)")
+                    help="target domain to evaluate on (repeat): cityscapes=..., bdd100k=..., mapillary=..., "
+                         "acdc-fog=...; needs --source (default: none)")
+    ap.add_argument("--out", default="runs/rein",
+                    help="output folder: checkpoint.pth, metrics.json, loss.png, samples/ (default: runs/rein)")
+    ap.add_argument("--max-iters", type=int,
+                    help=f"training iterations (default: {r['max_iters']} with --source, {syn['max_iters']} "
+                         "on the synthetic data)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
-    ap.add_argument("--backbone", help="timm model name (recipe vit_large_patch14_dinov2)")
-    ap.add_argument("--checkpoint", help="local backbone weights (timm or DINOv2/EVA02 release format)")
+    ap.add_argument("--backbone",
+                    help=f"timm model name (default: {r['backbone']} with --source, a random-weight "
+                         f"{syn['depth']}-block {syn['backbone']} on the synthetic data)")
+    ap.add_argument("--checkpoint",
+                    help="local backbone weights, timm or DINOv2/EVA02 release format (default: none, the "
+                         "backbone keeps its random initialisation)")
     ap.add_argument("--conversion", choices=["official", "timm"], default="official",
                     help="how a release checkpoint's 14-pixel patch kernel and position grid are resampled: "
                          "as the official Rein converter (default; what released Rein weights were trained on) "
@@ -43,35 +54,52 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
                     help="mask2former: the published head, Rein's tokens linked to its queries (default with "
                          "--source); light: a small per-pixel head (default on the synthetic data)")
     ap.add_argument("--init-from-official", metavar="FILE",
-                    help="start Rein and the Mask2Former head from an official Rein checkpoint (mmseg format)")
+                    help="start Rein and the Mask2Former head from an official Rein checkpoint, mmseg format "
+                         "(default: their own initialisation)")
     ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
-                    help="Rein's Triton kernels (default) or the PyTorch reference")
+                    help="Rein's Triton kernels (default, where they can run: CUDA) or the PyTorch reference")
     ap.add_argument("--amp", action="store_true",
                     help="bf16: autocast, and the frozen backbone's weights cast to bf16 once (Rein and the head "
-                         "keep fp32 master weights)")
+                         "keep fp32 master weights; default: off)")
     ap.add_argument("--compile", action="store_true",
-                    help="torch.compile the model (backbone, Rein's custom op inside the graph, head)")
+                    help="where the step is not captured (a CPU, torchrun, --no-cuda-graphs): torch.compile the "
+                         "model, backbone, Rein's custom op and head in one graph (default: off)")
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                    help="on CUDA (the default there): the model's forward and backward compiled and replayed as "
-                         "CUDA graphs (torch.compile's reduce-overhead mode), and evaluation's sliding window "
-                         "replayed from one graph, so that the GPU, not Python, sets the pace; the loss and the "
-                         "optimizer step run between the graphs")
+                    help="on CUDA (the default there): the training step, the model's forward and backward, "
+                         "the loss (all but Mask2Former's matching, which runs on the host between two graphs) "
+                         "and the AdamW step, compiled and replayed as CUDA graphs (torch.compile's "
+                         "reduce-overhead mode), and evaluation's sliding window replayed from one graph, so that "
+                         "the GPU, not Python, sets the pace")
     ap.add_argument("--grad-checkpointing", action="store_true",
-                    help="recompute each (backbone block + Rein) in the backward pass: less memory, more time")
-    ap.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pth")
+                    help="recompute each (backbone block + Rein) in the backward pass: less memory, more time "
+                         "(default: off)")
+    ap.add_argument("--resume", action="store_true",
+                    help="continue from OUT/checkpoint.pth (default: start afresh, replacing it)")
     ap.add_argument("--force-resume", action="store_true",
                     help="with --resume: continue even though flags that change the model or schedule differ "
-                         "from the checkpoint's (the run then is not the one the checkpoint started)")
-    ap.add_argument("--crop", type=int)
-    ap.add_argument("--batch-size", type=int, help="global batch")
-    ap.add_argument("--workers", type=int, help="data loading processes (default: from the CPU count)")
-    ap.add_argument("--lr", type=float, default=1e-4)
-    ap.add_argument("--weight-decay", type=float, default=0.05)
+                         "from the checkpoint's (the run then is not the one the checkpoint started; default: "
+                         "refuse)")
+    ap.add_argument("--crop", type=int,
+                    help=f"training crop and sliding window, in pixels (default: {r['crop']} with --source, "
+                         f"{syn['crop']} on the synthetic data)")
+    ap.add_argument("--batch-size", type=int,
+                    help=f"global batch, split over torchrun's processes (default: {r['batch_size']}), at most "
+                         "the training set's size")
+    ap.add_argument("--workers", type=int,
+                    help="data loading processes; 0 loads in the training process (default: one per CPU core "
+                         "but one, up to 8)")
+    ap.add_argument("--lr", type=float, default=1e-4, help="AdamW's peak learning rate (default: 1e-4)")
+    ap.add_argument("--weight-decay", type=float, default=0.05,
+                    help="AdamW's weight decay, none on Rein's tokens and scale, norms and the decoder's level "
+                         "embedding (default: 0.05)")
     ap.add_argument("--warmup-iters", type=int,
-                    help="linear warm-up iterations (default: 0 with --source, as the published config; "
-                         "20 on the synthetic default)")
-    ap.add_argument("--ckpt-interval", type=int, help="iterations between checkpoints (default: max_iters / 10)")
-    ap.add_argument("--seed", type=int, default=0)
+                    help="linear warm-up iterations before the poly decay (default: 0 with --source, as the "
+                         f"published config; min({syn['warmup_iters']}, max-iters / 10) on the synthetic data)")
+    ap.add_argument("--ckpt-interval", type=int,
+                    help="iterations between checkpoints (default: max-iters / 10); one is also written at the "
+                         "end and when a run stops early")
+    ap.add_argument("--seed", type=int, default=0,
+                    help="seed of the initialisation, the batches and the loss's point sampling (default: 0)")
     ap.add_argument("--stop-at", type=int, help=argparse.SUPPRESS)  # tests: stop as if interrupted
     args = ap.parse_args(argv)
     args.synthetic = args.source is None
