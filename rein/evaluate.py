@@ -10,10 +10,8 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-import torch
-
-from .cli import (FLAG_NAMES, USER_ERRORS, add_model_flags, check_out_folder, device_from_flag, ignored_flags,
-                  official_flags, parser, report)
+from .cli import (FLAG_NAMES, PRECISION_MEANS, USER_ERRORS, add_model_flags, autocast, check_out_folder,
+                  device_from_flag, ignored_flags, official_flags, parser, report, resolve_precision, use_precision)
 from .data import datasets_from, synthetic_validation
 from .metrics import evaluate_targets
 from .model import load_model
@@ -26,7 +24,6 @@ def main(argv=None) -> int:
                     help="dataset to evaluate (repeat): cityscapes=..., bdd100k=..., mapillary=..., acdc-fog=..., "
                          "or synthetic (the synthetic validation domains of rein.train's default run)")
     ap.add_argument("--out", required=True, help="output folder (metrics.json, samples/)")
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast for the forward passes")
     args = ap.parse_args(argv)
     try:
         device = device_from_flag(args.device)
@@ -42,8 +39,11 @@ def main(argv=None) -> int:
         return report("rein-evaluate", e)
     for line in ignored_flags(args, config, args.checkpoint):
         print(f"rein-evaluate: WARNING: {line}", file=sys.stderr)
-    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)  # noqa: E731
-    failed = evaluate_targets(model, datasets, config.crop, device, out, amp, cuda_graphs=args.cuda_graphs)
+    precision, why = resolve_precision(args.precision, device)
+    print(f"rein-evaluate: precision {precision}, {PRECISION_MEANS[precision]}; {why}")
+    use_precision(precision, device)
+    failed = evaluate_targets(model, datasets, config.crop, device, out, lambda: autocast(precision, device),
+                              cuda_graphs=args.cuda_graphs)
     print(f"rein-evaluate: wrote {out / 'metrics.json'} and {out / 'samples'}/")
     for msg in failed:
         print(f"rein-evaluate: evaluation stopped on a bad file: {msg}", file=sys.stderr)

@@ -53,10 +53,12 @@ def check_backbone(name: str, patch_size: int, crop: int, names: dict | None = N
 def backfill(saved: dict) -> dict:
     """A saved run configuration with the flags added since it was written set to what
     that run did: before --conversion existed, checkpoints were converted as timm does; before
-    head_kwargs, every head had its default size."""
+    head_kwargs, every head had its default size; before --precision, --amp meant bf16 and
+    its absence fp32."""
     saved = dict(saved)
     saved.setdefault("conversion", "timm")
     saved.setdefault("head_kwargs", {})
+    saved.setdefault("precision", "bf16" if saved.pop("amp", False) else "fp32")
     return saved
 
 

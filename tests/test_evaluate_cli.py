@@ -212,3 +212,4 @@ def test_synthetic_checkpoint_evaluates_as_its_run_did_and_ignored_flags_are_nam
         f"built as its run's configuration says (--backbone {SMALL_VIT})",
         f"rein-evaluate: WARNING: --crop 100 is ignored: {ck} is a rein.train checkpoint, built as its run's "
         "configuration says (--crop 64)"], printed.err
+    assert "rein-evaluate: precision fp32, fp32 throughout; on cpu a run stays fp32" in printed.out

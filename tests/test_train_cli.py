@@ -323,7 +323,43 @@ def test_loader_workers_give_the_same_run(tmp_path):
     assert losses(resumed) == losses(runs[2])
 
 
-def test_amp_keeps_frozen_weights_in_bf16_and_checkpointing_runs(tmp_path, monkeypatch):
+def test_precision_bf16_by_default_on_cuda_and_fp32_on_a_cpu(capsys):
+    """--precision as parsed (--amp its former name) and as resolved for a device type:
+    CUDA runs bf16 unless told, a CPU run stays fp32 whatever it is told, saying why."""
+    from rein.cli import resolve_precision
+    from rein.train.config import parse_args
+
+    assert parse_args([]).precision is None
+    assert parse_args(["--amp"]).precision == "bf16"
+    assert parse_args(["--precision", "tf32"]).precision == "tf32"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_precision(None, cuda) == ("bf16", "the default on CUDA, the fastest; --precision fp32 is the "
+                                                     "official setting")
+    for flag in ("bf16", "tf32", "fp32"):
+        assert resolve_precision(flag, cuda) == (flag, f"--precision {flag}")
+    precision, why = resolve_precision(None, cpu)
+    assert precision == "fp32" and why.startswith("on cpu a run stays fp32: bf16 autocast there is slow")
+    for flag in ("bf16", "tf32"):
+        precision, why = resolve_precision(flag, cpu)
+        assert precision == "fp32" and why.startswith(f"--precision {flag} applies on CUDA only"), why
+    with pytest.raises(SystemExit):
+        run(capsys, "--precision", "fp16")
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_a_cpu_run_says_it_stays_fp32(tmp_path, capsys):
+    rc, out, _ = run(capsys, "--max-iters", "1", "--out", str(tmp_path / "o"), *FAST, "--amp")
+    assert rc == 0
+    lines = [line for line in out.splitlines() if line.startswith("rein-train: precision")]
+    assert lines == ["rein-train: precision fp32, fp32 throughout; --precision bf16 applies on CUDA only: on cpu a "
+                     "run stays fp32, as bf16 autocast there is slow and fp32 is the official setting"], out
+    assert out.index("rein-train: precision") < out.index("rein-train: training step")  # among the first lines
+    assert torch.load(tmp_path / "o" / "checkpoint.pth", weights_only=True)["config"]["precision"] == "fp32"
+
+
+def test_bf16_keeps_frozen_weights_in_bf16_and_checkpointing_runs(tmp_path, monkeypatch):
+    """What bf16 does to the model (on CUDA; here forced on the CPU): the frozen backbone's
+    weights in bf16, what trains in fp32, and fp32 in the checkpoint."""
     import rein.train.loop as loop
 
     seen = {}
@@ -336,11 +372,33 @@ def test_amp_keeps_frozen_weights_in_bf16_and_checkpointing_runs(tmp_path, monke
         return real_optimizer(model, args, device, captured)
 
     monkeypatch.setattr(loop, "make_optimizer", spy)
+    monkeypatch.setattr(loop, "resolve_precision", lambda flag, device: ("bf16", "forced by the test"))
     out = tmp_path / "o"
-    assert main(["--max-iters", "2", "--out", str(out), *FAST, "--amp", "--grad-checkpointing"]) == 0
+    assert main(["--max-iters", "2", "--out", str(out), *FAST, "--grad-checkpointing"]) == 0
     assert seen == {"backbone": {torch.bfloat16}, "trained": {torch.float32}, "checkpointing": True}
     ck = torch.load(out / "checkpoint.pth", weights_only=True)
     assert all(v.dtype == torch.float32 for k, v in ck["rein"].items() if v.is_floating_point())
+
+
+def test_checkpoints_that_recorded_amp_resume_and_evaluate(tmp_path, capsys):
+    """Checkpoints written before --precision recorded --amp: they resume (saying in which
+    precision the iterations ran) and evaluate."""
+    from rein.evaluate import main as evaluate
+
+    out = tmp_path / "run"
+    common = ["--max-iters", "2", "--ckpt-interval", "1", *FAST, "--out", str(out)]
+    assert main([*common, "--stop-at", "1"]) == 0
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    del ck["config"]["precision"]
+    ck["config"]["amp"] = True
+    torch.save(ck, out / "checkpoint.pth")
+    capsys.readouterr()
+    rc, printed, _ = run(capsys, *common, "--resume")
+    assert rc == 0 and "rein-train: the first 1 iterations ran in bf16, the rest in fp32" in printed, printed
+    ck["config"]["amp"] = False
+    torch.save(ck, tmp_path / "old.pth")
+    assert evaluate(["--checkpoint", str(tmp_path / "old.pth"), "--target", "synthetic", "--out",
+                     str(tmp_path / "eval"), "--device", "cpu", "--no-fused"]) == 0
 
 
 def test_resume_of_a_run_from_before_the_conversion_flag(tmp_path, capsys):
@@ -441,13 +499,13 @@ def test_training_step_capture_and_its_fallbacks(capsys, monkeypatch):
         for done in range(WARM_STEPS):
             before = model.weight.detach().clone()
             want = eager.loss(model(x), y)
-            used, loss = run_compiled(failing, eager, done, x, y, opt, Namespace(amp=False), cpu, True)
+            used, loss = run_compiled(failing, eager, done, x, y, opt, Namespace(precision="fp32"), cpu, True)
             assert used is eager and torch.equal(loss, want)
             assert not torch.equal(model.weight, before)  # the step was taken, once
             assert "continuing uncaptured" in capsys.readouterr().err
             assert resets.pop() is None and not resets  # reset once, the gradients released first
         with pytest.raises(RuntimeError, match="cannot record"):
-            run_compiled(failing, eager, WARM_STEPS, x, y, opt, Namespace(amp=False), cpu, True)
+            run_compiled(failing, eager, WARM_STEPS, x, y, opt, Namespace(precision="fp32"), cpu, True)
 
 
 @pytest.mark.parametrize("first", ["captured", "uncaptured"])

@@ -7,7 +7,8 @@ import math
 import os
 from pathlib import Path
 
-from ..cli import check_out_folder, device_from_flag, parser
+from ..cli import PRECISION_MEANS as EVAL_PRECISION_MEANS
+from ..cli import add_precision_flags, check_out_folder, device_from_flag, parser
 from ..errors import UsageError
 from ..model import OFFICIAL_PATCH_SIZE, check_backbone
 
@@ -20,9 +21,14 @@ SYNTHETIC = dict(crop=128, batch_size=4, max_iters=300, backbone="vit_small_patc
 # Mask2Former scaled down for a CPU (the synthetic data with --head mask2former, and the tests)
 SMALL_MASK2FORMER = dict(query_dims=64, num_heads=4, encoder_layers=2, decoder_layers=3, encoder_ffn_dims=256,
                          decoder_ffn_dims=256, num_points=1024)
-# Flags that change the model or the schedule: a resumed run must keep them.
+# What each --precision means in training: bf16 also keeps the frozen weights in bf16
+PRECISION_MEANS = {**EVAL_PRECISION_MEANS, "bf16": "bf16 autocast, the frozen backbone's weights cast to bf16 "
+                                                   "once, fp32 master weights for Rein and the head"}
+# Flags that change the model or the schedule: a resumed run must keep them. (Not
+# --precision: like --device, it changes the rounding only, and its default differs
+# between a CPU and a GPU, which a run may move between.)
 RESUME_KEYS = ("source", "backbone", "checkpoint", "conversion", "head", "head_kwargs", "crop", "batch_size", "max_iters", "lr",
-               "weight_decay", "warmup_iters", "seed", "amp", "patch_size")
+               "weight_decay", "warmup_iters", "seed", "patch_size")
 
 
 def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
@@ -40,6 +46,7 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
                     help=f"training iterations (default: {r['max_iters']} with --source, {syn['max_iters']} "
                          "on the synthetic data)")
     ap.add_argument("--device", default=None, help="cuda or cpu (default: cuda if present)")
+    add_precision_flags(ap, PRECISION_MEANS["bf16"])
     ap.add_argument("--backbone",
                     help=f"timm model name (default: {r['backbone']} with --source, a random-weight "
                          f"{syn['depth']}-block {syn['backbone']} on the synthetic data)")
@@ -58,9 +65,6 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
                          "(default: their own initialisation)")
     ap.add_argument("--fused", action=argparse.BooleanOptionalAction, default=True,
                     help="Rein's Triton kernels (default, where they can run: CUDA) or the PyTorch reference")
-    ap.add_argument("--amp", action="store_true",
-                    help="bf16: autocast, and the frozen backbone's weights cast to bf16 once (Rein and the head "
-                         "keep fp32 master weights; default: off)")
     ap.add_argument("--compile", action="store_true",
                     help="where the step is not captured (a CPU, torchrun, --no-cuda-graphs): torch.compile the "
                          "model, backbone, Rein's custom op and head in one graph (default: off)")

@@ -28,13 +28,13 @@ import torch.nn as nn
 import rein_kernels
 
 from ..checkpoints import CheckpointError, checkpoint_kind, load_tensors
-from ..cli import USER_ERRORS, device_from_flag, report
+from ..cli import USER_ERRORS, device_from_flag, report, resolve_precision, use_precision
 from ..data import datasets_from, synthetic_train, synthetic_validation
 from ..errors import UsageError
 from ..inference import run_test_scale
 from ..metrics import evaluate_targets
 from ..model import backfill, build_model, load_trained
-from .config import SYNTHETIC, parse_args, resume_mismatches, validate, warnings_for
+from .config import PRECISION_MEANS, SYNTHETIC, parse_args, resume_mismatches, validate, warnings_for
 from .data import LESS_MEMORY, TrainBatches, train_loader
 from .optim import load_optimizer_state, lr_at, make_optimizer, optimizer_state, set_lr
 from .step import Step, autocast_for, captured_step, release_compiled, run_compiled, why_uncaptured
@@ -262,6 +262,7 @@ def main(argv=None) -> int:
     try:
         validate(args)
         rank, world, device = _setup_distributed(args)
+        args.precision, precision_why = resolve_precision(args.precision, device)
         train_set, val_sets = build_data(args)
         if args.batch_size > len(train_set):  # it would only repeat images, at the memory cost of a larger batch
             raise UsageError(f"--batch-size {args.batch_size} is more than the {len(train_set)} images of the "
@@ -296,9 +297,11 @@ def main(argv=None) -> int:
               f"batch {args.batch_size}, crop {args.crop}, {args.backbone}, head {args.head}, "
               f"{'fused' if args.fused else 'reference'} Rein, device {device}, {world} process(es), "
               f"{args.workers} loader workers")
+        print(f"rein-train: precision {args.precision}, {PRECISION_MEANS[args.precision]}; {precision_why}")
 
     model.train()
-    if args.amp:  # frozen weights in the compute dtype once, not recast by autocast at every step
+    use_precision(args.precision, device)
+    if args.precision == "bf16":  # frozen weights in the compute dtype once, not recast by autocast at every step
         model.backbone.backbone.to(torch.bfloat16)
     if args.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
@@ -310,6 +313,9 @@ def main(argv=None) -> int:
         start, losses = ck["iteration"], list(ck["losses"])
         if main_proc:
             print(f"rein-train: resumed at iteration {start} of {args.max_iters} from {out / 'checkpoint.pth'}")
+            was = backfill(ck["config"])["precision"]
+            if was != args.precision:
+                print(f"rein-train: the first {start} iterations ran in {was}, the rest in {args.precision}")
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
