@@ -28,9 +28,10 @@ def test_floor_counts_flops_and_bytes():
 
 
 def test_cost_model_of_the_published_shapes():
-    """What v3 promises on paper (issue 19), held: per layer of vitl-512 (bf16 compute, x in
-    fp32 as the per-layer rows run it, inside prepared()), 9 device launches against v2's 20,
-    and at most 2.3x the minimum bytes (v2: 2.9x); the FLOPs are the floor's own count."""
+    """What v3 promises on paper (its design: rein_kernels/rein_layer.py's docstring), held:
+    per layer of vitl-512 (bf16 compute, x in fp32 as the per-layer rows run it, inside
+    prepared()), 9 device launches against v2's 20, and at most 2.3x the minimum bytes
+    (v2: 2.9x); the FLOPs are the floor's own count."""
     w = bench.WORKLOADS["vitl-512"]
     v3, v2 = cost_model.summary(w, "v3", "fp32"), cost_model.summary(w, "v2", "fp32")
     assert (v3["launches"], v2["launches"]) == (9, 20)
@@ -103,10 +104,11 @@ def test_evaluation_row_on_cpu():
     assert row["workload"] == "eval-64x32" and row["provider"] == "uncaptured" and row["median_ms"] > 0
 
 
-def test_gpu_check_plans_every_row_of_the_captured_step_issue():
-    """One gpu_check call measures every row issue 18 names, for both heads: the library's
-    step against the official setting and compile(reference) (peak memory beside each), and
-    the evaluation replayed against called; after the recipe's layer rows when they run."""
+def test_gpu_check_plans_every_row_of_the_captured_step():
+    """One gpu_check call measures every row the captured step is judged by, for both
+    heads: the library's step against the official setting and compile(reference) (peak
+    memory beside each), and the evaluation replayed against called; after the recipe's
+    layer rows when they run."""
     import gpu_check
 
     items = gpu_check.plan(["vitl-512"], ["light", "mask2former"], layers=False, e2e=True)

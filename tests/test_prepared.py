@@ -315,11 +315,11 @@ def test_host_work_per_layer(monkeypatch, kernels, dtype):
 
 @pytest.mark.parametrize("dtype", [None, torch.float16])
 def test_device_operations_per_layer(monkeypatch, dtype):
-    """v3's budget (issue 19): at most 12 device operations per layer for forward and
-    backward together, Triton launches, GEMMs, casts, sums and gradient accumulation all
-    counted, as a ViT-L trains (24 layers inside prepared(), LoRA tokens of rank 16, a
-    cls token). Counted when written (torch 2.14): 10.2 in fp32, 10.7 under fp16 autocast;
-    v2 gave 20.2 and 29.7."""
+    """v3's budget (the design in rein_kernels/rein_layer.py's docstring): at most 12
+    device operations per layer for forward and backward together, Triton launches, GEMMs,
+    casts, sums and gradient accumulation all counted, as a ViT-L trains (24 layers inside
+    prepared(), LoRA tokens of rank 16, a cls token). Counted when written (torch 2.14):
+    10.2 in fp32, 10.7 under fp16 autocast; v2 gave 20.2 and 29.7."""
     import rein_kernels.rein_layer as op
 
     if dtype is not None and DEVICE == "cuda":
@@ -334,7 +334,7 @@ def test_device_operations_per_layer(monkeypatch, dtype):
 
 @pytest.mark.slow
 def test_host_work_per_training_step(monkeypatch):
-    """A step-level budget (issue 18): dispatcher calls of one whole training step
+    """A step-level budget of host work: dispatcher calls of one whole training step
     (backbone with Rein after each of 12 blocks, light head, loss, backward, AdamW),
     fused against the reference. A captured step replays them from a graph; uncaptured,
     each is host time. Counted when written (torch 2.14, fp32, CPU): 1,322 dispatcher calls

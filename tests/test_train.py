@@ -305,7 +305,8 @@ def test_mapillary_mapping_is_the_official_one():
     got = {i: int(LUTS["mapillary"][i]) for i in range(66)}
     want = {i: _official_mapillary_train_id(n) for i, n in enumerate(MAPILLARY_V12)}
     assert got == want
-    # the eight ids this library mapped differently before (issue 11)
+    # the eight ids this library once mapped differently from the official rules (lane markings and
+    # the like to road, street lights to pole, ...: docs/official_rein_reading.md)
     assert [got[i] for i in (7, 8, 10, 23, 26, 43, 46, 49)] == [0, 0, 0, 0, 255, 255, 7, 7]
 
 
