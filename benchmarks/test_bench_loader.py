@@ -36,9 +36,10 @@ def test_loader_images_per_second(benchmark, gtav, workers):
 
     def epoch():
         n = 0
-        for images, labels in train_loader(batches, 0, ITERS, workers, pin_memory=False):
-            assert images.shape == (BATCH, 3, 512, 512) and labels.shape == (BATCH, 512, 512)
-            n += images.shape[0]
+        with train_loader(batches, 0, ITERS, workers, pin_memory=False) as loader:
+            for images, labels in loader:
+                assert images.shape == (BATCH, 3, 512, 512) and labels.shape == (BATCH, 512, 512)
+                n += images.shape[0]
         return n
 
     benchmark.group = "loader, GTAV-sized PNGs (1914x1052), crop 512"

@@ -2,18 +2,18 @@
 evaluate a checkpoint that ``rein.train`` wrote, or an official Rein checkpoint (mmseg
 format; with ``--backbone-checkpoint`` for the frozen DINOv2 weights), by the official
 protocol (``rein.inference``), writing what training writes after its last iteration:
-``metrics.json`` and sample pictures (``rein.metrics``).
+``metrics.json`` and sample pictures (``rein.metrics``). ``--target synthetic`` evaluates
+on the validation domains of ``rein.train``'s synthetic default run, as that run did.
 """
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
-import torch
-
-from .cli import (FLAG_NAMES, USER_ERRORS, add_mapillary_flag, add_model_flags, check_out_folder, device_from_flag,
-                  parser, report)
-from .data import datasets_from
+from .cli import (FLAG_NAMES, PRECISION_MEANS, USER_ERRORS, add_mapillary_flag, add_model_flags, autocast,
+                  check_out_folder, device_from_flag, ignored_flags, official_flags, parser, report,
+                  resolve_precision, use_precision)
+from .data import datasets_from, synthetic_validation
 from .metrics import evaluate_targets
 from .model import load_model
 
@@ -22,22 +22,30 @@ def main(argv=None) -> int:
     ap = parser("rein-evaluate", __doc__)
     add_model_flags(ap)
     ap.add_argument("--target", metavar="KIND=PATH", action="append", required=True,
-                    help="dataset to evaluate (repeat): cityscapes=..., bdd100k=..., mapillary=..., acdc-fog=...")
+                    help="dataset to evaluate (repeat): cityscapes=..., bdd100k=..., mapillary=..., acdc-fog=..., "
+                         "or synthetic (the synthetic validation domains of rein.train's default run)")
     add_mapillary_flag(ap)
     ap.add_argument("--out", required=True, help="output folder (metrics.json, samples/)")
-    ap.add_argument("--amp", action="store_true", help="bf16 autocast for the forward passes")
     args = ap.parse_args(argv)
     try:
         device = device_from_flag(args.device)
         out = Path(args.out)
         check_out_folder(out, "metrics.json and samples/")
-        datasets = datasets_from([(t, "val", "--target") for t in args.target], args.mapillary_half)
+        specs = [t for t in args.target if t != "synthetic"]
+        datasets = datasets_from([(t, "val", "--target") for t in specs], args.mapillary_half)
         model, config = load_model(args.checkpoint, args.backbone_checkpoint, device, args.fused,
-                                   official=dict(backbone=args.backbone, crop=args.crop), names=FLAG_NAMES)
+                                   official=official_flags(args), names=FLAG_NAMES)
+        if "synthetic" in args.target:
+            datasets = synthetic_validation(config.crop) + datasets
     except USER_ERRORS as e:
         return report("rein-evaluate", e)
-    amp = lambda: torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)  # noqa: E731
-    failed = evaluate_targets(model, datasets, config.crop, device, out, amp, cuda_graphs=args.cuda_graphs)
+    for line in ignored_flags(args, config, args.checkpoint):
+        print(f"rein-evaluate: WARNING: {line}", file=sys.stderr)
+    precision, why = resolve_precision(args.precision, device)
+    print(f"rein-evaluate: precision {precision}, {PRECISION_MEANS[precision]}; {why}")
+    use_precision(precision, device)
+    failed = evaluate_targets(model, datasets, config.crop, device, out, lambda: autocast(precision, device),
+                              cuda_graphs=args.cuda_graphs)
     print(f"rein-evaluate: wrote {out / 'metrics.json'} and {out / 'samples'}/")
     for msg in failed:
         print(f"rein-evaluate: evaluation stopped on a bad file: {msg}", file=sys.stderr)

@@ -55,10 +55,12 @@ def check_backbone(name: str, patch_size: int, crop: int, names: dict | None = N
 def backfill(saved: dict) -> dict:
     """A saved run configuration with the flags added since it was written set to what
     that run did: before --conversion existed, checkpoints were converted as timm does; before
-    head_kwargs, every head had its default size."""
+    head_kwargs, every head had its default size; before --precision, --amp meant bf16 and
+    its absence fp32."""
     saved = dict(saved)
     saved.setdefault("conversion", "timm")
     saved.setdefault("head_kwargs", {})
+    saved.setdefault("precision", "bf16" if saved.pop("amp", False) else "fp32")
     return saved
 
 
@@ -176,6 +178,8 @@ def load_model(checkpoint: str, backbone_checkpoint: str | None, device: torch.d
                          f"{n['backbone_checkpoint']}")
     config["fused"] = fused and rein_kernels.is_available(torch.empty(0, device=device))
     config["init_from_official"] = None  # Rein and the head come from the checkpoint itself
+    # which flags the configuration overrides (the commands say so)
+    config["checkpoint_kind"] = "rein.train" if is_ours else "official"
     args = argparse.Namespace(**config)
     try:
         model = build_model(args, device, checkpoint_flag=n["backbone_checkpoint"] if backbone_checkpoint else

@@ -8,19 +8,19 @@ Cityscapes scripts and benchmark server take, one file per image), ``color/<name
 keeps an input folder's subfolders (``aachen/aachen_000000_000019_leftImg8bit``). The
 model is rebuilt from the checkpoint's own configuration (``rein.model``);
 the frozen backbone's weights come from ``--backbone-checkpoint`` (default: the file the
-run was trained with). Sliding-window inference, fused kernels and bf16 on a GPU.
+run was trained with). Sliding-window inference, fused kernels and, on a GPU, bf16
+autocast by default (``--precision``).
 """
 from __future__ import annotations
 
-import contextlib
 import sys
 from collections import Counter
 from pathlib import Path
 
 import numpy as np
-import torch
 
-from .cli import FLAG_NAMES, USER_ERRORS, add_model_flags, check_out_folder, device_from_flag, parser, report
+from .cli import (FLAG_NAMES, PRECISION_MEANS, USER_ERRORS, add_model_flags, autocast, check_out_folder,
+                  device_from_flag, ignored_flags, official_flags, parser, report, resolve_precision, use_precision)
 from .data import LABEL_IDS, DataError, colorize, overlay, read_image, to_uint8
 from .errors import UsageError
 from .inference import predict, run_test_scale
@@ -108,13 +108,17 @@ def main(argv=None) -> int:
         check_out_folder(out, "the predicted PNGs")
         files = _images(args.images, out)
         model, config = load_model(args.checkpoint, args.backbone_checkpoint, device, args.fused,
-                                   official=dict(backbone=args.backbone, crop=args.crop), names=FLAG_NAMES)
+                                   official=official_flags(args), names=FLAG_NAMES)
     except USER_ERRORS as e:
         return report("rein-predict", e)
+    for line in ignored_flags(args, config, args.checkpoint):
+        print(f"rein-predict: WARNING: {line}", file=sys.stderr)
     scale, says = _scale(scale_flag, config)
     print(f"rein-predict: {says}")
+    precision, why = resolve_precision(args.precision, device)
+    print(f"rein-predict: precision {precision}, {PRECISION_MEANS[precision]}; {why}")
+    use_precision(precision, device)
     out.mkdir(parents=True, exist_ok=True)
-    amp = torch.autocast("cuda", dtype=torch.bfloat16) if device.type == "cuda" else contextlib.nullcontext()
     failed = []
     for f, name in tqdm(files, desc="predict", file=sys.stderr, dynamic_ncols=True):
         try:
@@ -122,7 +126,7 @@ def main(argv=None) -> int:
         except DataError as e:
             failed.append(str(e))
             continue
-        with amp:
+        with autocast(precision, device):
             labels = predict(model, img, config.crop, scale, device=device,
                              cuda_graphs=args.cuda_graphs).cpu().numpy()
         rgb = to_uint8(img)

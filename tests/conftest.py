@@ -9,6 +9,16 @@ import torch
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
+# Inductor's caches do not tell apart code built for another ATEN_CPU_CAPABILITY (torch
+# 2.14: C++ vectorised for AVX-512 by an earlier run, reused under "default", fails to
+# compile), so a run that picks a capability keeps its own cache.
+if os.environ.get("ATEN_CPU_CAPABILITY"):
+    import getpass
+    import tempfile
+
+    os.environ.setdefault("TORCHINDUCTOR_CACHE_DIR", os.path.join(
+        tempfile.gettempdir(), f"torchinductor_{getpass.getuser()}_{os.environ['ATEN_CPU_CAPABILITY']}"))
+
 # Hypothesis: fresh draws in every local run; the same draws in CI (HYPOTHESIS_PROFILE=ci),
 # so that CI's verdict depends on the code alone.
 from hypothesis import settings  # noqa: E402

@@ -9,6 +9,7 @@ import torch
 
 import rein
 from _parity import DEVICE
+from _tolerance import assert_sums_close
 
 STRIDE = 2**30
 
@@ -34,9 +35,11 @@ def test_offsets_past_2_pow_31_forward_and_backward(kernels):
 
     out, grads = fwd_bwd(x, True)
     ref, ref_grads = fwd_bwd(x.float().contiguous().half(), False)
-    torch.testing.assert_close(out, ref, rtol=1e-2, atol=1e-2)
-    for got, want in zip(grads, ref_grads):
+    # fp16 on both paths: the error is that of the fp16 roundings a result goes through
+    # (operands, p, U, the stored P1 and gz', the outputs; the reference's sums on a CPU)
+    assert_sums_close(out, ref, terms=16, dtype=torch.float16, name="out")
+    for k, (got, want) in enumerate(zip(grads, ref_grads)):
         if want is None:
             assert got is None
             continue
-        torch.testing.assert_close(got, want, rtol=2e-2, atol=2e-2 * want.abs().max().item())
+        assert_sums_close(got, want, terms=32, dtype=torch.float16, name=f"gradient {k}")

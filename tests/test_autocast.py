@@ -8,6 +8,7 @@ import torch
 import rein
 import rein.layer
 from _parity import TOL
+from _tolerance import assert_sums_close
 
 gpu = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -90,11 +91,13 @@ def test_fp16_autocast_output_dtype_follows_promotion(x_dtype):
     ref, rgx, rgrads = _fwd_bwd(layer, x, torch.float16, DEVICE)
     assert out.dtype == ref.dtype == torch.promote_types(x_dtype, torch.float16)
     assert gx.dtype == rgx.dtype == x_dtype
-    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
-    torch.testing.assert_close(gx, rgx, rtol=3e-2, atol=3e-2)
+    # fp16 GEMMs accumulating in fp32: the error is that of the fp16 roundings a result
+    # goes through (operands, p, U, the stored P1 and gz', the outputs), not of the sums
+    assert_sums_close(out, ref, terms=16, dtype=torch.float16, name="out")
+    assert_sums_close(gx, rgx, terms=32, dtype=torch.float16, name="dx")
     assert grads.keys() == rgrads.keys()
     for n in grads:
-        torch.testing.assert_close(grads[n], rgrads[n], rtol=3e-2, atol=3e-2 * rgrads[n].abs().max().item())
+        assert_sums_close(grads[n], rgrads[n], terms=32, dtype=torch.float16, name=n)
 
 
 def test_op_output_dtype_is_promote_of_x_and_compute_dtype(kernels):

@@ -172,8 +172,8 @@ def _dinov2_release_state(registers: bool):
 
 
 def _official_converter(release):
-    """The official Rein converter (tools/convert_models/convert_dinov2_*.py), as issue 11
-    and docs/official_rein_reading.md (section 1) state it: plain bicubic F.interpolate, align_corners=False, no
+    """The official Rein converter (tools/convert_models/convert_dinov2_*.py), as
+    docs/official_rein_reading.md (section 1) states it: plain bicubic F.interpolate, align_corners=False, no
     antialias, no gain fix; patch kernel 14 -> 16; position grid to the model's (5 x 5 ->
     4 x 4 here), the cls position kept."""
     w = F.interpolate(release["patch_embed.proj.weight"].float(), size=(16, 16), mode="bicubic",

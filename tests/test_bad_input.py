@@ -4,6 +4,7 @@ import torch
 
 import rein
 from _parity import DEVICE
+from _tolerance import assert_sums_close
 
 
 @pytest.fixture(params=[True, False], ids=["fused", "reference"])
@@ -68,7 +69,7 @@ def test_nonfinite_rows_propagate_like_reference(bad):
     # Rows are independent: the bad row is non-finite in both, every other row agrees.
     assert torch.equal(torch.isfinite(out), torch.isfinite(ref))
     ok = torch.isfinite(ref)
-    torch.testing.assert_close(out[ok], ref[ok], rtol=1e-4, atol=1e-4)
+    assert_sums_close(out[ok], ref[ok], terms=16 + 5)  # sums over the channels and tokens
     # backward runs (no crash, no hang) and the finite rows still get finite gradients
     xg = x.clone().requires_grad_(True)
     layer(xg, 0, batch_first=True).sum().backward()

@@ -132,10 +132,11 @@ def test_evaluation_row_on_cpu():
     assert row["workload"] == "eval-64x32" and row["provider"] == "uncaptured" and row["median_ms"] > 0
 
 
-def test_gpu_check_plans_every_row_of_the_captured_step_issue():
-    """One gpu_check call measures every row issue 18 names, for both heads: the library's
-    step against the official setting and compile(reference) (peak memory beside each), and
-    the evaluation replayed against called; then (issue 26) the layer rows."""
+def test_gpu_check_plans_every_row_of_the_captured_step():
+    """One gpu_check call measures every row the captured step is judged by, for both
+    heads: the library's step against the official setting and compile(reference) (peak
+    memory beside each), and the evaluation replayed against called; after the recipe's
+    layer rows when they run."""
     import gpu_check
 
     items = gpu_check.plan(["vitl-512"], ["light", "mask2former"], layers=False, e2e=True)

@@ -131,7 +131,7 @@ def _mmseg_test_input(pixels: np.ndarray, scale: tuple[int, int]) -> np.ndarray:
 def test_model_input_is_mmsegs_resize_of_the_uint8_pixels(scale):
     """The image is resized as uint8 pixels and rounded before it is normalised, as mmseg
     does (the normalised image resized in floats differs by up to half a grey level,
-    which moved logits by up to 0.43 on an official checkpoint: issue 20)."""
+    which moved logits by up to 0.43 on an official checkpoint)."""
     pytest.importorskip("cv2")
     from rein.inference import model_input
 

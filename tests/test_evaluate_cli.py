@@ -192,3 +192,24 @@ def test_resume_after_init_from_official_with_the_same_command(tmp_path):
     assert train([*cmd, "--stop-at", "1"]) == 0
     assert train([*cmd, "--resume"]) == 0
     assert torch.load(tmp_path / "run" / "checkpoint.pth", weights_only=True)["iteration"] == 2
+
+
+def test_synthetic_checkpoint_evaluates_as_its_run_did_and_ignored_flags_are_named(tmp_path, capsys):
+    """--target synthetic: the synthetic default run's validation domains, the metrics that
+    run wrote. --crop and --backbone describe official checkpoints only: given with a
+    rein.train checkpoint, a line says they are ignored."""
+    run = tmp_path / "run"
+    assert train(["--max-iters", "1", "--out", str(run), *FAST]) == 0
+    capsys.readouterr()
+    out = tmp_path / "eval"
+    assert main(["--checkpoint", str(run / "checkpoint.pth"), "--target", "synthetic", "--out", str(out),
+                 "--device", "cpu", "--no-fused", "--crop", "100", "--backbone", "vit_base_patch14_dinov2"]) == 0
+    assert json.loads((out / "metrics.json").read_text()) == json.loads((run / "metrics.json").read_text())
+    printed = capsys.readouterr()
+    ck = run / "checkpoint.pth"
+    assert printed.err.splitlines() == [
+        f"rein-evaluate: WARNING: --backbone vit_base_patch14_dinov2 is ignored: {ck} is a rein.train checkpoint, "
+        f"built as its run's configuration says (--backbone {SMALL_VIT})",
+        f"rein-evaluate: WARNING: --crop 100 is ignored: {ck} is a rein.train checkpoint, built as its run's "
+        "configuration says (--crop 64)"], printed.err
+    assert "rein-evaluate: precision fp32, fp32 throughout; on cpu a run stays fp32" in printed.out

@@ -13,6 +13,7 @@ import pytest
 import torch
 
 import rein
+from _tolerance import assert_sums_close
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -28,7 +29,8 @@ def test_int64_offsets_rows_times_C_over_2_pow_31():
         tail = x[:, -300:]  # the last rows, past the 2^31 mark, against the reference
         layer.fused = False
         ref = layer(torch.cat([x[:, :1], tail], 1), 0, batch_first=True)[:, 1:]
-    torch.testing.assert_close(out[:, -300:], ref, rtol=2e-2, atol=2e-2)
+    # fp16 on both paths: the error is that of the fp16 roundings a result goes through
+    assert_sums_close(out[:, -300:], ref, terms=16, dtype=torch.float16)
 
 
 def test_cuda_graph_capture_and_replay_training_step():
@@ -53,9 +55,9 @@ def test_cuda_graph_capture_and_replay_training_step():
     x.copy_(torch.randn_like(x))
     graph.replay()
     expected = step()
-    for a, b in zip(captured, expected):
-        if b is not None:
-            torch.testing.assert_close(a, b)
+    for k, (a, b) in enumerate(zip(captured, expected)):
+        if b is not None:  # sums over the rows, the channels and the tokens
+            assert_sums_close(a, b, terms=2 * 257 + 256 + 100, name=f"gradient {k}")
 
 
 def test_sliding_window_replayed_from_a_graph_equals_the_model():
@@ -71,7 +73,8 @@ def test_sliding_window_replayed_from_a_graph_equals_the_model():
         img = torch.randn(1, 3, 150, 97, device="cuda")
         captured = slide_scores(model, img, 64, cuda_graphs=True)
         plain = slide_scores(model, img, 64, cuda_graphs=False)
-        torch.testing.assert_close(captured, plain, rtol=1e-4, atol=1e-4)
+        # through 4 blocks, each summing over at most its MLP's 4 x 384 channels and 65 tokens
+        assert_sums_close(captured, plain, terms=4 * (4 * 384 + 65), name=head)
 
 
 def _small_synthetic_run(monkeypatch) -> list[str]:
@@ -107,7 +110,9 @@ def test_training_is_captured_on_cuda_and_trains_as_uncaptured(tmp_path, capsys,
     losses = {}
     for flag in ("--cuda-graphs", "--no-cuda-graphs"):
         out = tmp_path / flag
-        assert main(["--max-iters", "4", "--out", str(out), "--device", "cuda", "--head", head, flag, *small]) == 0
+        # fp32: the tolerances below are those of fp32 kernels (bf16, the default, has its own test)
+        assert main(["--max-iters", "4", "--out", str(out), "--device", "cuda", "--head", head, flag,
+                     "--precision", "fp32", *small]) == 0
         printed = capsys.readouterr()
         assert ("training step captured" in printed.out) == (flag == "--cuda-graphs"), printed.out[-2000:]
         assert "continuing uncaptured" not in printed.err, printed.err[-2000:]
@@ -133,3 +138,31 @@ def test_a_cpu_run_resumes_captured_on_cuda(tmp_path, capsys, monkeypatch, head)
     printed = capsys.readouterr()
     assert "resumed at iteration 2" in printed.out, printed.out[-2000:]
     assert "training step captured" in printed.out and "continuing uncaptured" not in printed.err, printed.err
+
+
+# The run-to-run spread of the statistic below, the mean loss of the last 20 of 100
+# iterations of the synthetic job: 1.188, 1.264 and 1.301 in fp32 for seeds 0, 1 and 2
+# (measured on a CPU, 2026-12-04, torch 2.14.1: the same job, its arithmetic in another
+# order), a range of 0.113. bf16 forced on the CPU gave 1.188 for seed 0, 0.0003 from fp32.
+SPREAD = 0.11
+
+
+def test_bf16_trains_the_synthetic_job_as_fp32_does(tmp_path, capsys):
+    """rein.train's CUDA default (bf16) against the official setting (fp32): the synthetic
+    job, briefly (100 iterations, uncaptured and with the reference Rein, so that nothing
+    compiles), gives final losses (the mean of the last 20) that differ by less than the
+    run-to-run spread of fp32 itself (SPREAD). A few seconds on an H100."""
+    import statistics
+
+    from rein.train.loop import main
+
+    common = ["--max-iters", "100", "--device", "cuda", "--no-cuda-graphs", "--no-fused", "--workers", "4"]
+    final = {}
+    for precision, flags in (("fp32", ["--precision", "fp32"]), ("bf16", [])):  # bf16: the default there
+        out = tmp_path / precision
+        assert main([*common, *flags, "--out", str(out)]) == 0
+        printed = capsys.readouterr().out
+        assert f"rein-train: precision {precision}, " in printed, printed
+        final[precision] = statistics.mean(torch.load(out / "checkpoint.pth", weights_only=True)["losses"][-20:])
+    assert "the default on CUDA" in printed
+    assert abs(final["bf16"] - final["fp32"]) <= SPREAD, final

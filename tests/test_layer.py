@@ -9,6 +9,7 @@ import rein
 import rein.layer
 import rein_kernels
 from _parity import DEVICE
+from _tolerance import assert_sums_close
 
 PUBLISHED = dict(num_layers=24, embed_dims=1024, patch_size=16)
 
@@ -58,7 +59,7 @@ def test_reference_checkpoint_loads_strict_and_matches(lora, zero_mlp):
     out_fused = layer(x, 2, batch_first=True)
     layer.fused = False
     out_ref = layer(x, 2, batch_first=True)
-    torch.testing.assert_close(out_fused, out_ref, rtol=1e-4, atol=1e-4)
+    assert_sums_close(out_fused, out_ref, terms=C + m)  # the GEMMs' sums over channels and tokens
 
 
 def test_init_follows_reference():
@@ -86,12 +87,13 @@ def test_init_follows_reference():
 def test_lora_tokens_are_products():
     layer = rein.LoRAReins(lora_dim=3, num_layers=2, embed_dims=10, patch_size=4, token_length=5)
     A, B = layer.learnable_tokens_a.double(), layer.learnable_tokens_b.double()
-    torch.testing.assert_close(layer.get_tokens(1).double(), A[1] @ B[1])
+    # fp32 products of rank-3 factors: sums of 3 terms
+    assert_sums_close(layer.get_tokens(1).double(), A[1] @ B[1], terms=3)
     everything = layer.get_tokens(-1).double()  # all layers at once: what the queries use
     assert everything.shape == (2, 5, 10)
     for l in range(2):
-        torch.testing.assert_close(everything[l], A[l] @ B[l])
-        torch.testing.assert_close(layer.get_tokens(l), layer.get_tokens(-1)[l])
+        assert_sums_close(everything[l], A[l] @ B[l], terms=3, name=f"layer {l}")
+        assert_sums_close(layer.get_tokens(l), layer.get_tokens(-1)[l], terms=3, name=f"layer {l}")
 
 
 def test_lora_queries_use_every_layers_tokens():
@@ -100,7 +102,8 @@ def test_lora_queries_use_every_layers_tokens():
     T = torch.stack([layer.learnable_tokens_a[l] @ layer.learnable_tokens_b[l] for l in range(L)])
     t = layer.transform(T)  # [L, m, Q]
     cat = torch.stack([t.max(0).values, t.mean(0), t[-1]], dim=-1)  # [m, Q, 3]
-    torch.testing.assert_close(layer.queries(), layer.merge(cat.flatten(-2)))
+    # sums over the rank, the channels, the layers (the mean) and the merged 3 Q
+    assert_sums_close(layer.queries(), layer.merge(cat.flatten(-2)), terms=2 + C + L + 3 * Q)
 
 
 def test_return_auto_queries():
@@ -111,7 +114,7 @@ def test_return_auto_queries():
     assert out is feats and q.shape == (m, Q)
     t = layer.transform(layer.learnable_tokens)  # [L, m, Q]
     cat = torch.stack([t.max(0).values, t.mean(0), t[-1]], dim=-1)  # [m, Q, 3]
-    torch.testing.assert_close(q, layer.merge(cat.flatten(-2)))
+    assert_sums_close(q, layer.merge(cat.flatten(-2)), terms=C + L + 3 * Q)  # the channels, layers, merged 3 Q
     layer.link_token_to_query = False
     assert layer.return_auto(feats) is feats
 
@@ -143,7 +146,7 @@ def test_fallback_warns_once(monkeypatch):
     want, _ = closed_form(x, torch.zeros_like(x), d.get_tokens(0), d.mlp_token2feat.weight, d.mlp_token2feat.bias,
                           d.mlp_delta_f.weight, d.mlp_delta_f.bias, d.scale,
                           batch_first=False, num_prefix=1, use_softmax=True)
-    torch.testing.assert_close(out.double(), want, rtol=1e-5, atol=1e-6)
+    assert_sums_close(out.double(), want, terms=16 + 5)  # fp32 sums over the channels and tokens
 
 
 def test_fused_active_says_which_path_the_last_call_ran(monkeypatch):
@@ -166,8 +169,8 @@ def test_fused_active_says_which_path_the_last_call_ran(monkeypatch):
 
 
 def test_noncontiguous_inputs_match_reference():
-    C = 19
-    layer = rein.ReinLayer(2, C, 4, token_length=6, scale_init=0.4).to(DEVICE)
+    C, m = 19, 6
+    layer = rein.ReinLayer(2, C, 4, token_length=m, scale_init=0.4).to(DEVICE)
     big = torch.randn(4, 11, 2 * C, device=DEVICE)
     square = torch.randn(6, 6, C, device=DEVICE)
     views = {
@@ -189,13 +192,15 @@ def test_noncontiguous_inputs_match_reference():
             out = layer(x, 1, batch_first=True)
             results.append((out, torch.autograd.grad(out, [x] + params, g, allow_unused=True)))
         (out, grads), (ref, ref_grads) = results
-        torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-4, msg=name)
+        assert_sums_close(out, ref, terms=C + m, name=name)  # sums over the channels and tokens
+        rows = x.shape[0] * x.shape[1]
         for k, (a, b) in enumerate(zip(grads, ref_grads)):
             if b is None:
                 assert a is None, (name, k)
                 continue
-            torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-4 * max(1.0, b.abs().max().item()),
-                                       msg=f"{name}, gradient {k}")
+            # the weight gradients also sum over the rows; the scale's over rows x channels
+            terms = rows * C if b.dim() == 0 else rows + C + m
+            assert_sums_close(a, b, terms=terms, name=f"{name}, gradient {k}")
 
 
 def test_noncontiguous_parameters_match_reference():
@@ -224,9 +229,11 @@ def test_noncontiguous_parameters_match_reference():
         out = fn(xg, *leaves.values(), **kw)
         results.append((out, torch.autograd.grad(out, [xg, *leaves.values()], g)))
     (out, grads), (ref, ref_grads) = results
-    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-5)
+    assert_sums_close(out, ref, terms=C + m)  # sums over the channels and tokens
+    rows = x.shape[0] * x.shape[1]
     for name, a, b in zip(["x", *leaves], grads, ref_grads):
-        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5 * max(1.0, b.abs().max().item()), msg=name)
+        # the weight gradients also sum over the rows; the scale's over rows x channels
+        assert_sums_close(a, b, terms=rows * C if name == "scale" else rows + C + m, name=name)
 
 
 def test_fused_saves_only_x_and_one_fp32_per_row():
@@ -258,8 +265,8 @@ def test_functional_api_matches_reference_and_checks_input():
 
     args = (r(5, 3, C), r(m, C), r(C, C), r(C), r(C, C), r(C), r(()))
     kw = dict(batch_first=False, num_prefix_tokens=2, use_softmax=True)
-    torch.testing.assert_close(rein_kernels.rein_layer_fused(*args, **kw),
-                               rein_kernels.rein_layer_reference(*args, **kw), rtol=1e-4, atol=1e-5)
+    assert_sums_close(rein_kernels.rein_layer_fused(*args, **kw), rein_kernels.rein_layer_reference(*args, **kw),
+                      terms=C + m)  # sums over the channels and tokens
     with pytest.raises(ValueError, match="rank 3"):
         rein_kernels.rein_layer_fused(args[0][0], *args[1:], **kw)
     with pytest.raises(TypeError, match="x is torch.float16"):

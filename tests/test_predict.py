@@ -50,13 +50,12 @@ def test_reloaded_model_is_the_trained_one(trained):
     """The model predict rebuilds from the checkpoint scores what training measured."""
     import json
 
-    from rein.data import SyntheticDomain
+    from rein.data import synthetic_validation
     from rein.metrics import evaluate
     from rein.model import load_model
-    from rein.train.config import SYNTHETIC
 
     model, config = load_model(str(trained / "checkpoint.pth"), None, torch.device("cpu"), fused=False)
-    val = SyntheticDomain("night", SYNTHETIC["val_size"], config.crop, seed=4)
+    val = synthetic_validation(config.crop)[2]  # night
     assert evaluate(model, val, config.crop, "cpu") == json.loads((trained / "metrics.json").read_text())[val.name]
 
 

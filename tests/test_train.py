@@ -15,6 +15,7 @@ from PIL import Image  # noqa: E402
 
 from rein.data import FolderDataset  # noqa: E402
 from rein.train.loop import main  # noqa: E402
+from _tolerance import assert_sums_close  # noqa: E402
 
 FAST = ["--device", "cpu", "--crop", "64", "--batch-size", "2", "--no-fused", "--workers", "0"]
 
@@ -244,8 +245,10 @@ def test_ddp_two_processes_match_one(tmp_path):
     m1 = [s["exp_avg"] for s in one["optimizer"]["state"].values()]
     m2 = [s["exp_avg"] for s in two["optimizer"]["state"].values()]
     assert len(m1) == len(m2) > 10
-    for a, b in zip(m1, m2):
-        torch.testing.assert_close(b, a, rtol=1e-4, atol=1e-4 * a.abs().max().item() + 1e-12)
+    # the gradients sum, through 4 blocks, over at most the MLP's 4 x 384 channels, the
+    # 65 tokens and the 4 x 65 rows of the batch
+    for k, (a, b) in enumerate(zip(m1, m2)):
+        assert_sums_close(b, a, terms=4 * (4 * 384 + 65 + 4 * 65), name=f"exp_avg {k}")
 
 
 
@@ -302,7 +305,8 @@ def test_mapillary_mapping_is_the_official_one():
     got = {i: int(LUTS["mapillary"][i]) for i in range(66)}
     want = {i: _official_mapillary_train_id(n) for i, n in enumerate(MAPILLARY_V12)}
     assert got == want
-    # the eight ids this library mapped differently before (issue 11)
+    # the eight ids this library once mapped differently from the official rules (lane markings and
+    # the like to road, street lights to pole, ...: docs/official_rein_reading.md)
     assert [got[i] for i in (7, 8, 10, 23, 26, 43, 46, 49)] == [0, 0, 0, 0, 255, 255, 7, 7]
 
 

@@ -1,5 +1,6 @@
 """The training command on bad input: one clear line naming the flag or file, exit code 2,
 nothing half-written, and nothing lost when a bad file turns up mid-run."""
+import contextlib
 import json
 import os
 import re
@@ -48,6 +49,66 @@ def test_bad_flags_fail_before_writing(tmp_path, capsys, argv, needles):
     rc, _, err = run(capsys, "--max-iters", "1", "--out", str(out), *FAST, *argv)
     assert rc == 2
     _one_line_error(err, *needles)
+    assert not out.exists()
+
+
+def _unwritable_outs(tmp_path) -> list[Path]:
+    """--out folders that cannot be made: under a regular file, and (where there is one)
+    in a virtual file system, which even root cannot write."""
+    (tmp_path / "file").write_text("keep me")
+    return [tmp_path / "file" / "out"] + [Path(p) for p in ("/proc/rein-out",) if Path("/proc/self").exists()]
+
+
+@pytest.mark.parametrize("command", ["rein.train", "rein.evaluate", "rein.predict"])
+def test_out_that_cannot_be_made_is_one_line_in_every_command(tmp_path, capsys, command):
+    import importlib
+
+    main_of = importlib.import_module(command + (".loop" if command == "rein.train" else "")).main
+    prog = command.replace(".", "-")
+    extra = {"rein.train": FAST, "rein.evaluate": ["--checkpoint", "x.pth", "--target", "synthetic"],
+             "rein.predict": ["--checkpoint", "x.pth", "--images", str(tmp_path)]}[command]
+    for out in _unwritable_outs(tmp_path):
+        assert main_of([*extra, "--out", str(out)]) == 2
+        err = capsys.readouterr().err
+        lines = err.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith(f"{prog}: --out {out}") and "Traceback" not in err, err
+    assert (tmp_path / "file").read_text() == "keep me"
+
+
+def test_out_check_leaves_nothing_behind(tmp_path, capsys):
+    """Whether --out can be made is tried by making it: a later bad flag leaves no folder."""
+    out = tmp_path / "a" / "b"
+    rc, _, err = run(capsys, "--max-iters", "1", "--out", str(out), *FAST, "--backbone", "vit_tiny_not_a_model")
+    assert rc == 2 and not (tmp_path / "a").exists(), err
+
+
+@pytest.mark.parametrize("argv,says", [
+    (["--lr", "-1"], "--lr -1.0: give a learning rate above 0"),
+    (["--lr", "nan"], "--lr nan: give a learning rate above 0"),
+    (["--weight-decay", "-0.1"], "--weight-decay -0.1: give 0 or more"),
+    (["--ckpt-interval", "0"], "--ckpt-interval 0: give 1 or more iterations"),
+    (["--ckpt-interval", "-1"], "--ckpt-interval -1: give 1 or more iterations"),
+    (["--warmup-iters", "-1"], "--warmup-iters -1: give 0 to --max-iters (300)"),
+    (["--warmup-iters", "301"], "--warmup-iters 301: give 0 to --max-iters (300)"),
+    (["--seed", "-1"], "--seed -1: give 0 to 4294967295"),
+    (["--workers", "-1"], "--workers -1: give 0"),
+    (["--max-iters", "0"], "--max-iters 0: give 1 or more"),
+    (["--batch-size", "0"], "--batch-size 0: give 1 or more"),
+    (["--crop", "4"], "--crop 4: give at least one 8-pixel patch"),
+])
+def test_flags_out_of_range_are_one_line(capsys, argv, says):
+    with pytest.raises(SystemExit) as e:
+        run(capsys, *argv)
+    assert e.value.code == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"rein-train: {says}") and err.count("\n") == 1, err
+
+
+def test_batch_larger_than_the_training_set(tmp_path, capsys):
+    out = tmp_path / "o"
+    rc, _, err = run(capsys, "--max-iters", "1", "--out", str(out), *FAST, "--batch-size", "100000")
+    assert rc == 2
+    _one_line_error(err, "--batch-size 100000 is more than the 400 images of the training set", "at most 400")
     assert not out.exists()
 
 
@@ -200,6 +261,48 @@ def test_bad_target_file_keeps_the_training_and_other_domains(tmp_path, capsys):
     assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 2
 
 
+@pytest.mark.parametrize("workers", ["0", "1"])
+def test_batch_out_of_memory_saves_and_says_what_to_do(tmp_path, capsys, monkeypatch, workers):
+    """Building a batch runs out of memory (in a loader worker, or in the training process
+    without one): one line saying what to lower, and a resumable checkpoint."""
+    import rein.train.data
+
+    def no_memory(img):
+        raise MemoryError
+
+    monkeypatch.setattr(rein.train.data, "normalize", no_memory)  # forked workers inherit it
+    out = tmp_path / "o"
+    rc, _, err = run(capsys, "--max-iters", "3", "--out", str(out), *FAST[:-1], workers)
+    assert rc == 2
+    _one_line_error(err, "out of memory building the batch of iteration 0 (2 images of 64x64",
+                    "Saved a resumable checkpoint at iteration 0 of 3", "lower --workers, or --batch-size with "
+                    "--force-resume, then continue with: python -m rein.train")
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 0
+
+
+def test_loader_worker_killed_mid_run_saves_and_says_so(tmp_path, capsys, monkeypatch):
+    """A loader worker killed (as the kernel's out-of-memory killer does) while the trainer
+    computes: noticed when it next waits for a batch, between two steps, where it saves.
+    (Which: the batches the worker had built before may die with it, unsent.)"""
+    import rein.train.data
+
+    real = rein.train.data.TrainBatches.__getitem__
+
+    def dies_at_2(self, it):
+        if it == 2 and torch.utils.data.get_worker_info() is not None:
+            os.kill(os.getpid(), signal.SIGKILL)
+        return real(self, it)
+
+    monkeypatch.setattr(rein.train.data.TrainBatches, "__getitem__", dies_at_2)
+    out = tmp_path / "o"
+    rc, _, err = run(capsys, "--max-iters", "4", "--out", str(out), *FAST[:-1], "1")
+    assert rc == 2
+    _one_line_error(err, "a data loading process ended (DataLoader worker (pid", "Saved a resumable checkpoint at "
+                    "iteration ", "lower --workers")
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    assert f"at iteration {ck['iteration']} of 4" in err and ck["iteration"] == len(ck["losses"]) <= 2
+
+
 def test_loader_workers_give_the_same_run(tmp_path):
     """Batches are a function of (seed, iteration, rank) alone: 1 or 2 worker processes give
     the same losses bit for bit, and a run interrupted and resumed with workers too. In the
@@ -220,7 +323,43 @@ def test_loader_workers_give_the_same_run(tmp_path):
     assert losses(resumed) == losses(runs[2])
 
 
-def test_amp_keeps_frozen_weights_in_bf16_and_checkpointing_runs(tmp_path, monkeypatch):
+def test_precision_bf16_by_default_on_cuda_and_fp32_on_a_cpu(capsys):
+    """--precision as parsed (--amp its former name) and as resolved for a device type:
+    CUDA runs bf16 unless told, a CPU run stays fp32 whatever it is told, saying why."""
+    from rein.cli import resolve_precision
+    from rein.train.config import parse_args
+
+    assert parse_args([]).precision is None
+    assert parse_args(["--amp"]).precision == "bf16"
+    assert parse_args(["--precision", "tf32"]).precision == "tf32"
+    cuda, cpu = torch.device("cuda"), torch.device("cpu")
+    assert resolve_precision(None, cuda) == ("bf16", "the default on CUDA, the fastest; --precision fp32 is the "
+                                                     "official setting")
+    for flag in ("bf16", "tf32", "fp32"):
+        assert resolve_precision(flag, cuda) == (flag, f"--precision {flag}")
+    precision, why = resolve_precision(None, cpu)
+    assert precision == "fp32" and why.startswith("on cpu a run stays fp32: bf16 autocast there is slow")
+    for flag in ("bf16", "tf32"):
+        precision, why = resolve_precision(flag, cpu)
+        assert precision == "fp32" and why.startswith(f"--precision {flag} applies on CUDA only"), why
+    with pytest.raises(SystemExit):
+        run(capsys, "--precision", "fp16")
+    assert "invalid choice: 'fp16'" in capsys.readouterr().err
+
+
+def test_a_cpu_run_says_it_stays_fp32(tmp_path, capsys):
+    rc, out, _ = run(capsys, "--max-iters", "1", "--out", str(tmp_path / "o"), *FAST, "--amp")
+    assert rc == 0
+    lines = [line for line in out.splitlines() if line.startswith("rein-train: precision")]
+    assert lines == ["rein-train: precision fp32, fp32 throughout; --precision bf16 applies on CUDA only: on cpu a "
+                     "run stays fp32, as bf16 autocast there is slow and fp32 is the official setting"], out
+    assert out.index("rein-train: precision") < out.index("rein-train: training step")  # among the first lines
+    assert torch.load(tmp_path / "o" / "checkpoint.pth", weights_only=True)["config"]["precision"] == "fp32"
+
+
+def test_bf16_keeps_frozen_weights_in_bf16_and_checkpointing_runs(tmp_path, monkeypatch):
+    """What bf16 does to the model (on CUDA; here forced on the CPU): the frozen backbone's
+    weights in bf16, what trains in fp32, and fp32 in the checkpoint."""
     import rein.train.loop as loop
 
     seen = {}
@@ -233,11 +372,33 @@ def test_amp_keeps_frozen_weights_in_bf16_and_checkpointing_runs(tmp_path, monke
         return real_optimizer(model, args, device, captured)
 
     monkeypatch.setattr(loop, "make_optimizer", spy)
+    monkeypatch.setattr(loop, "resolve_precision", lambda flag, device: ("bf16", "forced by the test"))
     out = tmp_path / "o"
-    assert main(["--max-iters", "2", "--out", str(out), *FAST, "--amp", "--grad-checkpointing"]) == 0
+    assert main(["--max-iters", "2", "--out", str(out), *FAST, "--grad-checkpointing"]) == 0
     assert seen == {"backbone": {torch.bfloat16}, "trained": {torch.float32}, "checkpointing": True}
     ck = torch.load(out / "checkpoint.pth", weights_only=True)
     assert all(v.dtype == torch.float32 for k, v in ck["rein"].items() if v.is_floating_point())
+
+
+def test_checkpoints_that_recorded_amp_resume_and_evaluate(tmp_path, capsys):
+    """Checkpoints written before --precision recorded --amp: they resume (saying in which
+    precision the iterations ran) and evaluate."""
+    from rein.evaluate import main as evaluate
+
+    out = tmp_path / "run"
+    common = ["--max-iters", "2", "--ckpt-interval", "1", *FAST, "--out", str(out)]
+    assert main([*common, "--stop-at", "1"]) == 0
+    ck = torch.load(out / "checkpoint.pth", weights_only=True)
+    del ck["config"]["precision"]
+    ck["config"]["amp"] = True
+    torch.save(ck, out / "checkpoint.pth")
+    capsys.readouterr()
+    rc, printed, _ = run(capsys, *common, "--resume")
+    assert rc == 0 and "rein-train: the first 1 iterations ran in bf16, the rest in fp32" in printed, printed
+    ck["config"]["amp"] = False
+    torch.save(ck, tmp_path / "old.pth")
+    assert evaluate(["--checkpoint", str(tmp_path / "old.pth"), "--target", "synthetic", "--out",
+                     str(tmp_path / "eval"), "--device", "cpu", "--no-fused"]) == 0
 
 
 def test_resume_of_a_run_from_before_the_conversion_flag(tmp_path, capsys):
@@ -401,13 +562,13 @@ def test_training_step_capture_and_its_fallbacks(capsys, monkeypatch):
         for done in range(WARM_STEPS):
             before = model.weight.detach().clone()
             want = eager.loss(model(x), y)
-            used, loss = run_compiled(failing, eager, done, x, y, opt, Namespace(amp=False), cpu, True)
+            used, loss = run_compiled(failing, eager, done, x, y, opt, Namespace(precision="fp32"), cpu, True)
             assert used is eager and torch.equal(loss, want)
             assert not torch.equal(model.weight, before)  # the step was taken, once
             assert "continuing uncaptured" in capsys.readouterr().err
             assert resets.pop() is None and not resets  # reset once, the gradients released first
         with pytest.raises(RuntimeError, match="cannot record"):
-            run_compiled(failing, eager, WARM_STEPS, x, y, opt, Namespace(amp=False), cpu, True)
+            run_compiled(failing, eager, WARM_STEPS, x, y, opt, Namespace(precision="fp32"), cpu, True)
 
 
 @pytest.mark.parametrize("first", ["captured", "uncaptured"])
@@ -566,3 +727,67 @@ def test_ctrl_c_under_torchrun_stops_every_process_at_one_iteration(tmp_path):
     assert m, stderr[-3000:]
     assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == int(m[2]) >= 1
     assert stderr.count("Saved a resumable checkpoint") == 1
+
+
+# A run whose loader worker never delivers batch 1 (it sleeps instead: a hung file system,
+# a decoder stuck on a file): the trainer waits for it after its first step.
+STUCK_LOADER = """
+import sys, time
+import torch
+import rein.train.data
+
+real = rein.train.data.TrainBatches.__getitem__
+
+def stuck(self, it):
+    if it >= 1 and torch.utils.data.get_worker_info() is not None:
+        time.sleep(3600)
+    return real(self, it)
+
+rein.train.data.TrainBatches.__getitem__ = stuck
+from rein.train.loop import main
+sys.exit(main(sys.argv[1:]))
+"""
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_stop_signal_ends_a_run_waiting_on_a_stuck_loader_within_seconds(tmp_path, signum):
+    """SIGTERM to the trainer alone (as a scheduler or `kill` sends it), or SIGINT to the
+    whole group (Ctrl-C): the wait is cut short, a resumable checkpoint saved, and every
+    process of the run gone within seconds, the stuck worker included."""
+    out = tmp_path / "run"
+    flags = ["--max-iters", "400", "--out", str(out), *FAST[:-1], "1"]
+    proc, err = _start([sys.executable, "-c", STUCK_LOADER, *flags])
+    try:
+        deadline = time.monotonic() + 600
+        while "loss=" not in "".join(err):  # the first step's loss: the trainer then waits for batch 1
+            assert proc.poll() is None and time.monotonic() < deadline, "".join(err)[-3000:]
+            time.sleep(0.2)
+        time.sleep(1)
+        sent = time.monotonic()
+        if signum == signal.SIGTERM:
+            os.kill(proc.pid, signum)
+        else:
+            os.killpg(proc.pid, signum)
+        proc.wait(timeout=30)
+        took = time.monotonic() - sent
+        while True:  # the worker too
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            assert time.monotonic() - sent < 30, "a process of the run outlived it"
+            time.sleep(0.1)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait()
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)
+    proc.reader.join(timeout=10)
+    proc.stdout.close()
+    stderr = "".join(err)
+    assert proc.returncode == 128 + signum and "Traceback" not in stderr, stderr[-3000:]
+    assert took < 10, took
+    assert (f"rein-train: stopped by {signal.Signals(signum).name}. Saved a resumable checkpoint at iteration 1 of "
+            "400") in stderr, stderr[-3000:]
+    assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 1

@@ -14,9 +14,10 @@ from ..errors import DataError
 from .datasets import KINDS, FolderDataset, datasets_from
 from .images import MEAN, STD, normalize, read_image, to_uint8
 from .labels import CLASSES, IGNORE, LABEL_IDS, LUTS, PALETTE, colorize, overlay
-from .synthetic import STYLES, SyntheticDomain, render_scene
+from .synthetic import STYLES, SyntheticDomain, render_scene, synthetic_train, synthetic_validation
 from .transforms import augment_official, fit_scale, official_scales, rescale
 
 __all__ = ["CLASSES", "IGNORE", "KINDS", "LABEL_IDS", "LUTS", "MEAN", "PALETTE", "STD", "STYLES", "DataError",
            "FolderDataset", "SyntheticDomain", "augment_official", "colorize", "datasets_from", "fit_scale",
-           "normalize", "official_scales", "overlay", "read_image", "render_scene", "rescale", "to_uint8"]
+           "normalize", "official_scales", "overlay", "read_image", "render_scene", "rescale", "synthetic_train",
+           "synthetic_validation", "to_uint8"]

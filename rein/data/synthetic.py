@@ -135,3 +135,19 @@ class SyntheticDomain:
         rng = np.random.default_rng([self.seed, i])
         img, lbl = render_scene(self.size, self.style, rng)
         return torch.from_numpy(img).permute(2, 0, 1).contiguous(), torch.from_numpy(lbl)
+
+
+# The synthetic default run's sets: 400 training scenes in the source style and 12 per
+# validation domain. rein.train trains and evaluates on them; rein.evaluate --target
+# synthetic evaluates a checkpoint on the same validation scenes.
+TRAIN_SIZE, VAL_SIZE = 400, 12
+
+
+def synthetic_train(size: int) -> SyntheticDomain:
+    return SyntheticDomain("source", TRAIN_SIZE, size, seed=1)
+
+
+def synthetic_validation(size: int) -> list[SyntheticDomain]:
+    """The source style and the overcast, night and fog target styles, at ``size`` pixels."""
+    return [SyntheticDomain("source", VAL_SIZE, size, seed=2)] + [
+        SyntheticDomain(s, VAL_SIZE, size, seed=3 + i) for i, s in enumerate(["overcast", "night", "fog"])]

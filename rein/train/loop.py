@@ -28,26 +28,21 @@ import torch.nn as nn
 import rein_kernels
 
 from ..checkpoints import CheckpointError, checkpoint_kind, load_tensors
-from ..cli import USER_ERRORS, device_from_flag, report
-from ..data import SyntheticDomain, datasets_from
+from ..cli import USER_ERRORS, device_from_flag, report, resolve_precision, use_precision
+from ..data import datasets_from, synthetic_train, synthetic_validation
 from ..errors import UsageError
 from ..inference import run_test_scale
 from ..metrics import evaluate_targets
 from ..model import backfill, build_model, load_trained
-from .config import SYNTHETIC, parse_args, resume_mismatches, validate, warnings_for
-from .data import TrainBatches, train_loader
+from .config import PRECISION_MEANS, SYNTHETIC, parse_args, resume_mismatches, validate, warnings_for
+from .data import LESS_MEMORY, TrainBatches, train_loader
 from .optim import load_optimizer_state, lr_at, make_optimizer, optimizer_state, set_lr
 from .step import Step, autocast_for, captured_step, release_compiled, run_compiled, why_uncaptured
 
 
 def build_data(args):
     if args.synthetic:
-        n, size = SYNTHETIC["train_size"], args.crop
-        train = SyntheticDomain("source", n, size, seed=1)
-        vals = [SyntheticDomain("source", SYNTHETIC["val_size"], size, seed=2)] + [
-            SyntheticDomain(s, SYNTHETIC["val_size"], size, seed=3 + i) for i, s in
-            enumerate(["overcast", "night", "fog"])]
-        return train, vals
+        return synthetic_train(args.crop), synthetic_validation(args.crop)
     train, *vals = datasets_from([(args.source, "train", "--source"), *((t, "val", "--target") for t in args.target)],
                                  mapillary_half=args.mapillary_half)
     return train, vals
@@ -121,43 +116,85 @@ def _load_resume(args, out: Path):
     return ck
 
 
+class _Interrupted(Exception):
+    """A stop signal that came while the trainer waited for a batch."""
+
+
+class _StopRequests:
+    """The handler of SIGINT and SIGTERM while training: it notes the signal's number in
+    ``caught``, and the loop stops between two iterations, with a resumable checkpoint, on
+    every process alike. Every signal is noted, none kills: torchrun passes the one it gets
+    on to its workers, which a second default handler would stop mid-step. While the
+    trainer waits for a batch (``waiting``), which a loader worker may take long to build,
+    or never deliver, the wait is cut short (raising ``_Interrupted``, once)."""
+
+    def __init__(self):
+        self.caught: list[int] = []
+        self.waiting = False
+
+    def __call__(self, signum, frame):
+        self.caught.append(signum)
+        if self.waiting:
+            self.waiting = False
+            raise _Interrupted
+
+
 @contextlib.contextmanager
 def _stop_requests():
-    """While training, SIGINT (Ctrl-C) and SIGTERM only note their number in the list this
-    yields: the loop stops between two iterations, with a resumable checkpoint, on every
-    process alike. Every signal is noted, none kills: torchrun passes the one it gets on
-    to its workers, which a second default handler would stop mid-step."""
-    caught: list[int] = []
-    previous = {s: signal.signal(s, lambda signum, frame: caught.append(signum))
-                for s in (signal.SIGINT, signal.SIGTERM)}
+    """SIGINT and SIGTERM handled by a ``_StopRequests``, which this yields. SIGCHLD keeps
+    its default action meanwhile: DataLoader's handler would raise in the middle of a step
+    when a loader worker dies; the trainer learns of it when it next waits for a batch
+    (within 5 s), between two steps, where a checkpoint can be saved."""
+    stops = _StopRequests()
+    previous = {s: signal.signal(s, stops) for s in (signal.SIGINT, signal.SIGTERM)}
+    previous[signal.SIGCHLD] = signal.signal(signal.SIGCHLD, signal.SIG_DFL)
     try:
-        yield caught
+        yield stops
     finally:
         for s, handler in previous.items():
             signal.signal(s, handler)
+
+
+def _next_batch(batches, stops: _StopRequests):
+    """The next batch; ``{"error": (what happened, what to do)}`` for one that could not be
+    built (a bad file, no memory) or a loader worker that died; None when a stop signal
+    came meanwhile."""
+    try:
+        try:
+            stops.waiting = True
+            return next(batches)
+        finally:
+            stops.waiting = False
+    except _Interrupted:
+        return None
+    except RuntimeError as e:  # what DataLoader raises when a worker process is gone
+        if not str(e).startswith("DataLoader worker (pid"):
+            raise
+        return {"error": (f"a data loading process ended ({e}; the system may have run out of memory)",
+                          LESS_MEMORY)}
 
 
 def _train(args, steps: Step, eager: Step, opt, train_set, rank, world, device, start, losses, checkpoint,
            main_proc):
     """The training iterations (``steps``: the step's functions, compiled or captured where
     they are; ``eager``: the same uncompiled, which the first iterations fall back to if
-    compiling or recording fails). Returns (the message of a file that could not be read, the
-    signal that asked to stop), both None when every iteration ran; after either, a
-    resumable checkpoint is saved at the iteration it stopped at."""
+    compiling or recording fails). Returns (a batch that could not be loaded: (what happened,
+    what to do), the signal that asked to stop), both None when every iteration ran; after
+    either, a resumable checkpoint is saved at the iteration it stopped at."""
     from tqdm import tqdm
 
     batches = TrainBatches(train_set, args.batch_size, args.crop, args.seed, rank, world)
-    loader = train_loader(batches, start, args.max_iters, args.workers, pin_memory=device.type == "cuda")
-    bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, disable=not main_proc,
-               desc="train", dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
     waited = total = 0.0
-    it_loader = iter(loader)
-    with _stop_requests() as caught:
+    # the loader first: its first workers set DataLoader's SIGCHLD handler, which _stop_requests sets aside
+    with train_loader(batches, start, args.max_iters, args.workers, pin_memory=device.type == "cuda") as loader, \
+            _stop_requests() as stops:
+        bar = tqdm(range(start, args.max_iters), initial=start, total=args.max_iters, disable=not main_proc,
+                   desc="train", dynamic_ncols=True, file=sys.stderr, mininterval=1.0)
         for it in bar:
             t0 = time.perf_counter()
-            batch = next(it_loader)
+            batch = _next_batch(loader, stops)
             t1 = time.perf_counter()
-            error, signum = _agree(batch["error"] if isinstance(batch, dict) else None, max(caught, default=0),
+            error, signum = _agree(batch["error"] if isinstance(batch, dict) else None, max(stops.caught, default=0),
                                    world, device)
             if error is not None or signum:  # on some process: keep what was trained
                 checkpoint(it)
@@ -194,7 +231,7 @@ def _train(args, steps: Step, eager: Step, opt, train_set, rank, world, device, 
     return None, None
 
 
-def _agree(error: str | None, signum: int, world: int, device) -> tuple[str | None, int]:
+def _agree(error: tuple[str, str] | None, signum: int, world: int, device) -> tuple[tuple[str, str] | None, int]:
     """A data error and a stop signal (0: none) on any process, known to every process, so
     that all stop together and rank 0, which saves and reports, can name the file and the
     signal: one collective per iteration."""
@@ -226,17 +263,22 @@ def main(argv=None) -> int:
     try:
         validate(args)
         rank, world, device = _setup_distributed(args)
+        args.precision, precision_why = resolve_precision(args.precision, device)
         train_set, val_sets = build_data(args)
+        if args.batch_size > len(train_set):  # it would only repeat images, at the memory cost of a larger batch
+            raise UsageError(f"--batch-size {args.batch_size} is more than the {len(train_set)} images of the "
+                             f"training set ({train_set.name}); give at most {len(train_set)}")
         ck = _load_resume(args, out)
         if args.fused and not rein_kernels.is_available(torch.empty(0, device=device)):
             if rank == 0:
                 print(f"rein-train: Rein's fused kernels need a CUDA GPU; on {device.type} this run uses the "
                       "PyTorch reference path (same numbers, slower)")
             args.fused = False
-        # --amp: the frozen weights cast to bf16 once, before they reach the device, so that a
-        # large backbone is never there in fp32 beside its copy (ViT-7B: 27 GB + 13 GB)
-        model = build_model(args, torch.device("cpu") if args.amp else device)
-        if args.amp:
+        # bf16: the frozen weights cast once, before they reach the device, so that a large
+        # backbone is never there in fp32 beside its copy (ViT-7B: 27 GB + 13 GB)
+        bf16 = args.precision == "bf16"
+        model = build_model(args, torch.device("cpu") if bf16 else device)
+        if bf16:
             model.backbone.backbone.to(torch.bfloat16)
             model.to(device)
         if ck is not None:
@@ -262,8 +304,10 @@ def main(argv=None) -> int:
               f"batch {args.batch_size}, crop {args.crop}, {args.backbone}, head {args.head}, "
               f"{'fused' if args.fused else 'reference'} Rein, device {device}, {world} process(es), "
               f"{args.workers} loader workers")
+        print(f"rein-train: precision {args.precision}, {PRECISION_MEANS[args.precision]}; {precision_why}")
 
-    model.train()  # (with --amp the frozen weights are bf16 already: autocast does not recast them)
+    model.train()  # (in bf16 the frozen weights are bf16 already: autocast does not recast them)
+    use_precision(args.precision, device)
     if args.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
     why_not = why_uncaptured(args, device, world)
@@ -274,6 +318,9 @@ def main(argv=None) -> int:
         start, losses = ck["iteration"], list(ck["losses"])
         if main_proc:
             print(f"rein-train: resumed at iteration {start} of {args.max_iters} from {out / 'checkpoint.pth'}")
+            was = backfill(ck["config"])["precision"]
+            if was != args.precision:
+                print(f"rein-train: the first {start} iterations ran in {was}, the rest in {args.precision}")
     if world > 1:
         wrapped = nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
     else:
@@ -298,17 +345,17 @@ def main(argv=None) -> int:
                 "config": {k: v for k, v in vars(args).items() if k not in ("resume", "force_resume", "stop_at")}})
 
     t0 = time.time()
-    bad_file, signum = _train(args, steps, eager, opt, train_set, rank, world, device, start, losses,
+    bad_data, signum = _train(args, steps, eager, opt, train_set, rank, world, device, start, losses,
                               checkpoint, main_proc)
-    if bad_file is not None or signum is not None:
+    if bad_data is not None or signum is not None:
         if main_proc:
-            why, then = (bad_file, "fix the file, then continue") if bad_file is not None else (
-                f"stopped by {signal.Signals(signum).name}", "continue")
+            why, then = bad_data if bad_data is not None else (f"stopped by {signal.Signals(signum).name}",
+                                                               "continue")
             print(f"rein-train: {why}. Saved a resumable checkpoint at iteration {len(losses)} of {args.max_iters} "
                   f"in {out / 'checkpoint.pth'}; {then} with: {_resume_command(argv, world)}", file=sys.stderr)
         if world > 1:
             dist.destroy_process_group()
-        return 2 if bad_file is not None else 128 + signum  # as a shell reports a process the signal ended
+        return 2 if bad_data is not None else 128 + signum  # as a shell reports a process the signal ended
     if args.stop_at is not None and len(losses) < args.max_iters:
         if world > 1:
             dist.destroy_process_group()

@@ -11,9 +11,14 @@ from typing import Callable, NamedTuple
 
 import torch
 
+from ..cli import autocast
+
 
 def autocast_for(args, device):
-    return torch.autocast(device.type, dtype=torch.bfloat16, enabled=args.amp)
+    """bf16 autocast where the run's precision is bf16. (``args.amp``: the settings of
+    benchmarks/e2e.py, written before --precision replaced --amp.)"""
+    precision = getattr(args, "precision", None) or ("bf16" if getattr(args, "amp", False) else "fp32")
+    return autocast(precision, device)
 
 
 def why_uncaptured(args, device, world) -> str | None:

@@ -60,7 +60,7 @@ MUTANTS = [
       "reference drops the wrong token"),
     m("ref-no-residual-in-delta", R, "delta = F.linear(delta + feats, W_d, b_d)", "delta = F.linear(delta, W_d, b_d)",
       "reference: mlp_delta_f(d) instead of mlp_delta_f(d + x)"),
-    # ---- issue 19's survivors: kinds the suite did not see before v3
+    # ---- kinds of bug the suite did not catch before kernels v3 (they survived its first mutation run)
     m("params-not-contiguous", K, "return _forward(x, T.contiguous(), U.contiguous(), W_d, b_d.contiguous(),",
       "return _forward(x, T, U.contiguous(), W_d, b_d.contiguous(),",
       "parameters that are views reach the kernels with their strides"),
