@@ -23,19 +23,14 @@ import torch
 
 import rein
 import rein_kernels
-from bench import WORKLOADS, Workload
+from bench import WORKLOADS, Workload, warm_up_on_side_stream
 
 
 def _graph_us(fn, warmup: int = 3) -> float:
     """Device time of fn in microseconds: replays of a CUDA graph that holds 20 calls."""
     import triton.testing
 
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(warmup):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
+    warm_up_on_side_stream(fn, warmup)
     g = torch.cuda.CUDAGraph()
     with torch.cuda.graph(g):
         for _ in range(20):

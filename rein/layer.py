@@ -265,13 +265,19 @@ class ReinLayer(nn.Module):
         """The fused layer on one layer's operands from ``layer_operands(cdtype)``, formed
         for x's compute dtype (``compute_dtype(x)``) on a device where ``fused_available``."""
         check_inputs(x, self.mlp_delta_f.weight, num_prefix_tokens, batch_first)
-        self._fused_active = True
-        return rein_kernels.apply_fused(x, operands, cdtype, batch_first, num_prefix_tokens, self.use_softmax)
+        return self._fused(x, operands, cdtype, batch_first, num_prefix_tokens)
 
     def apply_tokens(self, x: Tensor, T: Tensor, batch_first: bool = False, num_prefix_tokens: int = 1) -> Tensor:
         """The reference layer with one layer's tokens T [m, C] given (a slice of
         ``get_tokens(-1)``): what ``forward`` computes with ``fused=False``."""
         check_inputs(x, T, num_prefix_tokens, batch_first)
+        return self._reference(x, T, batch_first, num_prefix_tokens)
+
+    def _fused(self, x, operands, cdtype, batch_first, num_prefix_tokens) -> Tensor:
+        self._fused_active = True
+        return rein_kernels.apply_fused(x, operands, cdtype, batch_first, num_prefix_tokens, self.use_softmax)
+
+    def _reference(self, x, T, batch_first, num_prefix_tokens) -> Tensor:
         self._fused_active = False
         return rein_layer_reference(x, T, *self._mlp_params(), self.scale, batch_first=batch_first,
                                     num_prefix_tokens=num_prefix_tokens, use_softmax=self.use_softmax)
@@ -293,15 +299,9 @@ class ReinLayer(nn.Module):
         cdtype = self.compute_dtype(x)
         if self.fused:
             if rein_kernels.is_available(x, cdtype):
-                self._fused_active = True
-                return rein_kernels.apply_fused(x, self._operands(layer, cdtype), cdtype, batch_first,
-                                                num_prefix_tokens, self.use_softmax)
+                return self._fused(x, self._operands(layer, cdtype), cdtype, batch_first, num_prefix_tokens)
             _warn_fallback_once(x.device)
-        self._fused_active = False
-        return rein_layer_reference(
-            x, self.get_tokens(layer), *W, self.scale,
-            batch_first=batch_first, num_prefix_tokens=num_prefix_tokens, use_softmax=self.use_softmax,
-        )
+        return self._reference(x, self.get_tokens(layer), batch_first, num_prefix_tokens)
 
     def queries(self) -> Tensor:
         """Queries [m, Q] for a query-based head, from the tokens of all layers."""
