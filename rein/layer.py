@@ -230,11 +230,9 @@ class ReinLayer(nn.Module):
         ``rein.ReinBackbone`` binds these to its blocks for one forward pass; ``prepared()``
         does the same for a backbone of your own. Plain tensor operations: torch.compile
         traces them, so a compiled forward forms them once too."""
-        W = self._mlp_params()
-        scale = None if self.zero_mlp_delta_f else self.scale
         L, v3 = self.num_layers, rein_kernels.KERNELS == "v3"
         parts = [t.unbind(0) if t.dim() == 3 else t if (v3 and t.dim() == 2) else t.expand(L, *t.shape).unbind(0)
-                 for t in rein_kernels.prepare(self._kernel_tokens(-1), *W, scale, cdtype)]
+                 for t in self._prepare(-1, cdtype)]
         return [tuple(t if isinstance(t, Tensor) else t[i] for t in parts) for i in range(L)]
 
     def _operands(self, layer: int, cdtype: torch.dtype) -> tuple[Tensor, ...]:
@@ -244,12 +242,17 @@ class ReinLayer(nn.Module):
         if not torch.compiler.is_compiling() and not _saved_tensor_hooks_active():
             shared = (_PREPARED.get() or {}).get(id(self))
         if shared is None:
-            scale = None if self.zero_mlp_delta_f else self.scale
-            return rein_kernels.prepare(self._kernel_tokens(layer), *self._mlp_params(), scale, cdtype)
+            return self._prepare(layer, cdtype)
         key = (rein_kernels.KERNELS, cdtype, torch.is_grad_enabled())
         if key not in shared:
             shared[key] = self.layer_operands(cdtype)
         return shared[key][layer]
+
+    def _prepare(self, layer: int, cdtype: torch.dtype) -> tuple[Tensor, ...]:
+        """``rein_kernels.prepare`` of layer ``layer``'s tokens (-1: all layers'), the MLP
+        and the scale (none with ``zero_mlp_delta_f``)."""
+        scale = None if self.zero_mlp_delta_f else self.scale
+        return rein_kernels.prepare(self._kernel_tokens(layer), *self._mlp_params(), scale, cdtype)
 
     def compute_dtype(self, x: Tensor) -> torch.dtype:
         """The dtype the layer's GEMMs run in for input x: autocast's, else x's and the
