@@ -5,9 +5,9 @@ on transformers' parts), its loss, an AdamW step.
 Rows (benchmarks/README.md): like for like (eager vs fused Rein, everything else equal), and
 ``SETTINGS``: the official setting (fp32, the eager reference Rein, nothing captured)
 against this library's defaults for a GPU (``rein.train``'s captured step: bf16 frozen
-weights under autocast, fused Rein, the forward and backward, the loss's device stages and
-the multi-tensor AdamW compiled by torch.compile's "reduce-overhead" mode and replayed as
-CUDA graphs, the Mask2Former matching on the host between them) and against the strongest
+weights under autocast, fused Rein, the forward and backward and the loss's device stages
+compiled by torch.compile's "reduce-overhead" mode and replayed as CUDA graphs, the
+Mask2Former matching on the host between them, the fused AdamW after) and against the strongest
 free alternative (the same with the reference Rein); ``library-forward-graphs`` is the
 previous default (only the forward and backward captured, loss and fused AdamW between the
 graphs), and ``library-transformers-loss`` the Mask2Former head with transformers' loss.
@@ -103,8 +103,8 @@ class TrainStep:
         mode = compile if isinstance(compile, str) else None
         self.forward = torch.compile(self._forward, mode=mode) if compile else self._forward
         if train_step:  # rein.train's captured step, its optimizer included (a dict: other compile settings)
-            self.args = Namespace(lr=1e-4, weight_decay=0.05, amp=dtype == "bf16")
-            self.opt = make_optimizer(segmentor, self.args, torch.device(device), captured=True)
+            self.args = Namespace(lr=1e-4, weight_decay=0.05, precision="bf16" if dtype == "bf16" else "fp32")
+            self.opt = make_optimizer(segmentor, self.args, torch.device(device))
             self.steps = captured_step(segmentor, segmentor, self.opt, **(train_step if train_step is not True else {}))
         else:
             params = [p for p in self.model.parameters() if p.requires_grad] + list(self.head.parameters())

@@ -97,7 +97,7 @@ def _small_synthetic_run(monkeypatch) -> list[str]:
 @pytest.mark.parametrize("head", ["light", "mask2former"])
 def test_training_is_captured_on_cuda_and_trains_as_uncaptured(tmp_path, capsys, monkeypatch, head):
     """The synthetic run on a GPU: its step captured (torch.compile, reduce-overhead: the
-    forward and backward, the loss's device stages, the AdamW step) without falling back,
+    forward and backward and the loss's device stages; AdamW between them) without falling back,
     the losses of 4 iterations (compile, record, two replays) those of the uncaptured step
     up to kernel rounding (for Mask2Former also up to its random points, which compiled
     code draws from other streams: the synthetic head's loss varies by ~0.3% from draw to

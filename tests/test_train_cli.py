@@ -365,11 +365,11 @@ def test_bf16_keeps_frozen_weights_in_bf16_and_checkpointing_runs(tmp_path, monk
     seen = {}
     real_optimizer = loop.make_optimizer
 
-    def spy(model, args, device, captured):  # called once the model is ready to train
+    def spy(model, args, device):  # called once the model is ready to train
         seen["backbone"] = {p.dtype for p in model.backbone.backbone.parameters()}
         seen["trained"] = {p.dtype for p in model.parameters() if p.requires_grad}
         seen["checkpointing"] = model.backbone.backbone.grad_checkpointing
-        return real_optimizer(model, args, device, captured)
+        return real_optimizer(model, args, device)
 
     monkeypatch.setattr(loop, "make_optimizer", spy)
     monkeypatch.setattr(loop, "resolve_precision", lambda flag, device: ("bf16", "forced by the test"))
@@ -441,10 +441,10 @@ def test_model_compiles_without_graph_breaks(head, training):
 def test_captured_step_compiles_once_whatever_the_classes():
     """20 training steps of the published head whose labels hold 1 to 19 classes, and
     none: each compiled part of the captured step is compiled once, with no graph break:
-    the backbone's blocks (regionally: one graph for the first block, whose input needs no
-    gradient, one for all the others), the head, the loss's two device stages and the
-    AdamW step, whose learning rate changes every step. Only the matching runs between
-    graphs."""
+    Rein's tokens, the backbone's blocks (one graph for all), the head's repeated layers (one
+    graph for the 6 encoder layers, one per feature level for the 9 decoder layers and for
+    the mask predictor) and the loss's two device stages; the AdamW step, whose learning
+    rate changes every step, runs as it is."""
     from torch._dynamo.testing import CompileCounter
 
     from rein.model import build_model
@@ -452,10 +452,11 @@ def test_captured_step_compiles_once_whatever_the_classes():
     from rein.train.optim import lr_at, make_optimizer, set_lr
     from rein.train.step import captured_step
 
+    torch._dynamo.reset()  # graphs other tests compiled from the same code count against its limit
     args = parse_args(["--crop", "64", "--no-fused", "--head", "mask2former", "--max-iters", "20"])
     cpu = torch.device("cpu")
     model = build_model(args, cpu).train()
-    opt = make_optimizer(model, args, cpu, captured=True)
+    opt = make_optimizer(model, args, cpu)
     counter = CompileCounter()
     steps = captured_step(model, model, opt, backend=counter)
     gen = torch.Generator().manual_seed(0)
@@ -467,8 +468,9 @@ def test_captured_step_compiles_once_whatever_the_classes():
             labels[:] = 255
         set_lr(opt, lr_at(step, args))
         assert torch.isfinite(steps.run(images, labels, opt, args, cpu))
-    assert (counter.frame_count, counter.op_count > 0) == (6, True), counter.frame_count
-    assert opt.param_groups[0]["lr"].item() == pytest.approx(lr_at(19, args))
+    assert (counter.frame_count, counter.op_count > 0) == (11, True), counter.frame_count
+    assert steps.opt_step == opt.step  # as it is, not compiled
+    assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(19, args))
 
 
 @pytest.mark.parametrize("fused", [True, False])
@@ -492,7 +494,7 @@ def test_regional_compile_does_not_grow_with_depth(fused):
         args = parse_args(["--crop", "32", "--fused" if fused else "--no-fused"])
         args.timm_kwargs = {"depth": depth}
         model = build_model(args, cpu).train()
-        opt = make_optimizer(model, args, cpu, captured=True)
+        opt = make_optimizer(model, args, cpu)
         counter = CompileCounter()
         steps = captured_step(model, model, opt, backend=counter)
         images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(depth))
@@ -503,6 +505,44 @@ def test_regional_compile_does_not_grow_with_depth(fused):
         assert all(blk._compiled_call_impl is None for blk in model.backbone.backbone.blocks)
         torch.testing.assert_close(compiled, model(images), rtol=1e-5, atol=1e-5)
     assert frames[4] == frames[12] and frames[4] >= 2, frames  # blocks, Rein's operands, the head
+
+
+def test_regional_compile_of_the_head_does_not_grow_with_depth():
+    """The Mask2Former head's repeated layers compiled as regions: a head of 2 encoder and
+    3 decoder layers compiles the frames the published 6 and 9 do (one graph for the
+    encoder layers, one per feature level for the decoder layers and the mask predictor),
+    and computes what the head does; released, it runs uncompiled again."""
+    from torch._dynamo.testing import CompileCounter
+
+    from rein.model import build_model
+    from rein.train.config import parse_args
+    from rein.train.optim import make_optimizer
+    from rein.train.step import captured_step, release_compiled
+
+    cpu = torch.device("cpu")
+    frames = {}
+    for encoder_layers, decoder_layers in ((2, 3), (6, 9)):
+        torch._dynamo.reset()
+        args = parse_args(["--crop", "64", "--no-fused", "--head", "mask2former"])
+        args.timm_kwargs = {"depth": 2}
+        args.head_kwargs = {"encoder_layers": encoder_layers, "decoder_layers": decoder_layers}
+        model = build_model(args, cpu).train()
+        opt = make_optimizer(model, args, cpu)
+        counter = CompileCounter()
+        steps = captured_step(model, model, opt, backend=counter)
+        images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(decoder_layers))
+        for _ in range(2):
+            compiled = steps.forward(images)
+        frames[decoder_layers] = counter.frame_count
+        regions = model.head.repeated_layers()
+        assert len(regions[0]) == encoder_layers and len(regions[1]) == decoder_layers
+        assert all(m._compiled_call_impl is not None for kind in regions for m in kind)
+        release_compiled(opt, model)
+        assert all(m._compiled_call_impl is None for kind in regions for m in kind)
+        assert len(compiled["mask_logits"]) == decoder_layers + 1
+        torch.testing.assert_close(compiled, model(images), rtol=1e-4, atol=1e-4)
+    # Rein's operands, the blocks, 1 + 3 + 3 in the head
+    assert frames[3] == frames[9] and frames[9] >= 7, frames
 
 
 def test_compiled_step_says_it_compiles_and_how_long_it_took(capsys, monkeypatch, tmp_path):
@@ -525,7 +565,7 @@ def test_compiled_step_says_it_compiles_and_how_long_it_took(capsys, monkeypatch
     x, y = torch.randn(4, 3), torch.randn(4, 2)
     said = []
     for done in range(WARM_STEPS + 2):
-        run_compiled(step, step, done, x, y, opt, Namespace(amp=False), torch.device("cpu"), True)
+        run_compiled(step, step, done, x, y, opt, Namespace(precision="fp32"), torch.device("cpu"), True)
         said.append(capsys.readouterr().err)
     assert f"compiling the training step, first run only (cache: {tmp_path / 'mine'})" in said[0]
     assert "compiled and recorded in" in said[WARM_STEPS - 1]
@@ -571,16 +611,21 @@ def test_training_step_capture_and_its_fallbacks(capsys, monkeypatch):
             run_compiled(failing, eager, WARM_STEPS, x, y, opt, Namespace(precision="fp32"), cpu, True)
 
 
-@pytest.mark.parametrize("first", ["captured", "uncaptured"])
-def test_resume_across_captured_and_uncaptured_optimizers(first):
-    """A checkpoint's optimizer state (learning rates as numbers) loads into the other kind
-    of optimizer, which keeps its own implementation, learning-rate kind and step-count
-    device, and continues exactly as the first would have. (The captured optimizer's step
-    runs compiled, as in the captured step: eagerly, capturable AdamW needs a GPU.)"""
+@pytest.mark.parametrize("into", ["cpu", "cuda"])
+@pytest.mark.parametrize("first", ["capturable", "fused", "foreach"])
+def test_resume_across_optimizer_implementations(first, into):
+    """A checkpoint's optimizer state, saved by a CPU run (foreach), a GPU run (fused) or an
+    earlier version's captured step (capturable, its learning rate a tensor, saved as a
+    number), loads into the optimizer this machine builds, which keeps its own
+    implementation and step-count device, and continues exactly as the first would have.
+    ``into="cuda"``: the optimizer ``make_optimizer`` builds for a GPU (fused AdamW, which
+    runs on the CPU too). Eagerly, capturable AdamW needs a GPU: it runs compiled here, as
+    it did in the captured step."""
     import copy
     from argparse import Namespace
+    from types import SimpleNamespace
 
-    from rein.train.optim import load_optimizer_state, make_optimizer, optimizer_state, set_lr
+    from rein.train.optim import load_optimizer_state, make_optimizer, param_groups, set_lr
 
     cpu = torch.device("cpu")
     args = Namespace(lr=1e-2, weight_decay=0.05)
@@ -589,24 +634,36 @@ def test_resume_across_captured_and_uncaptured_optimizers(first):
     x = torch.randn(8, 5)
 
     def step(opt, lr):
-        set_lr(opt, lr)
+        if isinstance(opt.param_groups[0]["lr"], torch.Tensor):
+            for g in opt.param_groups:
+                g["lr"].fill_(lr)
+        else:
+            set_lr(opt, lr)
         opt.zero_grad(set_to_none=True)
         model(x).square().mean().backward()
         (torch.compile(opt.step, backend="eager") if opt.param_groups[0]["capturable"] else opt.step)()
 
-    a = make_optimizer(model, args, cpu, captured=first == "captured")
+    impl = {"capturable": {"foreach": True, "capturable": True}, "fused": {"fused": True},
+            "foreach": {"foreach": True}}[first]
+    lr = torch.tensor(args.lr) if first == "capturable" else args.lr
+    a = torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8, **impl)
     step(a, 1e-2)
-    state = copy.deepcopy(optimizer_state(a))  # as saved: the optimizer's own tensors change in place
-    assert all(isinstance(g["lr"], float) for g in state["param_groups"])
+    state = copy.deepcopy(a.state_dict())  # as saved: the optimizer's own tensors change in place
+    for g in state["param_groups"]:  # as the earlier version saved it
+        g["lr"] = float(g["lr"])
     saved = {k: v.clone() for k, v in model.state_dict().items()}
     step(a, 5e-3)
     want = {k: v.clone() for k, v in model.state_dict().items()}
 
     model.load_state_dict(saved)
-    b = make_optimizer(model, args, cpu, captured=first != "captured")
+    b = make_optimizer(model, args, cpu if into == "cpu" else SimpleNamespace(type="cuda"))
     load_optimizer_state(b, state)
     for g in b.param_groups:
-        assert isinstance(g["lr"], torch.Tensor) == (first != "captured") and g["capturable"] == (first != "captured")
+        impl = (True, None) if into == "cpu" else (None, True)
+        assert (g["foreach"], g["fused"], g["capturable"], type(g["lr"])) == (*impl, False, float)
+        assert g["lr"] == pytest.approx(1e-2)
+    for p, st in b.state.items():
+        assert st["step"].device == cpu and st["step"].dtype == torch.float32
     step(b, 5e-3)
     for k, v in model.state_dict().items():
         torch.testing.assert_close(v, want[k], rtol=1e-6, atol=1e-7, msg=k)

@@ -276,6 +276,14 @@ class Mask2FormerHead(nn.Module):
         return {"class_logits": tuple(self.class_predictor(h.transpose(0, 1)) for h in dec.intermediate_hidden_states),
                 "mask_logits": tuple(dec.masks_queries_logits)}
 
+    def repeated_layers(self) -> list[list[nn.Module]]:
+        """The layers the head repeats, by kind, for regional compilation
+        (``rein.train.step.compile_regions``): the pixel decoder's encoder layers, the
+        decoder's layers, and its mask predictor (called before the first layer and after
+        each)."""
+        decoder = self.transformer.decoder
+        return [list(self.pixel_decoder.encoder.layers), list(decoder.layers), [decoder.mask_predictor]]
+
     def loss(self, out: dict, labels: Tensor) -> Tensor:
         if isinstance(self.criterion, StaticMask2FormerLoss):
             return self.criterion(out["class_logits"], out["mask_logits"], labels)

@@ -71,9 +71,9 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
                     help="where the step is not captured (a CPU, torchrun, --no-cuda-graphs): torch.compile the "
                          "model, backbone, Rein's custom op and head in one graph (default: off)")
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
-                    help="on CUDA (the default there): the training step, the model's forward and backward, "
-                         "the loss (all but Mask2Former's matching, which runs on the host between two graphs) "
-                         "and the AdamW step, compiled and replayed as CUDA graphs (torch.compile's "
+                    help="on CUDA (the default there): the training step's forward and backward "
+                         "and the loss (all but Mask2Former's matching, which runs on the host between two graphs), "
+                         "compiled and replayed as CUDA graphs (torch.compile's "
                          "reduce-overhead mode), and evaluation's sliding window replayed from one graph, so that "
                          "the GPU, not Python, sets the pace")
     ap.add_argument("--grad-checkpointing", action="store_true",

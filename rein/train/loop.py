@@ -36,7 +36,7 @@ from ..metrics import evaluate_targets
 from ..model import backfill, build_model, load_trained
 from .config import PRECISION_MEANS, SYNTHETIC, parse_args, resume_mismatches, validate, warnings_for
 from .data import LESS_MEMORY, TrainBatches, train_loader
-from .optim import load_optimizer_state, lr_at, make_optimizer, optimizer_state, set_lr
+from .optim import load_optimizer_state, lr_at, make_optimizer, set_lr
 from .step import Step, autocast_for, captured_step, release_compiled, run_compiled, why_uncaptured
 
 
@@ -311,7 +311,7 @@ def main(argv=None) -> int:
     if args.grad_checkpointing:
         model.backbone.set_grad_checkpointing(True)
     why_not = why_uncaptured(args, device, world)
-    opt = make_optimizer(model, args, device, captured=why_not is None)
+    opt = make_optimizer(model, args, device)
     start, losses = 0, []
     if ck is not None:
         load_optimizer_state(opt, ck["optimizer"])
@@ -332,16 +332,16 @@ def main(argv=None) -> int:
         steps = eager._replace(forward=torch.compile(wrapped))
     if main_proc:
         print("rein-train: training step " + (
-            "captured: torch.compile (reduce-overhead) replays the forward and backward, the loss"
+            "captured: torch.compile (reduce-overhead) replays the forward and backward and the loss"
             + (" (all but the matching, on the host)" if args.head == "mask2former" else "")
-            + " and the AdamW step as CUDA graphs; the first iterations compile and record"
+            + " as CUDA graphs, AdamW's fused kernel between them; the first iterations compile and record"
             if why_not is None else f"uncaptured: {why_not}"))
 
     def checkpoint(it):
         if main_proc:
             _save(out / "checkpoint.pth", {
                 "rein": model.backbone.rein_state_dict(), "head": model.head.state_dict(),
-                "optimizer": optimizer_state(opt), "iteration": it, "losses": losses,
+                "optimizer": opt.state_dict(), "iteration": it, "losses": losses,
                 "config": {k: v for k, v in vars(args).items() if k not in ("resume", "force_resume", "stop_at")}})
 
     t0 = time.time()

@@ -1,5 +1,5 @@
 """The recipe's optimizer: AdamW's parameter groups, its learning-rate schedule, and its
-state across runs captured or not."""
+state across runs (and across its implementations)."""
 from __future__ import annotations
 
 import torch
@@ -25,46 +25,31 @@ def param_groups(model: nn.Module, weight_decay: float):
     return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
 
 
-def make_optimizer(model: nn.Module, args, device, captured: bool = False) -> torch.optim.Optimizer:
+def make_optimizer(model: nn.Module, args, device) -> torch.optim.Optimizer:
     """AdamW as the recipe (betas 0.9/0.999, eps 1e-8): its fused CUDA kernel on a GPU, the
-    multi-tensor (foreach) one elsewhere. ``captured``: the multi-tensor one with its step
-    count and learning rate as device tensors (``capturable``), which torch.compile turns
-    into a few kernels replayed from a CUDA graph, without recompiling as the rate changes."""
-    if captured:
-        impl, lr = {"foreach": True, "capturable": True}, torch.tensor(args.lr, device=device)
-    else:
-        impl, lr = ({"fused": True} if device.type == "cuda" else {"foreach": True}), args.lr
-    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=lr, betas=(0.9, 0.999), eps=1e-8, **impl)
+    multi-tensor (foreach) one elsewhere. The captured step runs it as it is, between the
+    replayed graphs: torch.compile does not trace the fused kernel, and compiling the
+    multi-tensor one instead (capturable, its learning rate a device tensor) made the
+    largest graph of the step, a quarter of its compile time (benchmarks/NOTES.md)."""
+    impl = {"fused": True} if device.type == "cuda" else {"foreach": True}
+    return torch.optim.AdamW(param_groups(model, args.weight_decay), lr=args.lr, betas=(0.9, 0.999), eps=1e-8, **impl)
 
 
-def set_lr(opt: torch.optim.Optimizer, lr: float, groups=None) -> None:
-    for g in opt.param_groups if groups is None else groups:
-        if isinstance(g["lr"], torch.Tensor):
-            g["lr"].fill_(lr)  # in place: the compiled step reads the same tensor
-        else:
-            g["lr"] = lr
-
-
-def optimizer_state(opt: torch.optim.Optimizer) -> dict:
-    """``opt.state_dict()`` with plain-number learning rates, which any optimizer loads."""
-    state = opt.state_dict()
-    for g in state["param_groups"]:
-        g["lr"] = float(g["lr"])
-    return state
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    for g in opt.param_groups:
+        g["lr"] = lr
 
 
 def load_optimizer_state(opt: torch.optim.Optimizer, state: dict) -> None:
-    """Load a checkpoint's optimizer state, keeping this optimizer's implementation (fused,
-    foreach, capturable) and the kind of its learning rate (a number or a device tensor):
-    a run captured or not (or a CPU run) resumes a run captured or not; the step counts go
-    where this implementation keeps them (on the parameters' device where it is fused or
-    capturable)."""
-    keep = [{k: g[k] for k in ("lr", "fused", "foreach", "capturable")} for g in opt.param_groups]
+    """Load a checkpoint's optimizer state, keeping this optimizer's implementation (fused
+    on a GPU, foreach elsewhere): a GPU run resumes a CPU run's checkpoint and the other way
+    round, and so does a checkpoint of an earlier version's captured step (capturable
+    AdamW, its learning rate saved as a number); the step counts go where this
+    implementation keeps them (on the parameters' device where it is fused)."""
+    keep = [{k: g[k] for k in ("fused", "foreach", "capturable")} for g in opt.param_groups]
     opt.load_state_dict(state)
     for g, kept in zip(opt.param_groups, keep):
-        lr = float(g["lr"])
-        g.update(kept)
-        set_lr(opt, lr, [g])
+        g.update(kept, lr=float(g["lr"]))
         for p in g["params"]:  # torch placed them by the saved implementation: place them by this one
             if "step" in opt.state.get(p, {}):
                 on_device = g["capturable"] or g["fused"]

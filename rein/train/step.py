@@ -6,6 +6,7 @@ import functools
 import os
 import sys
 import time
+import types
 from pathlib import Path
 from typing import Callable, NamedTuple
 
@@ -15,10 +16,8 @@ from ..cli import autocast
 
 
 def autocast_for(args, device):
-    """bf16 autocast where the run's precision is bf16. (``args.amp``: the settings of
-    benchmarks/e2e.py, written before --precision replaced --amp.)"""
-    precision = getattr(args, "precision", None) or ("bf16" if getattr(args, "amp", False) else "fp32")
-    return autocast(precision, device)
+    """bf16 autocast where the run's precision is bf16."""
+    return autocast(args.precision, device)
 
 
 def why_uncaptured(args, device, world) -> str | None:
@@ -58,41 +57,68 @@ WARM_STEPS = 3
 
 
 def captured_step(model, wrapped, opt, regional: bool = True, **compile_kw) -> Step:
-    """The forward (and its backward), the loss's device stages and the AdamW step,
-    compiled in reduce-overhead mode (the default ``compile_kw``): each replayed as CUDA
-    graphs. ``regional``: the forward's repeated blocks are compiled one at a time and
-    share one compiled graph (``compile_regions``), else the whole model is one."""
+    """The forward (and its backward) and the loss's device stages compiled in
+    reduce-overhead mode (the default ``compile_kw``): each replayed as CUDA graphs; the
+    AdamW step runs as it is (``make_optimizer``: one fused kernel on a GPU). ``regional``:
+    the forward's repeated layers are compiled one kind at a time (``compile_regions``),
+    else the whole model is one graph."""
     compile_kw = compile_kw or {"mode": "reduce-overhead"}
     compile_cache_dir()
     loss = model.head.captured_loss(**compile_kw) or model.head.loss
     forward = wrapped if regional and compile_regions(model, **compile_kw) else torch.compile(wrapped, **compile_kw)
-    return Step(forward, loss, torch.compile(opt.step, **compile_kw))
+    return Step(forward, loss, opt.step)
 
 
 def compile_regions(model, **compile_kw) -> bool:
     """Regional compilation of a ViT-like ``Segmentor``: each backbone block (Rein inside it,
-    as its forward hook) compiled on its own, Rein's operands for all layers and the head
-    each compiled whole; the glue between them (patch embedding, resampling the feature
-    maps) runs as it is. The blocks share their code and read nothing that differs between
-    them but tensors (``rein.ReinBackbone`` binds each layer's operands to its block), so
-    torch.compile compiles one block and reuses it for all (a 24-block model compiles as
-    fast as a 4-block one), and in reduce-overhead mode each region replays as a CUDA graph
-    that takes the previous one's outputs without a copy. Returns False (nothing compiled)
-    for other backbones. ``release_compiled`` undoes it."""
+    as its forward hook) compiled on its own, Rein's operands for all layers compiled whole,
+    and the head's repeated layers (``head.repeated_layers()``: Mask2Former's encoder and
+    decoder layers and its mask predictor) compiled the same way, or the head whole where it
+    has none; the glue between them (patch embedding, resampling the feature maps, the
+    head's projections) runs as it is. Modules of one kind share their code and differ in
+    nothing but tensors (``rein.ReinBackbone`` binds each layer's operands to its block), so
+    torch.compile compiles one and reuses it for all (a 24-block model compiles as fast as a
+    4-block one; the 9 decoder layers compile once per feature level), and in
+    reduce-overhead mode each region replays as a CUDA graph that takes the previous one's
+    outputs without a copy. Returns False (nothing compiled) for other backbones.
+    ``release_compiled`` undoes it."""
     bb = model.backbone
     if getattr(bb, "family", None) not in ("vit", "sam"):
         return False
-    # one compiled function for every block: the block and its module are arguments (the
-    # module's parameters become graph inputs), so one graph serves all blocks; a block's
-    # own call runs it in place of Module.__call__ (whose hooks would be separate frames)
+    # one compiled function per kind of module: the module is an argument (its parameters
+    # become graph inputs), so one graph serves all of its kind; a module's own call runs
+    # it in place of Module.__call__ (whose hooks would be separate frames)
     block = torch.compile(_block_and_rein, **compile_kw)
     blocks = [blk for _, blk in bb._blocks()]
     for blk in blocks:
         blk._compiled_call_impl = functools.partial(block, bb, blk)
-    model.head._compiled_call_impl = torch.compile(model.head._call_impl, **compile_kw)
+    head = [model.head]
+    kinds = getattr(model.head, "repeated_layers", list)()
+    if kinds:
+        # each kind's calls differ in shape (the decoder's three feature levels): one graph
+        # per shape, not a graph generalised over them
+        head = [m for kind in kinds for m in _share_one_graph(kind, **{**compile_kw, "dynamic": False})]
+    else:
+        model.head._compiled_call_impl = torch.compile(model.head._call_impl, **compile_kw)
     bb.rein.layer_operands = torch.compile(bb.rein.layer_operands, **compile_kw)
-    model._compiled_regions = [*blocks, model.head]
+    model._compiled_regions = [*blocks, *head]
     return True
+
+
+def _share_one_graph(modules, **compile_kw) -> list:
+    """``modules`` (of one class) called through one compiled function, with a code object
+    of its own: torch.compile keeps a code object's graphs together, at most
+    ``torch._dynamo.config.recompile_limit`` (8) of them, so the head's kinds (7 graphs in
+    all) must not share one."""
+    code = _forward_of.__code__.replace(co_name=f"_forward_of_{type(modules[0]).__name__}")
+    call = torch.compile(types.FunctionType(code, _forward_of.__globals__), **compile_kw)
+    for m in modules:
+        m._compiled_call_impl = functools.partial(call, m)
+    return list(modules)
+
+
+def _forward_of(module, *args, **kwargs):
+    return module.forward(*args, **kwargs)
 
 
 def _block_and_rein(backbone, blk, *args, **kwargs):
