@@ -473,6 +473,27 @@ def test_captured_step_compiles_once_whatever_the_classes():
     assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(19, args))
 
 
+def _compiled_regionally(args, images):
+    """The model ``args`` builds, on the CPU, with the captured step's regional compile (a
+    counting backend) and its forward run twice on ``images``: (model, its optimizer, the
+    compiled forward's output, the frames compiled)."""
+    from torch._dynamo.testing import CompileCounter
+
+    from rein.model import build_model
+    from rein.train.optim import make_optimizer
+    from rein.train.step import captured_step
+
+    cpu = torch.device("cpu")
+    torch._dynamo.reset()
+    model = build_model(args, cpu).train()
+    opt = make_optimizer(model, args, cpu)
+    counter = CompileCounter()
+    steps = captured_step(model, model, opt, backend=counter)
+    for _ in range(2):
+        compiled = steps.forward(images)
+    return model, opt, compiled, counter.frame_count
+
+
 @pytest.mark.parametrize("fused", [True, False])
 def test_regional_compile_does_not_grow_with_depth(fused):
     """The captured step compiles the backbone's blocks one at a time (``compile_regions``):
@@ -480,27 +501,15 @@ def test_regional_compile_does_not_grow_with_depth(fused):
     compiled block serves all of them, so a 12-block backbone compiles the frames a 4-block
     one does; and the regionally compiled model computes what the model does. Released,
     the model runs uncompiled again."""
-    from torch._dynamo.testing import CompileCounter
-
-    from rein.model import build_model
     from rein.train.config import parse_args
-    from rein.train.optim import make_optimizer
-    from rein.train.step import captured_step, release_compiled
+    from rein.train.step import release_compiled
 
-    cpu = torch.device("cpu")
     frames = {}
     for depth in (4, 12):
-        torch._dynamo.reset()
         args = parse_args(["--crop", "32", "--fused" if fused else "--no-fused"])
         args.timm_kwargs = {"depth": depth}
-        model = build_model(args, cpu).train()
-        opt = make_optimizer(model, args, cpu)
-        counter = CompileCounter()
-        steps = captured_step(model, model, opt, backend=counter)
         images = torch.randn(2, 3, 32, 32, generator=torch.Generator().manual_seed(depth))
-        for _ in range(2):
-            compiled = steps.forward(images)
-        frames[depth] = counter.frame_count
+        model, opt, compiled, frames[depth] = _compiled_regionally(args, images)
         release_compiled(opt, model)
         assert all(blk._compiled_call_impl is None for blk in model.backbone.backbone.blocks)
         torch.testing.assert_close(compiled, model(images), rtol=1e-5, atol=1e-5)
@@ -512,28 +521,16 @@ def test_regional_compile_of_the_head_does_not_grow_with_depth():
     3 decoder layers compiles the frames the published 6 and 9 do (one graph for the
     encoder layers, one per feature level for the decoder layers and the mask predictor),
     and computes what the head does; released, it runs uncompiled again."""
-    from torch._dynamo.testing import CompileCounter
-
-    from rein.model import build_model
     from rein.train.config import parse_args
-    from rein.train.optim import make_optimizer
-    from rein.train.step import captured_step, release_compiled
+    from rein.train.step import release_compiled
 
-    cpu = torch.device("cpu")
     frames = {}
     for encoder_layers, decoder_layers in ((2, 3), (6, 9)):
-        torch._dynamo.reset()
         args = parse_args(["--crop", "64", "--no-fused", "--head", "mask2former"])
         args.timm_kwargs = {"depth": 2}
         args.head_kwargs = {"encoder_layers": encoder_layers, "decoder_layers": decoder_layers}
-        model = build_model(args, cpu).train()
-        opt = make_optimizer(model, args, cpu)
-        counter = CompileCounter()
-        steps = captured_step(model, model, opt, backend=counter)
         images = torch.randn(2, 3, 64, 64, generator=torch.Generator().manual_seed(decoder_layers))
-        for _ in range(2):
-            compiled = steps.forward(images)
-        frames[decoder_layers] = counter.frame_count
+        model, opt, compiled, frames[decoder_layers] = _compiled_regionally(args, images)
         regions = model.head.repeated_layers()
         assert len(regions[0]) == encoder_layers and len(regions[1]) == decoder_layers
         assert all(m._compiled_call_impl is not None for kind in regions for m in kind)
@@ -658,9 +655,9 @@ def test_resume_across_optimizer_implementations(first, into):
     model.load_state_dict(saved)
     b = make_optimizer(model, args, cpu if into == "cpu" else SimpleNamespace(type="cuda"))
     load_optimizer_state(b, state)
+    foreach_fused = (True, None) if into == "cpu" else (None, True)
     for g in b.param_groups:
-        impl = (True, None) if into == "cpu" else (None, True)
-        assert (g["foreach"], g["fused"], g["capturable"], type(g["lr"])) == (*impl, False, float)
+        assert (g["foreach"], g["fused"], g["capturable"], type(g["lr"])) == (*foreach_fused, False, float)
         assert g["lr"] == pytest.approx(1e-2)
     for p, st in b.state.items():
         assert st["step"].device == cpu and st["step"].dtype == torch.float32

@@ -334,7 +334,7 @@ def main(argv=None) -> int:
         print("rein-train: training step " + (
             "captured: torch.compile (reduce-overhead) replays the forward and backward and the loss"
             + (" (all but the matching, on the host)" if args.head == "mask2former" else "")
-            + " as CUDA graphs, AdamW's fused kernel between them; the first iterations compile and record"
+            + " as CUDA graphs, the fused AdamW after them; the first iterations compile and record"
             if why_not is None else f"uncaptured: {why_not}"))
 
     def checkpoint(it):

@@ -59,7 +59,7 @@ WARM_STEPS = 3
 def captured_step(model, wrapped, opt, regional: bool = True, **compile_kw) -> Step:
     """The forward (and its backward) and the loss's device stages compiled in
     reduce-overhead mode (the default ``compile_kw``): each replayed as CUDA graphs; the
-    AdamW step runs as it is (``make_optimizer``: one fused kernel on a GPU). ``regional``:
+    AdamW step runs as it is (``make_optimizer``: the fused AdamW on a GPU). ``regional``:
     the forward's repeated layers are compiled one kind at a time (``compile_regions``),
     else the whole model is one graph."""
     compile_kw = compile_kw or {"mode": "reduce-overhead"}
@@ -92,7 +92,6 @@ def compile_regions(model, **compile_kw) -> bool:
     blocks = [blk for _, blk in bb._blocks()]
     for blk in blocks:
         blk._compiled_call_impl = functools.partial(block, bb, blk)
-    head = [model.head]
     kinds = getattr(model.head, "repeated_layers", list)()
     if kinds:
         # each kind's calls differ in shape (the decoder's three feature levels): one graph
@@ -100,6 +99,7 @@ def compile_regions(model, **compile_kw) -> bool:
         head = [m for kind in kinds for m in _share_one_graph(kind, **{**compile_kw, "dynamic": False})]
     else:
         model.head._compiled_call_impl = torch.compile(model.head._call_impl, **compile_kw)
+        head = [model.head]
     bb.rein.layer_operands = torch.compile(bb.rein.layer_operands, **compile_kw)
     model._compiled_regions = [*blocks, *head]
     return True
