@@ -5,7 +5,8 @@ For a workload, one layer as ``rein.train`` runs it (bf16 autocast over an fp32 
 stream, or over a bf16 one: ``x_dtype``), its operands formed as ``ReinBackbone`` forms them:
 
   * ``rows_fwd``, ``rows_bwd``: the two Triton row kernels, each beside its bandwidth bound
-    (the bytes it must move at the measured copy rate);
+    (the bytes it must move at the measured copy rate), as autotuned and in each layout
+    (``rows_fwd_fused``, ``rows_fwd_streamed``, ...: ``rein_layer_v4.row_layout``);
   * ``gemm_fwd`` (OUT += A Bt^T), ``gemm_dx`` (DX += [G | GZ] Bb), ``gemm_dw_dt``
     ([dW ; dT] = [G | GZ]^T XC) and ``gemm_du_db`` ([dU ; db] = P1a^T G), each beside
     ``cublas_ref``, a plain bf16 [R, C] x [C, C] product at the layer's shape, and the
@@ -92,6 +93,12 @@ def probe(w: Workload, ceilings: dict | None = None, x_dtype: torch.dtype = torc
     result = {"workload": w.name, "x_dtype": str(x_dtype).removeprefix("torch."), "rows": R, "C": C, "m": M}
     for name, (fn, bound_bytes, bound_flops) in rows.items():
         result[name] = dict(us=_graph_us(fn), bandwidth_bound_us=bound_bytes, flop_bound_us=bound_flops)
+    # each layout of the row kernels alone (the autotuner picks among both for the rows above)
+    for layout in ("fused", "streamed"):
+        with op.row_layout(streamed=layout == "streamed"):
+            for name in ("rows_fwd", "rows_bwd"):
+                fn, bound_bytes, _ = rows[name]
+                result[f"{name}_{layout}"] = dict(us=_graph_us(fn), bandwidth_bound_us=bound_bytes, flop_bound_us=None)
     xg = x.detach().requires_grad_(True)
     args = (T, U, W, b, Tc, Uc, cd, 1, 1, True)
 

@@ -54,6 +54,13 @@ Rates measured on an H200 (benchmarks/NOTES.md): cuBLAS bf16 ~600 TFLOP/s at the
 with K a multiple of 16 (K = C + m - 1 = 1,123 ran 4.6x slower, hence Cp and mp), copy
 bandwidth 4.27 TB/s.
 
+Each row kernel has two layouts, chosen by its config (STREAM_K), so the autotuner picks by
+timing: "fused", one program per block of rows that both reduces over C (z, gp) and writes
+the streamed columns (OUT, A's x; DX, G, XC) as it reads them; "streamed", the block's row
+program only reads and reduces, and stream programs beside it, each a chunk of STREAM_K
+columns, read the same rows again (from L2) and write the streamed columns. The results are
+the same to the bit: every element is written once, from the same value, in either layout.
+
 Rows and layouts as in v3: the op takes x [S0, S1, C] of any strides and ``seq_dim``; the
 first ``num_prefix`` positions of the sequence pass through (out = x, dx = g) and add
 nothing to any gradient; rows are read in memory order as one [rows, C] matrix (one copy
@@ -62,13 +69,15 @@ so that no GEMM ever reads an unwritten element.
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import Tensor
 
 import triton
 import triton.language as tl
 
-from ._common import aligned16, configs, new, precision, refined_rows, row_view, rows
+from ._common import AUTOTUNE, INTERPRET, aligned16, configs, new, precision, refined_rows, row_view, rows
 
 # Row kernels: they stream x (and g) once and compute two skinny products against the m
 # tokens, whose tiles every program reads again from L2 (2 m C bytes a program in 16 bits),
@@ -76,26 +85,38 @@ from ._common import aligned16, configs, new, precision, refined_rows, row_view,
 # "tc": tensor-core dots (16-bit compute dtype, or tf32) on operands aligned as the published
 # shapes are; "tc_odd": the same for odd C or strides, where the wider tiles spill; "small":
 # fp32 with tf32 off (FMA dots). The backward holds two accumulators and four operand
-# tiles, so its lists use 8 warps. Every config compiles for sm_90 without register spills
-# in every dtype its path serves (tests/compile_sm90.py); the autotuner picks among them on
-# the GPU.
+# tiles, so its lists use 8 warps. Two layouts of the launch: STREAM_K = 0, each block of
+# rows one program that also writes the streamed columns (measured on the H200 at 2.6x and
+# 4.4x the bandwidth bound at vitl-512: 129 programs of 32 rows, one per multiprocessor,
+# each walking all of C); STREAM_K > 0, the row program only reads and cdiv(Cp, STREAM_K)
+# programs per block write the streamed columns beside it, many more programs in flight
+# for x (and g) read a second time, from L2. Every config compiles for sm_90 without
+# register spills in every dtype its path serves (tests/compile_sm90.py); the autotuner
+# picks among them on the GPU; the first of each list (the measured one) is what runs
+# with REIN_AUTOTUNE=0.
 def _configs(*tiles):
-    return [triton.Config({"BLOCK_R": br, "BLOCK_K": bk}, num_warps=w, num_stages=s) for br, bk, w, s in tiles]
+    assert all(sk % bk == 0 for _, bk, _, _, sk in tiles), "a stream program walks whole BLOCK_K tiles"
+    return [triton.Config({"BLOCK_R": br, "BLOCK_K": bk, "STREAM_K": sk}, num_warps=w, num_stages=s)
+            for br, bk, w, s, sk in tiles]
 
 
 ROWS_FWD_GPU_CONFIGS = {
-    "tc": _configs((32, 64, 4, 3), (16, 64, 4, 3), (32, 128, 8, 3), (64, 64, 8, 3)),
-    "tc_odd": _configs((16, 32, 4, 2), (32, 32, 4, 2), (32, 32, 8, 2)),
-    "small": _configs((16, 32, 4, 2)),
+    "tc": _configs((32, 64, 4, 3, 0), (16, 64, 4, 3, 0), (32, 128, 8, 3, 0), (64, 64, 8, 3, 0),
+                   (32, 64, 4, 3, 256), (64, 64, 8, 3, 256), (32, 128, 8, 3, 512)),
+    "tc_odd": _configs((16, 32, 4, 2, 0), (32, 32, 4, 2, 0), (32, 32, 8, 2, 0), (32, 32, 4, 2, 128)),
+    "small": _configs((16, 32, 4, 2, 0), (16, 32, 4, 2, 128)),
 }
 ROWS_BWD_GPU_CONFIGS = {
-    "tc": _configs((32, 32, 8, 3), (16, 128, 8, 2), (16, 32, 8, 2)),
-    "tc_odd": _configs((16, 32, 8, 2)),
-    "small": _configs((16, 32, 8, 2)),
+    "tc": _configs((32, 32, 8, 3, 0), (16, 128, 8, 2, 0), (16, 32, 8, 2, 0),
+                   (32, 32, 8, 3, 256), (16, 64, 8, 2, 256), (64, 32, 8, 2, 256)),
+    "tc_odd": _configs((16, 32, 8, 2, 0), (16, 16, 8, 2, 128)),
+    "small": _configs((16, 32, 8, 2, 0), (16, 16, 8, 2, 128)),
 }
 # The interpreter's tiles are small, so that the CPU tests' small shapes still span several
-# row programs, pack programs and column chunks.
-_ROWS_INTERP = triton.Config({"BLOCK_R": 16, "BLOCK_K": 16}, num_warps=4, num_stages=1)
+# row programs, pack programs and column chunks; one config per layout (a launch takes the
+# first; ``row_layout`` picks either).
+ROWS_INTERP = (triton.Config({"BLOCK_R": 16, "BLOCK_K": 16, "STREAM_K": 0}, num_warps=4, num_stages=1),
+               triton.Config({"BLOCK_R": 16, "BLOCK_K": 16, "STREAM_K": 32}, num_warps=4, num_stages=1))
 
 
 def _pad16(n: int) -> int:
@@ -116,60 +137,42 @@ def _rows_fwd_kernel(
     sx, so, sw0, sw1,
     num_prefix, c_scale,
     SEQ_DIM: tl.constexpr, USE_SOFTMAX: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, STREAM_K: tl.constexpr,
 ):
-    """Programs [0, cdiv(R, BLOCK_R)): a block of rows. z = x T^T (token 0 apart as z0, tokens
-    1..m-1 as z's columns, so that they line up with U's rows), the softmax, lse (fp32;
-    0 without softmax); OUT = x (out's dtype, every row); A = [x | 0 | p[1:] | 1 | 0] in
-    the GEMM dtype (x's columns to Cp, p's from Cp, the one at Cp + m - 1; prefix rows all
-    zero). The programs after them: BLOCK_R rows n each of Bt = [W[n, :] | 0 | U[:, n] |
-    b[n] | 0] [C, Kf], so that OUT += A Bt^T adds x W^T + p[1:] U + b on refined rows."""
+    """Per block of BLOCK_R rows, a row program: z = x T^T (token 0 apart as z0, tokens 1..m-1
+    as z's columns, so that they line up with U's rows), the softmax, lse (fp32; 0 without
+    softmax) and A's columns [p[1:] | 1 | 0] from Cp; and the streamed columns: OUT = x (out's
+    dtype, every row) and A's columns [x | 0] to Cp in the GEMM dtype (prefix rows of A all
+    zero). STREAM_K = 0: the row program streams them as it reads x. STREAM_K > 0: they
+    are left to cdiv(Cp, STREAM_K) stream programs per block, which follow its row program
+    (so x is read from L2 the second time), and the row program only reads. The programs
+    after all blocks': BLOCK_R rows n each of Bt = [W[n, :] | 0 | U[:, n] | b[n] | 0] [C, Kf],
+    so that OUT += A Bt^T adds x W^T + p[1:] U + b on refined rows."""
     pid = tl.program_id(0)
-    n_row_progs = tl.cdiv(R, BLOCK_R)
+    per_block = _progs_per_block(Cp, STREAM_K)
+    n_row_progs = tl.cdiv(R, BLOCK_R) * per_block
     CD = A.dtype.element_ty
-    ks = tl.arange(0, BLOCK_K)
     if pid < n_row_progs:
-        r0 = pid * BLOCK_R
+        r0 = (pid // per_block) * BLOCK_R
+        chunk = pid % per_block - 1  # -1: the row program
         in_range, refined = refined_rows(r0, R, S1, num_prefix, SEQ_DIM, BLOCK_R)
-        rws = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-        js = tl.arange(0, BLOCK_M)
-        # block pointers: the token tiles' addresses are not held per element in registers
-        x_bp = tl.make_block_ptr(X, (R, C), (sx, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
-        o_bp = tl.make_block_ptr(OUT, (R, C), (so, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
-        a_bp = tl.make_block_ptr(A, (R, Cp), (Kf, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
-        # T^T of the value tokens: column j is token j + 1
-        t_bp = tl.make_block_ptr(T + C, (C, M - 1), (1, C), (0, 0), (BLOCK_K, BLOCK_M), (0, 1))
-        z = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
-        z0 = tl.zeros([BLOCK_R], dtype=tl.float32)
-        for k0 in range(0, Cp, BLOCK_K):
-            kk = k0 + ks
-            xr = tl.load(x_bp, boundary_check=(0, 1), padding_option="zero")
-            xk = xr.to(CD)
-            tk = tl.load(t_bp, boundary_check=(0, 1), padding_option="zero").to(CD)
-            t0 = tl.load(T + kk, mask=kk < C, other=0.0).to(CD)
-            z = tl.dot(xk, tk, z, input_precision=PRECISION)
-            z0 += tl.sum(xk.to(tl.float32) * t0.to(tl.float32)[None, :], axis=1)
-            tl.store(o_bp, xr.to(OUT.dtype.element_ty), boundary_check=(0, 1))
-            tl.store(a_bp, tl.where(refined[:, None], xk, 0.0).to(CD), boundary_check=(0, 1))
-            x_bp = tl.advance(x_bp, (0, BLOCK_K))
-            o_bp = tl.advance(o_bp, (0, BLOCK_K))
-            a_bp = tl.advance(a_bp, (0, BLOCK_K))
-            t_bp = tl.advance(t_bp, (BLOCK_K, 0))
-        if USE_SOFTMAX:
-            sz = tl.where((js < M - 1)[None, :], z * c_scale, float("-inf"))
-            s0 = z0 * c_scale
-            s_max = tl.maximum(tl.max(sz, axis=1), s0)
-            lse = s_max + tl.log(tl.sum(tl.exp(sz - s_max[:, None]), axis=1) + tl.exp(s0 - s_max))
-            p = tl.exp(sz - lse[:, None])
-        else:  # lse is never read without softmax; zeros keep the op deterministic
-            lse = tl.zeros([BLOCK_R], dtype=tl.float32)
-            p = z
-        tl.store(LSE + rws, lse, mask=in_range)
-        p = tl.where(refined[:, None] & (js < M - 1)[None, :], p, 0.0)
-        p = tl.where(((js == M - 1)[None, :]) & refined[:, None], 1.0, p)
-        tl.store(A + rws[:, None] * Kf + Cp + js[None, :], p.to(CD),
-                 mask=in_range[:, None] & (js < Kf - Cp)[None, :])
+        if chunk < 0:
+            _fwd_row_program(X, T, OUT, A, LSE, R, C, M, Cp, Kf, sx, so, c_scale, r0, in_range, refined,
+                             USE_SOFTMAX, PRECISION, BLOCK_M, BLOCK_R, BLOCK_K, STREAM_K == 0)
+        else:
+            k0 = chunk * STREAM_K
+            x_bp = tl.make_block_ptr(X, (R, C), (sx, 1), (r0, k0), (BLOCK_R, BLOCK_K), (1, 0))
+            o_bp = tl.make_block_ptr(OUT, (R, C), (so, 1), (r0, k0), (BLOCK_R, BLOCK_K), (1, 0))
+            a_bp = tl.make_block_ptr(A, (R, Cp), (Kf, 1), (r0, k0), (BLOCK_R, BLOCK_K), (1, 0))
+            for _ in range(0, STREAM_K, BLOCK_K):  # past Cp: loads give zeros, stores drop
+                xr = tl.load(x_bp, boundary_check=(0, 1), padding_option="zero")
+                tl.store(o_bp, xr.to(OUT.dtype.element_ty), boundary_check=(0, 1))
+                tl.store(a_bp, tl.where(refined[:, None], xr.to(CD), 0.0).to(CD), boundary_check=(0, 1))
+                x_bp = tl.advance(x_bp, (0, BLOCK_K))
+                o_bp = tl.advance(o_bp, (0, BLOCK_K))
+                a_bp = tl.advance(a_bp, (0, BLOCK_K))
     else:
+        ks = tl.arange(0, BLOCK_K)
         n = (pid - n_row_progs) * BLOCK_R + tl.arange(0, BLOCK_R)
         nin = n < C
         b = tl.load(BIAS + n, mask=nin, other=0.0).to(tl.float32)
@@ -184,86 +187,113 @@ def _rows_fwd_kernel(
 
 
 @triton.jit
+def _progs_per_block(Cp, STREAM_K: tl.constexpr):
+    """Programs per block of rows: its row program, and its stream programs (STREAM_K > 0)."""
+    if STREAM_K > 0:
+        return 1 + tl.cdiv(Cp, STREAM_K)
+    else:
+        return 1
+
+
+@triton.jit
+def _fwd_row_program(X, T, OUT, A, LSE, R, C, M, Cp, Kf, sx, so, c_scale, r0, in_range, refined,
+                     USE_SOFTMAX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, STREAMS: tl.constexpr):
+    """The forward's row program for rows r0 .. r0 + BLOCK_R (see ``_rows_fwd_kernel``);
+    STREAMS: it also writes OUT and A's x columns."""
+    CD = A.dtype.element_ty
+    ks = tl.arange(0, BLOCK_K)
+    rws = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+    js = tl.arange(0, BLOCK_M)
+    # block pointers: the token tiles' addresses are not held per element in registers
+    x_bp = tl.make_block_ptr(X, (R, C), (sx, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+    o_bp = tl.make_block_ptr(OUT, (R, C), (so, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+    a_bp = tl.make_block_ptr(A, (R, Cp), (Kf, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+    # T^T of the value tokens: column j is token j + 1
+    t_bp = tl.make_block_ptr(T + C, (C, M - 1), (1, C), (0, 0), (BLOCK_K, BLOCK_M), (0, 1))
+    z = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
+    z0 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    for k0 in range(0, Cp, BLOCK_K):
+        kk = k0 + ks
+        xr = tl.load(x_bp, boundary_check=(0, 1), padding_option="zero")
+        xk = xr.to(CD)
+        tk = tl.load(t_bp, boundary_check=(0, 1), padding_option="zero").to(CD)
+        t0 = tl.load(T + kk, mask=kk < C, other=0.0).to(CD)
+        z = tl.dot(xk, tk, z, input_precision=PRECISION)
+        z0 += tl.sum(xk.to(tl.float32) * t0.to(tl.float32)[None, :], axis=1)
+        if STREAMS:
+            tl.store(o_bp, xr.to(OUT.dtype.element_ty), boundary_check=(0, 1))
+            tl.store(a_bp, tl.where(refined[:, None], xk, 0.0).to(CD), boundary_check=(0, 1))
+            o_bp = tl.advance(o_bp, (0, BLOCK_K))
+            a_bp = tl.advance(a_bp, (0, BLOCK_K))
+        x_bp = tl.advance(x_bp, (0, BLOCK_K))
+        t_bp = tl.advance(t_bp, (BLOCK_K, 0))
+    if USE_SOFTMAX:
+        sz = tl.where((js < M - 1)[None, :], z * c_scale, float("-inf"))
+        s0 = z0 * c_scale
+        s_max = tl.maximum(tl.max(sz, axis=1), s0)
+        lse = s_max + tl.log(tl.sum(tl.exp(sz - s_max[:, None]), axis=1) + tl.exp(s0 - s_max))
+        p = tl.exp(sz - lse[:, None])
+    else:  # lse is never read without softmax; zeros keep the op deterministic
+        lse = tl.zeros([BLOCK_R], dtype=tl.float32)
+        p = z
+    tl.store(LSE + rws, lse, mask=in_range)
+    p = tl.where(refined[:, None] & (js < M - 1)[None, :], p, 0.0)
+    p = tl.where(((js == M - 1)[None, :]) & refined[:, None], 1.0, p)
+    tl.store(A + rws[:, None] * Kf + Cp + js[None, :], p.to(CD),
+             mask=in_range[:, None] & (js < Kf - Cp)[None, :])
+
+
+@triton.jit
 def _rows_bwd_kernel(
     X, G, T, U, W, LSE, DX, W1, BB,
     R, S1, C, M, Cp, Mp,
     sx, sg, sdx, sw0, sw1,
     num_prefix, c_scale,
     SEQ_DIM: tl.constexpr, USE_SOFTMAX: tl.constexpr, PRECISION: tl.constexpr,
-    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr,
+    BLOCK_M: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, STREAM_K: tl.constexpr,
 ):
-    """Programs [0, cdiv(R, BLOCK_R)): a block of rows. Recomputes p = exp(c z - lse) (p = z
-    without softmax), accumulates gp = g U^T while it streams x and g, and writes DX = g
-    (every row) and the four operands of W1 (row stride 2 (Mp + Cp), GEMM dtype, prefix
-    rows all zero): P1a = [p[1:] | 1 | 0] at column 0, G = g at Mp, GZ = [gz0 | gz | 0] at
-    Mp + Cp (gz = p (gp - <p, gp>) c, gz0 = -p0 <p, gp> c; gz = gp, gz0 = 0 without
-    softmax), XC = x at 2 Mp + Cp. The programs after them: BLOCK_R rows k each of
-    Bb = [W ; 0 ; T ; 0] [Cp + Mp, C], so that DX += [G | GZ] Bb gives g + g W + gz T."""
+    """Per block of BLOCK_R rows, a row program: recomputes p = exp(c z - lse) (p = z without
+    softmax) and accumulates gp = g U^T as it reads x and g, then writes W1's (row stride
+    2 (Mp + Cp), GEMM dtype, prefix rows all zero) P1a = [p[1:] | 1 | 0] at column 0 and
+    GZ = [gz0 | gz | 0] at Mp + Cp (gz = p (gp - <p, gp>) c, gz0 = -p0 <p, gp> c; gz = gp,
+    gz0 = 0 without softmax); and the streamed columns: DX = g (every row), W1's G = g at Mp
+    and XC = x at 2 Mp + Cp. STREAM_K = 0: the row program streams them as it reads; STREAM_K
+    > 0: cdiv(Cp, STREAM_K) stream programs per block do, after its row program (as in the
+    forward). The programs after all blocks': BLOCK_R rows k each of Bb = [W ; 0 ; T ; 0]
+    [Cp + Mp, C], so that DX += [G | GZ] Bb gives g + g W + gz T."""
     pid = tl.program_id(0)
-    n_row_progs = tl.cdiv(R, BLOCK_R)
+    per_block = _progs_per_block(Cp, STREAM_K)
+    n_row_progs = tl.cdiv(R, BLOCK_R) * per_block
     CD = W1.dtype.element_ty
-    ks = tl.arange(0, BLOCK_K)
+    K1 = 2 * (Mp + Cp)
     if pid < n_row_progs:
-        r0 = pid * BLOCK_R
+        r0 = (pid // per_block) * BLOCK_R
+        chunk = pid % per_block - 1  # -1: the row program
         in_range, refined = refined_rows(r0, R, S1, num_prefix, SEQ_DIM, BLOCK_R)
-        rws = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
-        js = tl.arange(0, BLOCK_M)
-        K1 = 2 * (Mp + Cp)
-        w1 = W1 + rws[:, None] * K1
-        x_bp = tl.make_block_ptr(X, (R, C), (sx, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
-        g_bp = tl.make_block_ptr(G, (R, C), (sg, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
-        d_bp = tl.make_block_ptr(DX, (R, C), (sdx, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
-        gw_bp = tl.make_block_ptr(W1 + Mp, (R, Cp), (K1, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
-        xw_bp = tl.make_block_ptr(W1 + 2 * Mp + Cp, (R, Cp), (K1, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
-        t_bp = tl.make_block_ptr(T + C, (C, M - 1), (1, C), (0, 0), (BLOCK_K, BLOCK_M), (0, 1))
-        u_bp = tl.make_block_ptr(U, (C, M - 1), (1, C), (0, 0), (BLOCK_K, BLOCK_M), (0, 1))
-        z = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
-        z0 = tl.zeros([BLOCK_R], dtype=tl.float32)
-        gp = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
-        for k0 in range(0, Cp, BLOCK_K):
-            kk = k0 + ks
-            xk = tl.load(x_bp, boundary_check=(0, 1), padding_option="zero").to(CD)
-            gr = tl.load(g_bp, boundary_check=(0, 1), padding_option="zero")
-            gk = gr.to(CD)
-            tk = tl.load(t_bp, boundary_check=(0, 1), padding_option="zero").to(CD)
-            t0 = tl.load(T + kk, mask=kk < C, other=0.0).to(CD)
-            uk = tl.load(u_bp, boundary_check=(0, 1), padding_option="zero").to(CD)
-            z = tl.dot(xk, tk, z, input_precision=PRECISION)
-            z0 += tl.sum(xk.to(tl.float32) * t0.to(tl.float32)[None, :], axis=1)
-            gp = tl.dot(gk, uk, gp, input_precision=PRECISION)
-            tl.store(d_bp, gr.to(DX.dtype.element_ty), boundary_check=(0, 1))
-            tl.store(gw_bp, tl.where(refined[:, None], gk, 0.0).to(CD), boundary_check=(0, 1))
-            tl.store(xw_bp, tl.where(refined[:, None], xk, 0.0).to(CD), boundary_check=(0, 1))
-            x_bp = tl.advance(x_bp, (0, BLOCK_K))
-            g_bp = tl.advance(g_bp, (0, BLOCK_K))
-            d_bp = tl.advance(d_bp, (0, BLOCK_K))
-            gw_bp = tl.advance(gw_bp, (0, BLOCK_K))
-            xw_bp = tl.advance(xw_bp, (0, BLOCK_K))
-            t_bp = tl.advance(t_bp, (BLOCK_K, 0))
-            u_bp = tl.advance(u_bp, (BLOCK_K, 0))
-        if USE_SOFTMAX:
-            lse = tl.load(LSE + rws, mask=in_range, other=0.0)
-            p = tl.exp(tl.where((js < M - 1)[None, :], z * c_scale, float("-inf")) - lse[:, None])
-            p0 = tl.exp(z0 * c_scale - lse)
+        if chunk < 0:
+            _bwd_row_program(X, G, T, U, LSE, DX, W1, R, C, M, Cp, Mp, sx, sg, sdx, c_scale, r0, in_range, refined,
+                             USE_SOFTMAX, PRECISION, BLOCK_M, BLOCK_R, BLOCK_K, STREAM_K == 0)
         else:
-            p = z
-            p0 = z0
-        p = tl.where(refined[:, None] & (js < M - 1)[None, :], p, 0.0)
-        pgp = tl.sum(p * gp, axis=1)
-        if USE_SOFTMAX:
-            gz = p * (gp - pgp[:, None]) * c_scale
-            gz0 = tl.where(refined, -p0 * pgp * c_scale, 0.0)
-        else:
-            gz = tl.where(refined[:, None], gp, 0.0)
-            gz0 = tl.zeros([BLOCK_R], dtype=tl.float32)
-        gz = tl.where((js < M - 1)[None, :], gz, 0.0)
-        cols = in_range[:, None] & (js < Mp)[None, :]
-        p1a = tl.where(((js == M - 1)[None, :]) & refined[:, None], 1.0, p)
-        tl.store(w1 + js[None, :], p1a.to(CD), mask=cols)
-        # GZ: token j + 1's gz at column j + 1, the null token's at column 0
-        tl.store(w1 + Mp + Cp + 1 + js[None, :], gz.to(CD), mask=in_range[:, None] & (js + 1 < Mp)[None, :])
-        tl.store(W1 + rws * K1 + Mp + Cp, gz0.to(CD), mask=in_range)
+            k0 = chunk * STREAM_K
+            x_bp = tl.make_block_ptr(X, (R, C), (sx, 1), (r0, k0), (BLOCK_R, BLOCK_K), (1, 0))
+            g_bp = tl.make_block_ptr(G, (R, C), (sg, 1), (r0, k0), (BLOCK_R, BLOCK_K), (1, 0))
+            d_bp = tl.make_block_ptr(DX, (R, C), (sdx, 1), (r0, k0), (BLOCK_R, BLOCK_K), (1, 0))
+            gw_bp = tl.make_block_ptr(W1 + Mp, (R, Cp), (K1, 1), (r0, k0), (BLOCK_R, BLOCK_K), (1, 0))
+            xw_bp = tl.make_block_ptr(W1 + 2 * Mp + Cp, (R, Cp), (K1, 1), (r0, k0), (BLOCK_R, BLOCK_K), (1, 0))
+            for _ in range(0, STREAM_K, BLOCK_K):  # past Cp: loads give zeros, stores drop
+                xk = tl.load(x_bp, boundary_check=(0, 1), padding_option="zero").to(CD)
+                gr = tl.load(g_bp, boundary_check=(0, 1), padding_option="zero")
+                tl.store(d_bp, gr.to(DX.dtype.element_ty), boundary_check=(0, 1))
+                tl.store(gw_bp, tl.where(refined[:, None], gr.to(CD), 0.0).to(CD), boundary_check=(0, 1))
+                tl.store(xw_bp, tl.where(refined[:, None], xk, 0.0).to(CD), boundary_check=(0, 1))
+                x_bp = tl.advance(x_bp, (0, BLOCK_K))
+                g_bp = tl.advance(g_bp, (0, BLOCK_K))
+                d_bp = tl.advance(d_bp, (0, BLOCK_K))
+                gw_bp = tl.advance(gw_bp, (0, BLOCK_K))
+                xw_bp = tl.advance(xw_bp, (0, BLOCK_K))
     else:
+        ks = tl.arange(0, BLOCK_K)
         k = (pid - n_row_progs) * BLOCK_R + tl.arange(0, BLOCK_R)
         t_row = k - Cp
         for n0 in range(0, C, BLOCK_K):
@@ -276,13 +306,99 @@ def _rows_bwd_kernel(
             tl.store(BB + k[:, None] * C + nn[None, :], v.to(CD), mask=(k < Cp + Mp)[:, None] & nin[None, :])
 
 
+@triton.jit
+def _bwd_row_program(X, G, T, U, LSE, DX, W1, R, C, M, Cp, Mp, sx, sg, sdx, c_scale, r0, in_range, refined,
+                     USE_SOFTMAX: tl.constexpr, PRECISION: tl.constexpr, BLOCK_M: tl.constexpr,
+                     BLOCK_R: tl.constexpr, BLOCK_K: tl.constexpr, STREAMS: tl.constexpr):
+    """The backward's row program for rows r0 .. r0 + BLOCK_R (see ``_rows_bwd_kernel``);
+    STREAMS: it also writes DX, G and XC."""
+    CD = W1.dtype.element_ty
+    ks = tl.arange(0, BLOCK_K)
+    rws = (r0 + tl.arange(0, BLOCK_R)).to(tl.int64)
+    js = tl.arange(0, BLOCK_M)
+    K1 = 2 * (Mp + Cp)
+    w1 = W1 + rws[:, None] * K1
+    x_bp = tl.make_block_ptr(X, (R, C), (sx, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+    g_bp = tl.make_block_ptr(G, (R, C), (sg, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+    d_bp = tl.make_block_ptr(DX, (R, C), (sdx, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+    gw_bp = tl.make_block_ptr(W1 + Mp, (R, Cp), (K1, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+    xw_bp = tl.make_block_ptr(W1 + 2 * Mp + Cp, (R, Cp), (K1, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+    t_bp = tl.make_block_ptr(T + C, (C, M - 1), (1, C), (0, 0), (BLOCK_K, BLOCK_M), (0, 1))
+    u_bp = tl.make_block_ptr(U, (C, M - 1), (1, C), (0, 0), (BLOCK_K, BLOCK_M), (0, 1))
+    z = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
+    z0 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    gp = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
+    for k0 in range(0, Cp, BLOCK_K):
+        kk = k0 + ks
+        xk = tl.load(x_bp, boundary_check=(0, 1), padding_option="zero").to(CD)
+        gr = tl.load(g_bp, boundary_check=(0, 1), padding_option="zero")
+        gk = gr.to(CD)
+        tk = tl.load(t_bp, boundary_check=(0, 1), padding_option="zero").to(CD)
+        t0 = tl.load(T + kk, mask=kk < C, other=0.0).to(CD)
+        uk = tl.load(u_bp, boundary_check=(0, 1), padding_option="zero").to(CD)
+        z = tl.dot(xk, tk, z, input_precision=PRECISION)
+        z0 += tl.sum(xk.to(tl.float32) * t0.to(tl.float32)[None, :], axis=1)
+        gp = tl.dot(gk, uk, gp, input_precision=PRECISION)
+        if STREAMS:
+            tl.store(d_bp, gr.to(DX.dtype.element_ty), boundary_check=(0, 1))
+            tl.store(gw_bp, tl.where(refined[:, None], gk, 0.0).to(CD), boundary_check=(0, 1))
+            tl.store(xw_bp, tl.where(refined[:, None], xk, 0.0).to(CD), boundary_check=(0, 1))
+            d_bp = tl.advance(d_bp, (0, BLOCK_K))
+            gw_bp = tl.advance(gw_bp, (0, BLOCK_K))
+            xw_bp = tl.advance(xw_bp, (0, BLOCK_K))
+        x_bp = tl.advance(x_bp, (0, BLOCK_K))
+        g_bp = tl.advance(g_bp, (0, BLOCK_K))
+        t_bp = tl.advance(t_bp, (BLOCK_K, 0))
+        u_bp = tl.advance(u_bp, (BLOCK_K, 0))
+    if USE_SOFTMAX:
+        lse = tl.load(LSE + rws, mask=in_range, other=0.0)
+        p = tl.exp(tl.where((js < M - 1)[None, :], z * c_scale, float("-inf")) - lse[:, None])
+        p0 = tl.exp(z0 * c_scale - lse)
+    else:
+        p = z
+        p0 = z0
+    p = tl.where(refined[:, None] & (js < M - 1)[None, :], p, 0.0)
+    pgp = tl.sum(p * gp, axis=1)
+    if USE_SOFTMAX:
+        gz = p * (gp - pgp[:, None]) * c_scale
+        gz0 = tl.where(refined, -p0 * pgp * c_scale, 0.0)
+    else:
+        gz = tl.where(refined[:, None], gp, 0.0)
+        gz0 = tl.zeros([BLOCK_R], dtype=tl.float32)
+    gz = tl.where((js < M - 1)[None, :], gz, 0.0)
+    cols = in_range[:, None] & (js < Mp)[None, :]
+    p1a = tl.where(((js == M - 1)[None, :]) & refined[:, None], 1.0, p)
+    tl.store(w1 + js[None, :], p1a.to(CD), mask=cols)
+    # GZ: token j + 1's gz at column j + 1, the null token's at column 0
+    tl.store(w1 + Mp + Cp + 1 + js[None, :], gz.to(CD), mask=in_range[:, None] & (js + 1 < Mp)[None, :])
+    tl.store(W1 + rws * K1 + Mp + Cp, gz0.to(CD), mask=in_range)
+
+
 def _tuned(kernel, configs_by_path):
-    return {path: triton.autotune(configs=configs(cfgs, _ROWS_INTERP), key=["C", "M"])(kernel)
+    return {path: triton.autotune(configs=configs(cfgs, ROWS_INTERP[0]), key=["C", "M"])(kernel)
             for path, cfgs in configs_by_path.items()}
 
 
 _ROWS_FWD = _tuned(_rows_fwd_kernel, ROWS_FWD_GPU_CONFIGS)
 _ROWS_BWD = _tuned(_rows_bwd_kernel, ROWS_BWD_GPU_CONFIGS)
+
+
+@contextlib.contextmanager
+def row_layout(streamed: bool):
+    """Inside, both row kernels take only the configs of one layout (STREAM_K > 0, or 0):
+    the tests check each layout's results, and the kernel probe times each. The autotuners
+    pick afresh among them, and pick again after."""
+    saved = []
+    for table, gpu in ((_ROWS_FWD, ROWS_FWD_GPU_CONFIGS), (_ROWS_BWD, ROWS_BWD_GPU_CONFIGS)):
+        for path, tuner in table.items():
+            saved.append((tuner, tuner.configs, tuner.cache))
+            chosen = [c for c in (ROWS_INTERP if INTERPRET else gpu[path]) if (c.kwargs["STREAM_K"] > 0) == streamed]
+            tuner.configs, tuner.cache = (chosen if AUTOTUNE else chosen[:1]), {}
+    try:
+        yield
+    finally:
+        for tuner, cfgs, cache in saved:
+            tuner.configs, tuner.cache = cfgs, cache
 
 
 # ----------------------------------------------------------------------------- GEMMs
@@ -347,10 +463,12 @@ def _direct(kernel):
     return kernel
 
 
-def _grid(R: int, pack_rows: int):
-    """The row programs, then the programs that pack a GEMM operand of ``pack_rows`` rows."""
+def _grid(R: int, Cp: int, pack_rows: int):
+    """Per block of rows its row program and stream programs, then the programs that pack a
+    GEMM operand of ``pack_rows`` rows."""
     def grid(meta):
-        return (triton.cdiv(R, meta["BLOCK_R"]) + triton.cdiv(pack_rows, meta["BLOCK_R"]),)
+        per_block = 1 + (triton.cdiv(Cp, meta["STREAM_K"]) if meta["STREAM_K"] else 0)
+        return (triton.cdiv(R, meta["BLOCK_R"]) * per_block + triton.cdiv(pack_rows, meta["BLOCK_R"]),)
     return grid
 
 
@@ -364,7 +482,7 @@ def _fwd_rows(x2, S1, sd, T, U, W, b, cdtype, num_prefix, use_softmax, out_dtype
     lse = new(torch.empty(R, device=dev, dtype=torch.float32))
     A = new(torch.empty(R, Kf, device=dev, dtype=cdtype))
     Bt = new(torch.empty(C, Kf, device=dev, dtype=cdtype))
-    launch(_ROWS_FWD[_path(cdtype, C, x2, out)])[_grid(R, C)](
+    launch(_ROWS_FWD[_path(cdtype, C, x2, out)])[_grid(R, Cp, C)](
         x2, T, U, W, b, out, A, Bt, lse,
         R, S1, C, M, Cp, Kf,
         x2.stride(0), out.stride(0), W.stride(0), W.stride(1),
@@ -402,7 +520,7 @@ def _bwd_rows(x2, g2, S1, sd, T, U, W, lse, cdtype, num_prefix, use_softmax, lau
     dx = new(torch.empty(R, C, device=dev, dtype=g2.dtype))
     W1 = new(torch.empty(R, 2 * (Mp + Cp), device=dev, dtype=cdtype))
     Bb = new(torch.empty(Cp + Mp, C, device=dev, dtype=cdtype))
-    launch(_ROWS_BWD[_path(cdtype, C, x2, g2, dx)])[_grid(R, Cp + Mp)](
+    launch(_ROWS_BWD[_path(cdtype, C, x2, g2, dx)])[_grid(R, Cp, Cp + Mp)](
         x2, g2, T, U, W, lse, dx, W1, Bb,
         R, S1, C, M, Cp, Mp,
         x2.stride(0), g2.stride(0), dx.stride(0), W.stride(0), W.stride(1),

@@ -35,11 +35,18 @@ import pytest  # noqa: E402
 KERNEL_MODULES = {"v4": "rein_kernels.rein_layer_v4", "v3": "rein_kernels.rein_layer"}
 
 
-@pytest.fixture(params=list(KERNEL_MODULES))
+@pytest.fixture(params=["v4", "v4-streamed", "v3"])
 def kernels(request, monkeypatch):
-    """Run a test on each kernel version (rein_kernels.KERNELS) while both are kept; the
-    kernels' module is the fixture's value."""
+    """Run a test on each kernel version (rein_kernels.KERNELS) while both are kept, v4 in
+    each layout of its row kernels (``row_layout``: the autotuner may pick either on a GPU);
+    the kernels' module is the fixture's value."""
     import rein_kernels
 
-    monkeypatch.setattr(rein_kernels, "KERNELS", request.param)
-    return importlib.import_module(KERNEL_MODULES[request.param])
+    version, _, layout = request.param.partition("-")
+    monkeypatch.setattr(rein_kernels, "KERNELS", version)
+    module = importlib.import_module(KERNEL_MODULES[version])
+    if version != "v4":
+        yield module
+        return
+    with module.row_layout(streamed=layout == "streamed"):
+        yield module

@@ -11,7 +11,10 @@ import torch
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from _parity import Case, check_case
+import rein_kernels
+import rein_kernels._common as common
+from _parity import DEVICE, DTYPE, Case, check_case, make_layer, make_x, padded, run
+from rein_kernels.rein_layer_v4 import row_layout
 
 ON_GPU = torch.cuda.is_available()
 GPU_ONLY = pytest.mark.skipif(
@@ -89,4 +92,36 @@ def test_parity_random(dtype, data, seed):
     if not case.softmax and case.dtype in ("fp16", "bf16"):
         # Without softmax p = z is unbounded; keep the raw logits in fp16 range.
         case = dataclasses.replace(case, scale=min(abs(case.scale), 0.05))
-    check_case(case, seed)
+    # the default kernels (v4) in either layout of their row kernels
+    with row_layout(streamed=data.draw(st.booleans(), label="streamed")):
+        check_case(case, seed)
+
+
+@pytest.mark.parametrize("dtype", DTYPE_PARAMS)
+@pytest.mark.parametrize("name", ["registers", "seq_first", "wide", "no_softmax", "lora"])
+def test_row_layouts_agree_to_the_bit(name, dtype, monkeypatch):
+    """v4's two row-kernel layouts write every element once, from the same values: the
+    forward and every gradient are equal to the last bit (so a layout the autotuner picks
+    on one card and not on another changes no result), on poisoned outputs."""
+    monkeypatch.setattr(rein_kernels, "KERNELS", "v4")
+    case = dataclasses.replace(CASES[name], dtype=dtype)
+    seed = zlib.crc32(name.encode()) % 1000
+    dt = DTYPE[dtype]
+    layer = make_layer(case, seed).to(DEVICE, dt)
+    x = make_x(case, seed).to(dt)
+    g = torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)).to(DEVICE, dt)
+    results = []
+    for streamed in (False, True):
+        common.POISON = True
+        try:
+            with row_layout(streamed=streamed):
+                results.append(run(layer, padded(x, seed), padded(g, seed + 1), True, case.batch_first, case.prefix,
+                                   case.layer))
+        finally:
+            common.POISON = False
+            common.GUARDS.clear()
+    (out_f, grads_f), (out_s, grads_s) = results
+    assert torch.isfinite(out_f).all() and torch.equal(out_f, out_s)
+    assert grads_f.keys() == grads_s.keys()
+    for k in grads_f:
+        assert torch.isfinite(grads_f[k]).all() and torch.equal(grads_f[k], grads_s[k]), k
