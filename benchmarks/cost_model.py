@@ -37,9 +37,12 @@ H200 = {"bf16_tflops": 687.1, "copy_gbps": 4266.5}
 # What each v4 launch achieved of its bound at vitl-512 in that run's kernel probe (x fp32):
 # the bound over the measured time. A prediction for another shape divides that shape's
 # bound by these; they are the model's measured rates, re-measured by every probe row.
+# The weight gradients were two GEMMs then, [dW ; dT] (13.88 / 25.68) and [dU ; db]
+# (1.222 / 9.538); they are one now, [G | GZ]^T [XC | P1a], not yet measured: ASSUMED at
+# [dW ; dT]'s rate (the same waves of output tiles, m + 1 columns wider).
 V4_EFFICIENCY = {"rows fwd": 10.06 / 25.72, "gemm fwd (addmm in place)": 13.88 / 18.48,
                  "rows bwd": 16.18 / 71.35, "gemm dx (addmm in place)": 13.88 / 18.49,
-                 "[dW ; dT] (cuBLAS, fp32 out)": 13.88 / 25.68, "[dU ; db] (cuBLAS, fp32 out)": 1.222 / 9.538}
+                 "weight gradients (cuBLAS, fp32 out)": 13.88 / 25.68}
 # The row kernels' streamed layout (``rein_layer_v4.row_layout``: stream programs beside
 # each block's row program) has not run on a GPU yet. ASSUMED, not measured: it streams at
 # 0.6 of the copy bandwidth (torch's own copy kernels reach 0.8-0.9 of it; the second read
@@ -87,10 +90,8 @@ def layer_launches(w: Workload, kernels: str = "v4", x_dtype: str = "fp32") -> l
             Launch("rows bwd", 3 * act_x + W1 + K * C * ec, 4 * R * C * m, eff["rows bwd"]),
             Launch("gemm dx (addmm in place)", W1 / 2 + K * C * ec + 2 * act_x, 2 * R * C * K,
                    eff["gemm dx (addmm in place)"]),
-            Launch("[dW ; dT] (cuBLAS, fp32 out)", W1 / 2 + act_c + K * C * 4, 2 * R * C * K,
-                   eff["[dW ; dT] (cuBLAS, fp32 out)"]),
-            Launch("[dU ; db] (cuBLAS, fp32 out)", R * m * ec + act_c + m * C * 4, 2 * R * m * C,
-                   eff["[dU ; db] (cuBLAS, fp32 out)"]),
+            Launch("weight gradients (cuBLAS, fp32 out)", W1 + K * K * 4, 2 * R * K * K,
+                   eff["weight gradients (cuBLAS, fp32 out)"]),
             Launch("dW stack and sum (per layer's share)", 2 * C * C * 4, 0),
         ]
     if kernels == "v3":

@@ -7,8 +7,8 @@ stream, or over a bf16 one: ``x_dtype``), its operands formed as ``ReinBackbone`
   * ``rows_fwd``, ``rows_bwd``: the two Triton row kernels, each beside its bandwidth bound
     (the bytes it must move at the measured copy rate), as autotuned and in each layout
     (``rows_fwd_fused``, ``rows_fwd_streamed``, ...: ``rein_layer_v4.row_layout``);
-  * ``gemm_fwd`` (OUT += A Bt^T), ``gemm_dx`` (DX += [G | GZ] Bb), ``gemm_dw_dt``
-    ([dW ; dT] = [G | GZ]^T XC) and ``gemm_du_db`` ([dU ; db] = P1a^T G), each beside
+  * ``gemm_fwd`` (OUT += A Bt^T), ``gemm_dx`` (DX += [G | GZ] Bb) and ``gemm_weights``
+    (every weight gradient: [G | GZ]^T [XC | P1a]), each beside
     ``cublas_ref``, a plain bf16 [R, C] x [C, C] product at the layer's shape, and the
     FLOP bound at the measured peak;
   * the whole op, forward and forward + backward.
@@ -61,7 +61,8 @@ def probe(w: Workload, ceilings: dict | None = None, x_dtype: torch.dtype = torc
     out, A, Bt, lse = op._fwd_rows(x2, N, 1, Tc, Uc, W, b, cd, 1, True, out_dtype)
     dx, W1, Bb = op._bwd_rows(x2, g2, N, 1, Tc, Uc, W, lse, cd, 1, True)
     Cp, Mp = op._pad16(C), op._pad16(M)
-    GGZ, XC = W1[:, Mp: 2 * Mp + Cp], W1[:, 2 * Mp + Cp: 2 * Mp + Cp + C]
+    GGZ, XCP = W1[:, :Cp + Mp], W1[:, Cp + Mp:]
+    XC = XCP[:, :C]
     xb, Wb = x2.to(cd), W.to(cd)
     bw = (ceilings or {}).get("copy_gbps")
     peak = (ceilings or {}).get("bf16_tflops")
@@ -80,13 +81,12 @@ def probe(w: Workload, ceilings: dict | None = None, x_dtype: torch.dtype = torc
                      bytes_us(R * C * (xe + 2 * oe) + R * 2 * (Mp + Cp) * ce), None),
         "gemm_fwd": (lambda: op._addmm_(out, A, Bt.t()), None, flops_us(2.0 * R * C * (Cp + Mp))),
         "gemm_dx": (lambda: op._addmm_(dx, GGZ, Bb), None, flops_us(2.0 * R * C * (Cp + Mp))),
-        "gemm_dw_dt": (lambda: op._mm(GGZ.t(), XC, W.dtype), None, flops_us(2.0 * R * C * (Cp + Mp))),
-        "gemm_du_db": (lambda: op._mm(W1[:, :M].t(), W1[:, Mp: Mp + C], W.dtype), None, flops_us(2.0 * R * C * M)),
+        "gemm_weights": (lambda: op._mm(GGZ.t(), XCP, W.dtype), None, flops_us(2.0 * R * (Cp + Mp) ** 2)),
         "cublas_ref": (lambda: torch.mm(xb, Wb), None, flops_us(2.0 * R * C * C)),
-        # what the alternatives would cost: the [dW ; dT] GEMM written in bf16, the logits
+        # what the alternatives would cost: the weight-gradient GEMM written in bf16, the logits
         # as a cuBLAS GEMM (x T^T, N = m), and a plain stream of x to an fp32 copy and a
         # bf16 cast (torch's own kernels), the floor of a row kernel without dots
-        "alt_gemm_dw_dt_bf16_out": (lambda: torch.mm(GGZ.t(), XC), None, flops_us(2.0 * R * C * (Cp + Mp))),
+        "alt_gemm_weights_bf16_out": (lambda: torch.mm(GGZ.t(), XCP), None, flops_us(2.0 * R * (Cp + Mp) ** 2)),
         "alt_gemm_logits": (lambda: torch.mm(XC, Tc.t()), None, flops_us(2.0 * R * C * M)),
         "alt_copy_and_cast": (lambda: (x2.clone(), x2.to(cd)), bytes_us(R * C * (2 * xe + ce)), None),
     }

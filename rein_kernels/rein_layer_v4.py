@@ -37,19 +37,22 @@ Backward, g = dL/dout, with p recomputed from the saved lse:
     dT  = gz^T x                        (the logit path; the value path reaches T through U)
     dW  = g^T x,  dU = p[1:]^T g,  db = sum_rows(g)      (refined rows only)
 
-  * ``_rows_bwd_kernel``: streams x and g once; writes DX = g and
-    W1 = [P1a | G | GZ | XC] [rows, 2 (mp + Cp)] in cdtype: P1a = [p[1:] | 1], G = g,
-    GZ = gz (column 0 the null token's), XC = x (prefix rows: zeros); extra programs pack
+  * ``_rows_bwd_kernel``: streams x and g; writes DX = g and
+    W1 = [G | GZ | XC | P1a] [rows, 2 (Cp + mp)] in cdtype: G = g, GZ = gz (column 0 the
+    null token's), XC = x, P1a = [p[1:] | 1] (prefix rows: zeros); extra programs pack
     Bb = [W ; T] [Cp + mp, C] in cdtype.
-  * cuBLAS: DX += [G | GZ] Bb (addmm in place); [dW ; dT] = [G | GZ]^T XC; [dU ; db] =
-    P1a^T G (P1a's column of ones gives db) -- the last two written in the master dtype.
+  * cuBLAS: DX += [G | GZ] Bb (addmm in place), and every weight gradient from one GEMM
+    in the master dtype, [G | GZ]^T [XC | P1a] = [[dW, dU^T | db], [dT, (unused)]]: g's
+    columns against x's give dW and against P1a's give dU^T (the column of ones: db), gz's
+    against x's give dT; the unused corner is [m, m], 1% of the FLOPs, and the GEMM has the
+    m + 1 columns of [dU ; db] in the same waves of output tiles as dW's.
 
-Per layer that is 6 launches; nothing else touches [rows, C]. Bytes and FLOPs at vitl-512
+Per layer that is 5 launches; nothing else touches [rows, C]. Bytes and FLOPs at vitl-512
 (R = 4,100 rows, C = 1,024, m = 100, Cp + mp = 1,136; x and g fp32, cdtype bf16):
   forward rows  reads x 16.8 MB, writes OUT 16.8 MB and A 9.3 MB             (bandwidth)
   forward GEMM  2 R C (Cp + mp) = 9.5 GFLOP; reads A, OUT, writes OUT        (tensor cores)
   backward rows reads x, g 33.6 MB, writes DX 16.8 MB and W1 18.6 MB         (bandwidth)
-  backward GEMMs dx 9.5, [dW ; dT] 9.5, [dU ; db] 0.8 GFLOP
+  backward GEMMs dx 9.5, the weight gradients 2 R (Cp + mp)^2 = 10.6 GFLOP
 Rates measured on an H200 (benchmarks/NOTES.md): cuBLAS bf16 ~600 TFLOP/s at these shapes
 with K a multiple of 16 (K = C + m - 1 = 1,123 ran 4.6x slower, hence Cp and mp), copy
 bandwidth 4.27 TB/s.
@@ -85,7 +88,8 @@ from ._common import AUTOTUNE, INTERPRET, aligned16, configs, new, precision, re
 # "tc": tensor-core dots (16-bit compute dtype, or tf32) on operands aligned as the published
 # shapes are; "tc_odd": the same for odd C or strides, where the wider tiles spill; "small":
 # fp32 with tf32 off (FMA dots). The backward holds two accumulators and four operand
-# tiles, so its lists use 8 warps. Two layouts of the launch: STREAM_K = 0, each block of
+# tiles, so its lists use 8 warps but one (4 warps: ptxas held some 8-warp variants of 16-row
+# blocks to 128 registers and spilled). Two layouts of the launch: STREAM_K = 0, each block of
 # rows one program that also writes the streamed columns (measured on the H200 at 2.6x and
 # 4.4x the bandwidth bound at vitl-512: 129 programs of 32 rows, one per multiprocessor,
 # each walking all of C); STREAM_K > 0, the row program only reads and cdiv(Cp, STREAM_K)
@@ -107,7 +111,7 @@ ROWS_FWD_GPU_CONFIGS = {
     "small": _configs((16, 32, 4, 2, 0), (16, 32, 4, 2, 128)),
 }
 ROWS_BWD_GPU_CONFIGS = {
-    "tc": _configs((32, 32, 8, 3, 0), (16, 128, 8, 2, 0), (16, 32, 8, 2, 0),
+    "tc": _configs((32, 32, 8, 3, 0), (16, 128, 8, 2, 0), (16, 32, 4, 3, 0),
                    (32, 32, 8, 3, 256), (16, 64, 8, 2, 256), (64, 32, 8, 2, 256)),
     "tc_odd": _configs((16, 32, 8, 2, 0), (16, 16, 8, 2, 128)),
     "small": _configs((16, 32, 8, 2, 0), (16, 16, 8, 2, 128)),
@@ -255,10 +259,10 @@ def _rows_bwd_kernel(
 ):
     """Per block of BLOCK_R rows, a row program: recomputes p = exp(c z - lse) (p = z without
     softmax) and accumulates gp = g U^T as it reads x and g, then writes W1's (row stride
-    2 (Mp + Cp), GEMM dtype, prefix rows all zero) P1a = [p[1:] | 1 | 0] at column 0 and
-    GZ = [gz0 | gz | 0] at Mp + Cp (gz = p (gp - <p, gp>) c, gz0 = -p0 <p, gp> c; gz = gp,
-    gz0 = 0 without softmax); and the streamed columns: DX = g (every row), W1's G = g at Mp
-    and XC = x at 2 Mp + Cp. STREAM_K = 0: the row program streams them as it reads; STREAM_K
+    2 (Cp + Mp), GEMM dtype, prefix rows all zero) GZ = [gz0 | gz | 0] at Cp (gz = p (gp -
+    <p, gp>) c, gz0 = -p0 <p, gp> c; gz = gp, gz0 = 0 without softmax) and P1a = [p[1:] | 1 |
+    0] at 2 Cp + Mp; and the streamed columns: DX = g (every row), W1's G = g at column 0
+    and XC = x at Cp + Mp. STREAM_K = 0: the row program streams them as it reads; STREAM_K
     > 0: cdiv(Cp, STREAM_K) stream programs per block do, after its row program (as in the
     forward). The programs after all blocks': BLOCK_R rows k each of Bb = [W ; 0 ; T ; 0]
     [Cp + Mp, C], so that DX += [G | GZ] Bb gives g + g W + gz T."""
@@ -279,8 +283,8 @@ def _rows_bwd_kernel(
             x_bp = tl.make_block_ptr(X, (R, C), (sx, 1), (r0, k0), (BLOCK_R, BLOCK_K), (1, 0))
             g_bp = tl.make_block_ptr(G, (R, C), (sg, 1), (r0, k0), (BLOCK_R, BLOCK_K), (1, 0))
             d_bp = tl.make_block_ptr(DX, (R, C), (sdx, 1), (r0, k0), (BLOCK_R, BLOCK_K), (1, 0))
-            gw_bp = tl.make_block_ptr(W1 + Mp, (R, Cp), (K1, 1), (r0, k0), (BLOCK_R, BLOCK_K), (1, 0))
-            xw_bp = tl.make_block_ptr(W1 + 2 * Mp + Cp, (R, Cp), (K1, 1), (r0, k0), (BLOCK_R, BLOCK_K), (1, 0))
+            gw_bp = tl.make_block_ptr(W1, (R, Cp), (K1, 1), (r0, k0), (BLOCK_R, BLOCK_K), (1, 0))
+            xw_bp = tl.make_block_ptr(W1 + Cp + Mp, (R, Cp), (K1, 1), (r0, k0), (BLOCK_R, BLOCK_K), (1, 0))
             for _ in range(0, STREAM_K, BLOCK_K):  # past Cp: loads give zeros, stores drop
                 xk = tl.load(x_bp, boundary_check=(0, 1), padding_option="zero").to(CD)
                 gr = tl.load(g_bp, boundary_check=(0, 1), padding_option="zero")
@@ -321,8 +325,8 @@ def _bwd_row_program(X, G, T, U, LSE, DX, W1, R, C, M, Cp, Mp, sx, sg, sdx, c_sc
     x_bp = tl.make_block_ptr(X, (R, C), (sx, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
     g_bp = tl.make_block_ptr(G, (R, C), (sg, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
     d_bp = tl.make_block_ptr(DX, (R, C), (sdx, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
-    gw_bp = tl.make_block_ptr(W1 + Mp, (R, Cp), (K1, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
-    xw_bp = tl.make_block_ptr(W1 + 2 * Mp + Cp, (R, Cp), (K1, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+    gw_bp = tl.make_block_ptr(W1, (R, Cp), (K1, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
+    xw_bp = tl.make_block_ptr(W1 + Cp + Mp, (R, Cp), (K1, 1), (r0, 0), (BLOCK_R, BLOCK_K), (1, 0))
     t_bp = tl.make_block_ptr(T + C, (C, M - 1), (1, C), (0, 0), (BLOCK_K, BLOCK_M), (0, 1))
     u_bp = tl.make_block_ptr(U, (C, M - 1), (1, C), (0, 0), (BLOCK_K, BLOCK_M), (0, 1))
     z = tl.zeros([BLOCK_R, BLOCK_M], dtype=tl.float32)
@@ -368,10 +372,10 @@ def _bwd_row_program(X, G, T, U, LSE, DX, W1, R, C, M, Cp, Mp, sx, sg, sdx, c_sc
     gz = tl.where((js < M - 1)[None, :], gz, 0.0)
     cols = in_range[:, None] & (js < Mp)[None, :]
     p1a = tl.where(((js == M - 1)[None, :]) & refined[:, None], 1.0, p)
-    tl.store(w1 + js[None, :], p1a.to(CD), mask=cols)
+    tl.store(w1 + 2 * Cp + Mp + js[None, :], p1a.to(CD), mask=cols)
     # GZ: token j + 1's gz at column j + 1, the null token's at column 0
-    tl.store(w1 + Mp + Cp + 1 + js[None, :], gz.to(CD), mask=in_range[:, None] & (js + 1 < Mp)[None, :])
-    tl.store(W1 + rws * K1 + Mp + Cp, gz0.to(CD), mask=in_range)
+    tl.store(w1 + Cp + 1 + js[None, :], gz.to(CD), mask=in_range[:, None] & (js + 1 < Mp)[None, :])
+    tl.store(W1 + rws * K1 + Cp, gz0.to(CD), mask=in_range)
 
 
 def _tuned(kernel, configs_by_path):
@@ -531,18 +535,27 @@ def _bwd_rows(x2, g2, S1, sd, T, U, W, lse, cdtype, num_prefix, use_softmax, lau
 
 
 def _bwd_gemms(dx, W1, Bb, C, M, pdtype):
-    """The backward's three cuBLAS GEMMs on the row kernel's operands: DX += [G | GZ] Bb in
-    place; ([dW ; 0 ; dT ; 0], [dU ; db]) in ``pdtype``."""
-    Cp, Mp = _pad16(C), _pad16(M)
-    GGZ = W1[:, Mp: 2 * Mp + Cp]
+    """The backward's two cuBLAS GEMMs on the row kernel's operands: DX += [G | GZ] Bb in
+    place; D = [G | GZ]^T [XC | P1a] [Cp + Mp, Cp + Mp] in ``pdtype`` (``_weight_grads``
+    reads the gradients off it)."""
+    K = _pad16(C) + _pad16(M)
+    GGZ = W1[:, :K]
     _addmm_(dx, GGZ, Bb)
-    return _mm(GGZ.t(), W1[:, 2 * Mp + Cp: 2 * Mp + Cp + C], pdtype), _mm(W1[:, :M].t(), W1[:, Mp: Mp + C], pdtype)
+    return _mm(GGZ.t(), W1[:, K:], pdtype)
+
+
+def _weight_grads(D: Tensor, C: int, m: int) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """(dT, dU, dW, db) as views of D = [G | GZ]^T [XC | P1a]: rows 0..C are g's columns
+    and Cp.. gz's (the null token's first), columns 0..C x's and Cp.. P1a's (p[1:], then the
+    ones)."""
+    Cp = _pad16(C)
+    return D[Cp: Cp + m, :C], D[:C, Cp: Cp + m - 1].t(), D[:C, :C], D[:C, Cp + m - 1]
 
 
 def _backward(g, x, T, U, W, b, lse, cdtype, num_prefix, seq_dim, use_softmax, launch=_direct):
-    """(dx, [dW ; 0 ; dT ; 0] [Cp + mp, C], [dU ; db] [m, C]), the last two in W's dtype: the
-    op returns each GEMM's result whole (a custom op's results may not be views of each
-    other); the autograd glue slices them. T, U: in the compute dtype (Tc, Uc)."""
+    """(dx, D = [[dW, dU^T | db], [dT, .]] [Cp + mp, Cp + mp] in W's dtype): the op returns
+    the GEMM's result whole (a custom op's results may not be views of each other);
+    ``_weight_grads`` slices it. T, U: in the compute dtype (Tc, Uc)."""
     xv, sd, swapped = row_view(x, seq_dim)
     gv, _, _ = row_view(g, seq_dim, swap=swapped)
     x2, g2 = rows(xv), rows(gv)
@@ -550,15 +563,14 @@ def _backward(g, x, T, U, W, b, lse, cdtype, num_prefix, seq_dim, use_softmax, l
     M, pdtype = T.shape[0], W.dtype
     if R:
         dx, W1, Bb = _bwd_rows(x2, g2, xv.shape[1], sd, T, U, W, lse, cdtype, num_prefix, use_softmax, launch)
-        dWT, dUb = _bwd_gemms(dx, W1, Bb, C, M, pdtype)
+        D = _bwd_gemms(dx, W1, Bb, C, M, pdtype)
     else:
         dx = torch.empty(g2.shape, device=x.device, dtype=g.dtype)
-        dWT = torch.zeros(_pad16(C) + _pad16(M), C, device=x.device, dtype=pdtype)
-        dUb = torch.zeros(M, C, device=x.device, dtype=pdtype)
+        D = torch.zeros(_pad16(C) + _pad16(M), _pad16(C) + _pad16(M), device=x.device, dtype=pdtype)
     dx = dx.view(xv.shape)
     if swapped:
         dx = dx.transpose(0, 1)
-    return dx.to(x.dtype), dWT, dUb
+    return dx.to(x.dtype), D
 
 
 # ----------------------------------------------------------------------------- custom ops
@@ -592,8 +604,9 @@ def _register(register, suffix: str, launch):
     def bwd(
         g: Tensor, x: Tensor, W: Tensor, b: Tensor, Tc: Tensor, Uc: Tensor, lse: Tensor, cdtype: torch.dtype,
         num_prefix: int, seq_dim: int, use_softmax: bool,
-    ) -> tuple[Tensor, Tensor, Tensor]:
-        """Gradients of ``rein::layer_fwd_v4``: (dx, [dW ; 0 ; dT ; 0], [dU ; db]), in W's dtype."""
+    ) -> tuple[Tensor, Tensor]:
+        """Gradients of ``rein::layer_fwd_v4``: (dx, D), D holding dT, dU, dW and db in W's dtype
+        (``_weight_grads``)."""
         # every dtype is chosen explicitly inside; autocast must not recast the GEMMs
         with torch.autocast(x.device.type, enabled=False):
             return _backward(g, x, Tc.contiguous(), Uc.contiguous(), W, b.contiguous(), lse, cdtype, num_prefix,
@@ -608,18 +621,16 @@ def _register(register, suffix: str, launch):
 
         @bwd.register_fake
         def _(g, x, W, b, Tc, Uc, lse, cdtype, num_prefix, seq_dim, use_softmax):
-            C, M = W.shape[0], Tc.shape[0]
-            return (torch.empty_like(x), W.new_empty(_pad16(C) + _pad16(M), C), W.new_empty(M, C))
+            K = _pad16(W.shape[0]) + _pad16(Tc.shape[0])
+            return torch.empty_like(x), W.new_empty(K, K)
 
     def backward(ctx, g, _g_lse):
         if g is None:  # out's gradient undefined (an upstream node returned none for it)
             return (None,) * 11
         x, W, b, Tc, Uc, lse = ctx.saved_tensors
-        dx, dWT, dUb = bwd(g, x, W, b, Tc, Uc, lse, *ctx.args)
-        C, m = W.shape[0], Tc.shape[0]
-        Cp = _pad16(C)
+        dx, D = bwd(g, x, W, b, Tc, Uc, lse, *ctx.args)
         # Tc and Uc are T and U in another dtype: their gradients are T's and U's
-        return (dx, dWT[Cp: Cp + m], dUb[: m - 1], dWT[:C], dUb[m - 1]) + (None,) * 6
+        return (dx, *_weight_grads(D, W.shape[0], Tc.shape[0])) + (None,) * 6
 
     fwd.register_autograd(backward, setup_context=_setup_context)
     return fwd, bwd

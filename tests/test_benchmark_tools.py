@@ -29,17 +29,21 @@ def test_floor_counts_flops_and_bytes():
 
 def test_cost_model_of_the_published_shapes():
     """What v4 promises on paper, held: per layer of vitl-512 (bf16 compute, x in fp32 as
-    the per-layer rows run it, inside prepared()), 6 device launches and the layer's share
+    the per-layer rows run it, inside prepared()), 5 device launches and the layer's share
     of the shared weight's gradient sum, against v3's 9; at most 2.5x the minimum bytes; the
-    FLOPs the floor's count and K's padding to 16 (1.5% more); and at the rates the H200's
-    kernel probe measured each launch at, the 0.188 ms per layer that run measured stacked
-    (results/2026-12-04-1804-nvidia-h200.json), within 5%."""
+    FLOPs the floor's count and K's padding to 16 (1.6% more, the weight-gradient GEMM's
+    unused [m, m] corner included); and at the rates the H200's kernel probe measured each
+    launch at (results/2026-12-04-1804-nvidia-h200.json, whose layer, with its weight
+    gradients in two GEMMs, measured 0.188 ms stacked, and the model 0.183), the prediction
+    benchmarks/NOTES.md states for the layer as it is now: 0.168 ms, and 0.113 ms with the
+    row kernels' streamed layout at its assumed rate."""
     w = bench.WORKLOADS["vitl-512"]
     v4, v3 = cost_model.summary(w, "v4", "fp32"), cost_model.summary(w, "v3", "fp32")
-    assert (v4["launches"], v3["launches"]) == (7, 9)
+    assert (v4["launches"], v3["launches"]) == (6, 9)
     assert v4["bytes_ratio"] <= 2.5
     assert v4["flops"] == pytest.approx(bench.flops(w, "fwd+bwd"), rel=0.02)
-    assert v4["predicted_ms"] == pytest.approx(0.188, rel=0.05)
+    assert v4["predicted_ms"] == pytest.approx(0.168, rel=0.02)
+    assert cost_model.summary(w, "v4-streamed", "fp32")["predicted_ms"] == pytest.approx(0.113, rel=0.02)
     # with a bf16 residual stream (the library's training default) half the activation bytes
     assert cost_model.summary(w, "v4", "bf16")["bytes"] < 0.75 * v4["bytes"]
 

@@ -168,7 +168,9 @@ def test_fused_active_says_which_path_the_last_call_ran(monkeypatch):
     assert layer.fused_active is False
 
 
-def test_noncontiguous_inputs_match_reference():
+def test_noncontiguous_inputs_match_reference(kernels):
+    """Every kernel version and row layout on x views whose row strides differ from g's
+    (dense) ones."""
     C, m = 19, 6
     layer = rein.ReinLayer(2, C, 4, token_length=m, scale_init=0.4).to(DEVICE)
     big = torch.randn(4, 11, 2 * C, device=DEVICE)

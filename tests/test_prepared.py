@@ -318,8 +318,9 @@ def test_host_work_per_layer(monkeypatch, kernels, dtype):
 
 # Device operations per layer (forward + backward) each version keeps to; counted when
 # written (torch 2.14, CPU, the optimizer's zero_grad(set_to_none=True) before the step):
-# v4 7.54 in fp32 and 7.96 under fp16 autocast, v3 9.92 and 10.42.
-DEVICE_BUDGET = {"rein_kernels.rein_layer_v4": 8, "rein_kernels.rein_layer": 11}
+# v4 6.54 in fp32 and 7.00 under fp16 autocast (7.54 and 7.96 with its weight gradients
+# in two GEMMs), v3 9.92 and 10.42. v4's budget was 8; one more operation per layer now fails.
+DEVICE_BUDGET = {"rein_kernels.rein_layer_v4": 7.25, "rein_kernels.rein_layer": 11}
 
 
 @pytest.mark.parametrize("dtype", [None, torch.float16])
