@@ -39,7 +39,7 @@ H200 = {"bf16_tflops": 687.1, "copy_gbps": 4266.5}
 # bound by these; they are the model's measured rates, re-measured by every probe row.
 # The weight gradients were two GEMMs then, [dW ; dT] (13.88 / 25.68) and [dU ; db]
 # (1.222 / 9.538); they are one now, [G | GZ]^T [XC | P1a], not yet measured: ASSUMED at
-# [dW ; dT]'s rate (the same waves of output tiles, m + 1 columns wider).
+# [dW ; dT]'s rate (the same waves of output tiles, m columns wider).
 V4_EFFICIENCY = {"rows fwd": 10.06 / 25.72, "gemm fwd (addmm in place)": 13.88 / 18.48,
                  "rows bwd": 16.18 / 71.35, "gemm dx (addmm in place)": 13.88 / 18.49,
                  "weight gradients (cuBLAS, fp32 out)": 13.88 / 25.68}

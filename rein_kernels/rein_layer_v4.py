@@ -45,7 +45,7 @@ Backward, g = dL/dout, with p recomputed from the saved lse:
     in the master dtype, [G | GZ]^T [XC | P1a] = [[dW, dU^T | db], [dT, (unused)]]: g's
     columns against x's give dW and against P1a's give dU^T (the column of ones: db), gz's
     against x's give dT; the unused corner is [m, m], 1% of the FLOPs, and the GEMM has the
-    m + 1 columns of [dU ; db] in the same waves of output tiles as dW's.
+    m columns of [dU ; db] (m - 1 and the ones) in the same waves of output tiles as dW's.
 
 Per layer that is 5 launches; nothing else touches [rows, C]. Bytes and FLOPs at vitl-512
 (R = 4,100 rows, C = 1,024, m = 100, Cp + mp = 1,136; x and g fp32, cdtype bf16):
@@ -61,8 +61,11 @@ Each row kernel has two layouts, chosen by its config (STREAM_K), so the autotun
 timing: "fused", one program per block of rows that both reduces over C (z, gp) and writes
 the streamed columns (OUT, A's x; DX, G, XC) as it reads them; "streamed", the block's row
 program only reads and reduces, and stream programs beside it, each a chunk of STREAM_K
-columns, read the same rows again (from L2) and write the streamed columns. The results are
-the same to the bit: every element is written once, from the same value, in either layout.
+columns, read the same rows again (from L2) and write the streamed columns. With the same
+tiles (BLOCK_R, BLOCK_K) the results are the same to the bit: every element is written once,
+from the same value, in either layout. Different tiles (any two configs the autotuner may
+pick, layout or not) round the null token's logit, summed per BLOCK_K tile, differently in
+the last bits.
 
 Rows and layouts as in v3: the op takes x [S0, S1, C] of any strides and ``seq_dim``; the
 first ``num_prefix`` positions of the sequence pass through (out = x, dx = g) and add

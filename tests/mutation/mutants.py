@@ -277,7 +277,7 @@ MUTANTS_V4 = [
     m("v4-gz-prefix-unmasked", K4, "gz = tl.where(refined[:, None], gp, 0.0)", "gz = gp",
       "no-softmax gz not zeroed on prefix rows"),
     m("v4-g-prefix-unmasked", K4, "tl.store(gw_bp, tl.where(refined[:, None], gk, 0.0).to(CD), boundary_check=(0, 1))",
-      "tl.store(gw_bp, gk, boundary_check=(0, 1))", "prefix rows' g reaches dx's GEMM and the weight gradients"),
+      "tl.store(gw_bp, gk, boundary_check=(0, 1))", "prefix rows' g reaches dx's GEMM (the weight gradients' other operands are zero there)"),
     m("v4-dx-no-residual", K4, "tl.store(d_bp, gr.to(DX.dtype.element_ty), boundary_check=(0, 1))\n            tl.store(gw_bp, tl.where(refined[:, None], gk",
       "tl.store(d_bp, (gr * 0).to(DX.dtype.element_ty), boundary_check=(0, 1))\n            tl.store(gw_bp, tl.where(refined[:, None], gk",
       "dx without its g"),
