@@ -37,7 +37,9 @@ from rein.train.step import WARM_STEPS, captured_step
 
 LIBRARY = dict(fused=True, dtype="bf16", bf16_weights=True, train_step=True, kernels="v4")
 # ``criterion``: the Mask2Former head's loss (static, its default, or transformers'), as
-# the official setting and the previous default ran it
+# the official setting and the previous default ran it; ``matcher``: where the static loss
+# matches (its default "auto": on the GPU, so that the loss is one graph; "host": scipy
+# between two graphs, as before 2026-12-06)
 SETTINGS = {
     "official": dict(fused=False, dtype="fp32", criterion="transformers"),
     "library": LIBRARY,
@@ -45,6 +47,7 @@ SETTINGS = {
     "library-forward-graphs": dict(fused=True, dtype="bf16", bf16_weights=True, compile="reduce-overhead",
                                    fused_adamw=True, criterion="transformers"),
     "library-transformers-loss": dict(LIBRARY, criterion="transformers"),
+    "library-host-matching": dict(LIBRARY, matcher="host"),
     "library-v3": dict(LIBRARY, kernels="v3"),
     # the whole model compiled as one graph (the captured step before regional compilation)
     "library-whole": dict(LIBRARY, train_step={"regional": False}),
@@ -52,8 +55,8 @@ SETTINGS = {
     # like for like, nothing captured
     "fused-bf16": dict(fused=True, dtype="bf16", bf16_weights=True, fused_adamw=True, kernels="v4"),
     "eager-bf16": dict(fused=False, dtype="bf16", bf16_weights=True, fused_adamw=True),
-    # the whole step (forward, loss, backward, optimizer) as one CUDA graph: the light head
-    # only (the Mask2Former loss matches on the host); without and with Inductor's kernels
+    # the whole step (forward, loss, backward, optimizer) as one CUDA graph (the Mask2Former
+    # loss with its matching on the GPU); without and with Inductor's kernels
     "library-graph": dict(fused=True, dtype="bf16", bf16_weights=True, fused_adamw=True, capture=True),
     "library-compile-graph": dict(fused=True, dtype="bf16", bf16_weights=True, fused_adamw=True, capture=True,
                                   compile=True),
@@ -70,13 +73,16 @@ STEP_WORKLOADS = {
 
 def build_segmentor(fused: bool, device: str, backbone: str = "vit_large_patch14_dinov2", img: int = 512,
                     num_classes: int = 19, head: str = "light", head_kwargs: dict | None = None,
-                    criterion: str | None = None, build_on_device: bool = False, **timm_kwargs) -> Segmentor:
+                    criterion: str | None = None, matcher: str | None = None, build_on_device: bool = False,
+                    **timm_kwargs) -> Segmentor:
     """A timm backbone (random weights, patch 16) with Rein after every block, and a head
-    (``criterion``: the Mask2Former head's loss; None: its default)."""
+    (``criterion``, ``matcher``: the Mask2Former head's loss and where it matches; None:
+    their defaults)."""
     torch.manual_seed(0)
     if head != "light":  # Rein's tokens are the head's queries, of its width
         timm_kwargs.update(link_token_to_query=True, query_dims=(head_kwargs or {}).get("query_dims", 256))
-        head_kwargs = dict(head_kwargs or {}, **({"criterion": criterion} if criterion else {}))
+        chosen = {k: v for k, v in (("criterion", criterion), ("matcher", matcher)) if v}
+        head_kwargs = dict(head_kwargs or {}, **chosen)
     with torch.device(device) if build_on_device else contextlib.nullcontext():
         model = rein.ReinBackbone.from_timm(backbone, img_size=img, patch_size=16, fused=fused, **timm_kwargs)
     model = model.to(device)

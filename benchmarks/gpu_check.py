@@ -90,8 +90,8 @@ def plan(names: list[str], heads: list[str], layers: bool, e2e: bool) -> list[tu
     head, in the order given (Mask2Former first by default): the library's training step
     (a cold start), its warm start (``ttfs``), compile of the reference and the official
     setting; the sliding-window evaluation replayed and called; the previous default,
-    transformers' loss (Mask2Former), the whole step as one graph (light), then the
-    like-for-like uncaptured rows and v2 captured. Then the recipe's layer (vitl-512 bf16)
+    transformers' loss and the matching on the host (Mask2Former), the whole step as one
+    graph, then the like-for-like uncaptured rows and v3 captured. Then the recipe's layer (vitl-512 bf16)
     as a backbone runs it (stack) and called alone (call), a bf16 residual stream, the
     other workloads and fp32."""
     items = []
@@ -107,8 +107,10 @@ def plan(names: list[str], heads: list[str], layers: bool, e2e: bool) -> list[tu
             # the previous default (only the forward and backward captured) and transformers' loss
             items.append(("e2e", head, "library-forward-graphs"))
             items += [("e2e", head, "library-transformers-loss")] if head == "mask2former" else []
-            # the whole step as one CUDA graph: the light head only (Mask2Former matches on the host)
-            items += [("e2e", head, s) for s in ("library-graph", "library-compile-graph") if head == "light"]
+            # the matching on the host, between two graphs of the loss (before 2026-12-06)
+            items += [("e2e", head, "library-host-matching")] if head == "mask2former" else []
+            # the whole step as one CUDA graph (Mask2Former: its matching on the GPU)
+            items += [("e2e", head, s) for s in ("library-graph", "library-compile-graph")]
             items += [("e2e", head, "library-triton-op")] if head == heads[0] else []
             items += [("e2e", head, s) for s in ("library-v3", "fused-bf16", "eager-bf16")]
     if e2e and "vit7b-512" in names:  # ViT-7B on one GPU: bf16 weights, activation checkpointing

@@ -19,21 +19,27 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 # here (and this note kept) rather than printed at every compile.
 warnings.filterwarnings("ignore", message=r"tl\.make_block_ptr is deprecated", category=UserWarning)
 
-# Tests set this: every buffer a kernel must fill starts as NaN, so unwritten elements
-# show, and is followed by a NaN guard region (kept in GUARDS) that must stay NaN, so
-# that a write past the end fails a test instead of corrupting the heap.
+# Tests set this: every buffer a kernel must fill starts as NaN (integers: their least
+# value), so unwritten elements show, and is followed by a guard region of the same
+# (kept in GUARDS) that must stay so, so that a write past the end fails a test instead
+# of corrupting the heap.
 POISON = False
 GUARDS: list[Tensor] = []
 
 
+def poison_value(dtype: torch.dtype):
+    """What a poisoned buffer holds: NaN, or for an integer output its dtype's least value."""
+    return float("nan") if dtype.is_floating_point else torch.iinfo(dtype).min
+
+
 def new(t: Tensor) -> Tensor:
-    """``t`` (freshly allocated, dense) as is, or under POISON a NaN-filled copy of its
+    """``t`` (freshly allocated, dense) as is, or under POISON a poisoned copy of its
     layout at the front of a buffer twice its size plus 4096 elements (its guard region
     is kept in GUARDS until the test that set POISON clears it)."""
     if not POISON:
         return t
     n = t.numel()
-    buf = torch.full((2 * n + 4096,), float("nan"), dtype=t.dtype, device=t.device)
+    buf = torch.full((2 * n + 4096,), poison_value(t.dtype), dtype=t.dtype, device=t.device)
     GUARDS.append(buf[n:])
     return buf.as_strided(t.shape, t.stride())
 

@@ -111,9 +111,11 @@ def padded(t: torch.Tensor, seed: int = 0) -> torch.Tensor:
 
 
 def guards_intact() -> None:
-    """Every guard region behind a kernel's output is still NaN (nothing wrote past it)."""
+    """Every guard region behind a kernel's output still holds the poison (nothing wrote
+    past it)."""
     for k, guard in enumerate(common.GUARDS):
-        assert torch.isnan(guard).all(), f"a kernel wrote past the end of output buffer {k}"
+        intact = torch.isnan(guard) if guard.is_floating_point() else guard == common.poison_value(guard.dtype)
+        assert intact.all(), f"a kernel wrote past the end of output buffer {k}"
     common.GUARDS.clear()
 
 

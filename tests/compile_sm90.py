@@ -1,6 +1,6 @@
 """Compile every GPU kernel variant for sm_90 (H100/H200) without a GPU.
 
-    python tests/compile_sm90.py [v4] [v3]        (TRITON_INTERPRET must be unset)
+    python tests/compile_sm90.py [v4] [v3] [assign]        (TRITON_INTERPRET must be unset)
 
 Triton's own ptxas turns each kernel into a cubin ahead of time, so a kernel that would
 fail to compile shows up on a CPU-only machine. Every config autotuning may pick (each
@@ -131,11 +131,26 @@ def jobs_v4(xd, pd, prec):
     return jobs
 
 
+def jobs_assign():
+    """The matching kernel (``rein_kernels/assignment.py``) on the loss' fp32 costs, for the
+    published recipe's 100 queries and 19 classes, for 65 and for 200 queries and 150
+    classes; it has one config (one warp) and no dtype path."""
+    import rein_kernels.assignment as op
+
+    types = dict(COST="*fp32", PRESENT="*i8", QUERY_OF="*i64", CLASS_OF="*i64", B="i32", Q="i32", K="i32",
+                 sp="i32", sq="i32", sk="i32")
+    cfg = triton.Config({}, num_warps=1, num_stages=1)
+    return [("assign", op._lsap_kernel, types, dict(BLOCK_Q=bq, BLOCK_K=bk), cfg, aligned)
+            for bq, bk in ((128, 32), (128, 128), (256, 256)) for aligned in (True, False)]
+
+
 def main() -> int:
-    versions = sys.argv[1:] or ["v4", "v3"]
+    versions = sys.argv[1:] or ["v4", "v3", "assign"]
     failures = n = 0
     for xd, pd, prec in DTYPES:
-        jobs = [j for v in versions for j in {"v4": jobs_v4, "v3": jobs_v3}[v](xd, pd, prec)]
+        jobs = [j for v in versions if v != "assign" for j in {"v4": jobs_v4, "v3": jobs_v3}[v](xd, pd, prec)]
+        if "assign" in versions and (xd, pd, prec) == DTYPES[0]:
+            jobs += jobs_assign()
         for name, kernel, types, consts, cfg, aligned in jobs:
             n += 1
             label = (f"{name:9s} x={xd} params={pd} {prec:4s} {'aligned  ' if aligned else 'unaligned'} {consts} "

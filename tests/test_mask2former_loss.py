@@ -1,7 +1,8 @@
 """The Mask2Former loss on static shapes (``rein.heads.mask2former_loss``) against
 transformers' ``Mask2FormerLoss`` (the head's ``criterion="transformers"``): given the same
 random points, the same matching, loss and gradients; one graph per device stage and no
-recompiles as the classes present change; far fewer host operations."""
+recompiles as the classes present change; far fewer host operations. The matching on the
+device gives the host's, and with it the loss is one graph."""
 import collections
 
 import pytest
@@ -113,11 +114,11 @@ def test_is_random_where_transformers_is():
 
 
 def test_device_stages_are_one_graph_each_and_compile_once():
-    """Each device stage is one graph without a break, and 20 steps with different classes
+    """With the matching on the host, each device stage is one graph without a break, and 20 steps with different classes
     present (1 to 19, and none) compile each stage once: every shape is static."""
     from torch._dynamo.testing import CompileCounter
 
-    loss = StaticMask2FormerLoss(K, POINTS)
+    loss = StaticMask2FormerLoss(K, POINTS, matcher="host")
     cls, msk = _predictions()
     labels = _labels()
     packed = loss.match(loss.costs(cls, msk, labels), (len(cls), *cls[0].shape[:2]))
@@ -139,14 +140,16 @@ def test_device_stages_are_one_graph_each_and_compile_once():
 
 
 @pytest.mark.slow
-def test_inductor_compiled_stages_equal_eager(same_points):
+@pytest.mark.parametrize("matcher", ["host", "device"])
+def test_inductor_compiled_stages_equal_eager(same_points, matcher):
     """The stages as Inductor compiles them (the default backend, as the captured step uses
-    it, here generating C++): the same loss and gradients as eager, given the same points
-    (the patched torch.rand is traced into the graphs as a constant)."""
+    it, here generating C++; with the matching on the device, one graph calling the
+    matching op): the same loss and gradients as eager, given the same points (the patched
+    torch.rand is traced into the graphs as a constant)."""
     torch._dynamo.reset()
-    loss = StaticMask2FormerLoss(K, POINTS)
-    cls, msk = _predictions()
-    labels = _labels()
+    loss = StaticMask2FormerLoss(K, POINTS, matcher=matcher)
+    cls, msk = _predictions(L=2, B=2, Q=23)
+    labels = _labels(B=2)
     got = loss.compiled()(cls, msk, labels)
     grads = torch.autograd.grad(got, cls + msk)
     want = loss(cls, msk, labels)
@@ -181,3 +184,65 @@ def test_host_operations_do_not_grow_with_the_classes_present():
 def test_bad_criterion_is_clear():
     with pytest.raises(ValueError, match="criterion 'mmdet': choose one of static, transformers"):
         Mask2FormerHead([16] * 4, K, criterion="mmdet")
+
+
+def _packed(loss, cls, msk, labels, on_device: bool):
+    costs = loss.costs(cls, msk, labels)
+    shape = (len(cls), *cls[0].shape[:2])
+    return (loss.match_on_device if on_device else loss.match)(costs, shape)
+
+
+@pytest.mark.parametrize("queries", [23, 20])  # more queries than classes (19), and one more
+def test_device_matching_equals_the_hosts(same_points, queries):
+    """``match_on_device`` (``rein_kernels.assign``) packs what ``match`` (scipy) packs, for
+    labels with a few classes, all 19, and none; and the loss and its gradients follow."""
+    loss = StaticMask2FormerLoss(K, POINTS, matcher="device")
+    cls, msk = _predictions(B=3, Q=queries)
+    g = torch.Generator().manual_seed(2)
+    labels = _labels()
+    labels[1] = torch.randint(0, K, labels[1].shape, generator=g)  # every class present
+    packed = _packed(loss, cls, msk, labels, on_device=True)
+    assert torch.equal(packed, _packed(loss, cls, msk, labels, on_device=False))
+    assert packed[-1].item() == len(labels[0].unique()) - 1 + K + 1  # the 255s are no class
+    got = loss(cls, msk, labels)
+    loss.matcher = "host"
+    want = loss(cls, msk, labels)
+    assert torch.equal(got, want)
+
+
+def test_matcher_choice():
+    """"auto" matches on the device only on CUDA with fewer classes than queries; a bad name
+    is a clear error."""
+    cls = torch.zeros(2, 23, K + 1)
+    assert not StaticMask2FormerLoss(K, POINTS).matches_on_device(cls)  # a CPU tensor
+    assert StaticMask2FormerLoss(K, POINTS, matcher="device").matches_on_device(cls)
+    assert not StaticMask2FormerLoss(K, POINTS, matcher="host").matches_on_device(cls)
+    if torch.cuda.is_available():
+        assert StaticMask2FormerLoss(K, POINTS).matches_on_device(cls.cuda())
+        assert not StaticMask2FormerLoss(K, POINTS).matches_on_device(cls[:, :K].cuda())
+    with pytest.raises(ValueError, match="matcher 'gpu': choose one of auto, device, host"):
+        StaticMask2FormerLoss(K, POINTS, matcher="gpu")
+    assert Mask2FormerHead([16] * 4, K, query_dims=32, num_heads=4, encoder_layers=1, decoder_layers=1,
+                           matcher="host").criterion.matcher == "host"
+
+
+def test_device_matched_loss_is_one_graph_and_compiles_once():
+    """With the matching on the device the loss has no host stage: one graph without a
+    break, compiled once over steps with 1, 2, 7 and 19 classes present, and none."""
+    from torch._dynamo.testing import CompileCounter
+
+    loss = StaticMask2FormerLoss(K, POINTS, matcher="device")
+    cls, msk = _predictions(L=2, B=2, Q=23)
+    labels = _labels(B=2)
+    explained = torch._dynamo.explain(loss._on_device)(cls, msk, labels)
+    assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
+
+    torch._dynamo.reset()
+    counter = CompileCounter()
+    run = loss.compiled(backend=counter)
+    g = torch.Generator().manual_seed(1)
+    for classes in (1, 2, 7, 19, 0):
+        lbl = torch.randint(0, classes, labels.shape, generator=g) if classes else torch.full_like(labels, 255)
+        assert torch.isfinite(run(cls, msk, lbl))
+    assert counter.frame_count == 1, counter.frame_count
+    torch._dynamo.reset()

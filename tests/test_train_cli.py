@@ -438,17 +438,21 @@ def test_model_compiles_without_graph_breaks(head, training):
     assert (explanation.graph_count, explanation.graph_break_count) == (1, 0), explanation.break_reasons
 
 
-def test_captured_step_compiles_once_whatever_the_classes():
+@pytest.mark.parametrize("matcher", ["host", "device"])
+def test_captured_step_compiles_once_whatever_the_classes(matcher):
     """20 training steps of the published head whose labels hold 1 to 19 classes, and
-    none: each compiled part of the captured step is compiled once, with no graph break:
+    none (4 of them, 1, 10 and 19 classes and none, with the matching kernel interpreted
+    on the CPU): each compiled part of the captured step is compiled once, with no graph break:
     Rein's tokens, the backbone's blocks (one graph for all), the head's repeated layers (one
     graph for the 6 encoder layers, one per feature level for the 9 decoder layers and for
-    the mask predictor) and the loss's two device stages; the AdamW step, whose learning
-    rate changes every step, runs as it is."""
+    the mask predictor) and the loss: its two device stages with the matching on the host,
+    one graph with it on the device; the AdamW step, whose learning rate changes every
+    step, runs as it is."""
     from torch._dynamo.testing import CompileCounter
 
     from rein.model import build_model
     from rein.train.config import parse_args
+    from rein.train.loop import set_matcher
     from rein.train.optim import lr_at, make_optimizer, set_lr
     from rein.train.step import captured_step
 
@@ -456,19 +460,21 @@ def test_captured_step_compiles_once_whatever_the_classes():
     args = parse_args(["--crop", "64", "--no-fused", "--head", "mask2former", "--max-iters", "20"])
     cpu = torch.device("cpu")
     model = build_model(args, cpu).train()
+    set_matcher(model, matcher, cpu)
     opt = make_optimizer(model, args, cpu)
     counter = CompileCounter()
     steps = captured_step(model, model, opt, backend=counter)
     gen = torch.Generator().manual_seed(0)
     images = torch.randn(2, 3, 64, 64, generator=gen)
-    for step in range(20):
+    for step in range(20) if matcher == "host" else (0, 9, 18, 19):
         classes = torch.randperm(19, generator=gen)[: 1 + step % 19]
         labels = classes[torch.randint(0, len(classes), (2, 64, 64), generator=gen)]
         if step == 19:
             labels[:] = 255
         set_lr(opt, lr_at(step, args))
         assert torch.isfinite(steps.run(images, labels, opt, args, cpu))
-    assert (counter.frame_count, counter.op_count > 0) == (11, True), counter.frame_count
+    frames = 11 if matcher == "host" else 10
+    assert (counter.frame_count, counter.op_count > 0) == (frames, True), counter.frame_count
     assert steps.opt_step == opt.step  # as it is, not compiled
     assert opt.param_groups[0]["lr"] == pytest.approx(lr_at(19, args))
 
@@ -845,3 +851,35 @@ def test_stop_signal_ends_a_run_waiting_on_a_stuck_loader_within_seconds(tmp_pat
     assert (f"rein-train: stopped by {signal.Signals(signum).name}. Saved a resumable checkpoint at iteration 1 of "
             "400") in stderr, stderr[-3000:]
     assert torch.load(out / "checkpoint.pth", weights_only=True)["iteration"] == 1
+
+
+def test_matcher_flag_errors_are_one_line_before_writing(tmp_path, capsys, monkeypatch):
+    """--matcher chooses where the Mask2Former loss matches: with another head, and for the
+    device where the kernels cannot run, it is a one-line error before anything is written."""
+    import rein_kernels
+
+    out = tmp_path / "o"
+    rc, _, err = run(capsys, "--max-iters", "1", "--out", str(out), *FAST, "--matcher", "host")
+    assert rc == 2 and not out.exists()
+    _one_line_error(err, "--matcher host", "--head light has no matching")
+    monkeypatch.setattr(rein_kernels, "is_available", lambda x, compute_dtype=None: False)
+    rc, _, err = run(capsys, "--max-iters", "1", "--out", str(out), *FAST, "--head", "mask2former",
+                     "--matcher", "device")
+    assert rc == 2 and not out.exists()
+    _one_line_error(err, "--matcher device", "needs a CUDA GPU (this run is on cpu)", "use --matcher host or auto")
+
+
+def test_matcher_device_needs_fewer_classes_than_queries():
+    from rein.errors import UsageError
+    from rein.model import build_model
+    from rein.train.config import parse_args
+    from rein.train.loop import matches_on_device, set_matcher
+
+    cpu = torch.device("cpu")
+    model = build_model(parse_args(["--crop", "64", "--no-fused", "--head", "mask2former"]), cpu)
+    assert not matches_on_device(model, cpu)  # auto: the host, off CUDA
+    set_matcher(model, "device", cpu)  # the interpreter runs the kernel here
+    assert model.head.criterion.matcher == "device" and matches_on_device(model, cpu)
+    model.backbone.rein.token_length = 19
+    with pytest.raises(UsageError, match="--matcher device needs fewer classes than queries, got 19 classes and 19"):
+        set_matcher(model, "device", cpu)

@@ -25,8 +25,10 @@ of ``w1oves/Rein``). Here:
   truth is one binary mask per class present in the crop (label 255 belongs to none);
   the mask losses are divided by the number of masks averaged over the processes, each
   image counting at least one (an image without a labelled pixel counts 1), as mmdet does.
-  ``criterion="static"`` (the default) computes it on fixed shapes, so that all but the
-  matching can be captured in CUDA graphs (``rein.heads.mask2former_loss``);
+  ``criterion="static"`` (the default) computes it on fixed shapes, so that it can be
+  captured in CUDA graphs (``rein.heads.mask2former_loss``): on CUDA, with fewer classes
+  than queries, the matching runs on the device too (scipy's assignment, to the bit) and
+  the whole loss is one graph; ``matcher="host"`` keeps scipy on the host between two;
   ``criterion="transformers"`` is transformers' ``Mask2FormerLoss`` with mmdet's mask
   count: the same loss, its random points drawn in other shapes;
 * semantic scores: the last prediction's masks resized bilinearly to the input, then
@@ -193,11 +195,13 @@ class Mask2FormerHead(nn.Module):
     Rein's ``query_dims`` (256 in the recipe); the number of queries is Rein's
     ``token_length``. The defaults are the official config; ``num_points`` sets the
     points sampled per mask for the matching and the loss (12544 there); ``criterion``
-    the loss's implementation (module docstring)."""
+    the loss's implementation (module docstring); ``matcher`` where the static loss
+    matches (``StaticMask2FormerLoss``: "auto", "device" or "host")."""
 
     def __init__(self, in_channels: list[int], num_classes: int, query_dims: int = 256, num_heads: int = 8,
                  encoder_layers: int = 6, decoder_layers: int = 9, encoder_ffn_dims: int = 1024,
-                 decoder_ffn_dims: int = 2048, num_points: int = 12544, criterion: str = "static"):
+                 decoder_ffn_dims: int = 2048, num_points: int = 12544, criterion: str = "static",
+                 matcher: str = "auto"):
         super().__init__()
         if criterion not in CRITERIA:
             raise ValueError(f"criterion {criterion!r}: choose one of {', '.join(CRITERIA)}")
@@ -218,7 +222,7 @@ class Mask2FormerHead(nn.Module):
         self.querys2feat = nn.Linear(query_dims, query_dims)
         self.class_predictor = nn.Linear(query_dims, num_classes + 1)
         if criterion == "static":
-            self.criterion = StaticMask2FormerLoss(num_classes, num_points)
+            self.criterion = StaticMask2FormerLoss(num_classes, num_points, matcher=matcher)
         else:
             self.criterion = _Criterion(config, weight_dict=LOSS_WEIGHTS)
             # the no-object class weight is a constant of the loss, not a parameter to save
@@ -295,9 +299,10 @@ class Mask2FormerHead(nn.Module):
         return sum(LOSS_WEIGHTS[k.rstrip("_0123456789")] * v for k, v in terms.items())
 
     def captured_loss(self, **compile_kw):
-        """``loss`` with its device stages torch.compiled (``mode="reduce-overhead"``: CUDA
-        graphs), the matching on the host between them; None for the transformers
-        criterion, whose shapes change with the classes present."""
+        """``loss`` torch.compiled (``mode="reduce-overhead"``: CUDA graphs): one graph with
+        the matching on the device, two around it on the host
+        (``StaticMask2FormerLoss.compiled``); None for the transformers criterion, whose
+        shapes change with the classes present."""
         if not isinstance(self.criterion, StaticMask2FormerLoss):
             return None
         run = self.criterion.compiled(**compile_kw)

@@ -19,7 +19,10 @@ slots, not the classes present) is what keeps every shape static.
 
    NaN and ±inf replaced by the largest float; and ``present[b, k]``.
 2. ``match`` (host): scipy's ``linear_sum_assignment`` of C[l, b] over the classes
-   present, copied in as one int64 tensor: ``query_of[l, b, k]`` (the query matched to
+   present, copied in as one int64 tensor; or ``match_on_device``: the same assignment, to
+   the bit, from ``rein_kernels.assign`` (scipy's algorithm in its float64 arithmetic, one
+   launch for all L x B problems), with no copy and no wait for the device, so that the
+   whole loss is one graph. Either way: ``query_of[l, b, k]`` (the query matched to
    class k), ``matched[l, b, k]``, ``class_of[l, b, q]`` (K: no object) and the mask
    count n = Σ_b max(classes present in b, 1), averaged over the processes (mmdet's
    count of matched masks, with at least as many queries as classes present).
@@ -53,6 +56,8 @@ import torch.nn.functional as F
 from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
+from rein_kernels.assignment import assign
+
 # mmdet's loss weights in the official config (also the matching costs' weights)
 LOSS_WEIGHTS = {"loss_cross_entropy": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
 
@@ -71,15 +76,25 @@ def _sample(x: Tensor, points: Tensor) -> Tensor:
     return F.grid_sample(x, 2.0 * points[:, :, None] - 1.0, align_corners=False)[..., 0]
 
 
+MATCHERS = ("auto", "device", "host")
+
+
 class StaticMask2FormerLoss(nn.Module):
     """The Mask2Former loss (module docstring) for ``num_classes`` classes; ``num_points``
     per mask (12544 in the official config). ``forward`` runs the three stages;
-    ``compiled(**kw)`` returns the same function with the two device stages compiled."""
+    ``compiled(**kw)`` returns the same function compiled: one graph with the matching on
+    the device, else the two device stages around the host's matching. ``matcher``: where
+    the matching runs: "host" (scipy, as the official code), "device" (``assign``: the same
+    assignment; needs fewer classes than queries and a device the kernels run on), or
+    "auto" (the default: the device on CUDA when there are fewer classes than queries,
+    else the host)."""
 
     def __init__(self, num_classes: int, num_points: int = 12544, no_object_weight: float = 0.1,
-                 oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75):
+                 oversample_ratio: float = 3.0, importance_sample_ratio: float = 0.75, matcher: str = "auto"):
         super().__init__()
-        self.num_classes, self.num_points = num_classes, num_points
+        if matcher not in MATCHERS:
+            raise ValueError(f"matcher {matcher!r}: choose one of {', '.join(MATCHERS)}")
+        self.num_classes, self.num_points, self.matcher = num_classes, num_points, matcher
         self.oversampled = int(num_points * oversample_ratio)
         self.uncertain = int(importance_sample_ratio * num_points)
         weight = torch.ones(num_classes + 1)
@@ -89,16 +104,37 @@ class StaticMask2FormerLoss(nn.Module):
     def forward(self, class_logits: list[Tensor], mask_logits: list[Tensor], labels: Tensor) -> Tensor:
         """``class_logits``: L x [B, Q, K + 1]; ``mask_logits``: L x [B, Q, h, w];
         ``labels``: [B, H, W] class ids, 255 ignored. Returns the weighted loss."""
-        return self._run(self.costs, self.matched_loss, class_logits, mask_logits, labels)
+        if self.matches_on_device(class_logits[0]):
+            return self._run(self.costs, self.match_on_device, self.matched_loss, class_logits, mask_logits, labels)
+        return self._run(self.costs, self.match, self.matched_loss, class_logits, mask_logits, labels)
+
+    def matches_on_device(self, class_logits: Tensor) -> bool:
+        """Whether the matching runs on the device for predictions like ``class_logits``
+        [B, Q, K + 1] (``matcher``)."""
+        if self.matcher == "auto":
+            return class_logits.device.type == "cuda" and self.num_classes < class_logits.shape[1]
+        return self.matcher == "device"
 
     def compiled(self, **kw):
-        """``forward`` with the device stages torch.compiled (``mode="reduce-overhead"``:
-        replayed as CUDA graphs); the matching stays on the host between them."""
-        return functools.partial(self._run, torch.compile(self.costs, **kw), torch.compile(self.matched_loss, **kw))
+        """``forward`` torch.compiled (``mode="reduce-overhead"``: replayed as CUDA graphs):
+        with the matching on the device, the whole loss as one graph; on the host, the two
+        device stages as two graphs, the matching between them."""
+        whole = torch.compile(self._on_device, **kw)
+        staged = functools.partial(self._run, torch.compile(self.costs, **kw), self.match,
+                                   torch.compile(self.matched_loss, **kw))
 
-    def _run(self, costs, matched_loss, class_logits, mask_logits, labels) -> Tensor:
+        def loss(class_logits, mask_logits, labels):
+            if self.matches_on_device(class_logits[0]):
+                return whole(class_logits, mask_logits, labels)
+            return staged(class_logits, mask_logits, labels)
+        return loss
+
+    def _on_device(self, class_logits, mask_logits, labels) -> Tensor:
+        return self._run(self.costs, self.match_on_device, self.matched_loss, class_logits, mask_logits, labels)
+
+    def _run(self, costs, match, matched_loss, class_logits, mask_logits, labels) -> Tensor:
         shape = (len(class_logits), *class_logits[0].shape[:2])
-        packed = self.match(costs(class_logits, mask_logits, labels), shape)
+        packed = match(costs(class_logits, mask_logits, labels), shape)
         return matched_loss(class_logits, mask_logits, labels, packed, mean_over_processes(packed[-1].float()))
 
     def _targets(self, labels: Tensor) -> Tensor:
@@ -146,6 +182,16 @@ class StaticMask2FormerLoss(nn.Module):
         if costs.device.type == "cuda":
             packed = packed.pin_memory()
         return packed.to(costs.device, non_blocking=True)
+
+    def match_on_device(self, costs: Tensor, shape: tuple[int, int, int]) -> Tensor:
+        """``match``'s result, computed where the costs are (``rein_kernels.assign``): no
+        copy, no wait for the device."""
+        (L, B, Q), K = shape, self.num_classes
+        present = costs[L * B * Q * K:].view(B, K) > 0
+        query_of, class_of = assign(costs[:L * B * Q * K].view(L * B, Q, K), present)
+        matched = present.expand(L, B, K).reshape(-1).long()
+        count = present.sum(1).clamp_min(1).sum().view(1)
+        return torch.cat([query_of.flatten(), matched, class_of.flatten(), count])
 
     def matched_loss(self, class_logits, mask_logits, labels, packed: Tensor, num_masks: Tensor) -> Tensor:
         """The loss given the matching (``packed``, from ``match``) and the mask count."""

@@ -72,10 +72,15 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
                          "model, backbone, Rein's custom op and head in one graph (default: off)")
     ap.add_argument("--cuda-graphs", action=argparse.BooleanOptionalAction, default=None,
                     help="on CUDA (the default there): the training step's forward and backward "
-                         "and the loss (all but Mask2Former's matching, which runs on the host between two graphs), "
-                         "compiled and replayed as CUDA graphs (torch.compile's "
+                         "and the loss (with --matcher host, all but Mask2Former's matching, which then runs on the "
+                         "host between two graphs), compiled and replayed as CUDA graphs (torch.compile's "
                          "reduce-overhead mode), and evaluation's sliding window replayed from one graph, so that "
                          "the GPU, not Python, sets the pace")
+    ap.add_argument("--matcher", choices=["auto", "device", "host"], default="auto",
+                    help="where the Mask2Former loss's Hungarian matching runs: device (scipy's algorithm and "
+                         "answer, to the bit, in one Triton launch: the loss needs no wait for the GPU and is one "
+                         "CUDA graph), host (scipy itself, as the official code) or auto (default: device on CUDA "
+                         "when there are fewer classes than queries, else host)")
     ap.add_argument("--grad-checkpointing", action="store_true",
                     help="recompute each (backbone block + Rein) in the backward pass: less memory, more time "
                          "(default: off)")
@@ -160,6 +165,9 @@ def validate(args) -> None:
                              f"not {args.head}")
         if not Path(args.init_from_official).is_file():
             raise UsageError(f"--init-from-official {args.init_from_official} does not exist (or is not a file)")
+    if args.matcher != "auto" and args.head != "mask2former":
+        raise UsageError(f"--matcher {args.matcher} chooses where the Mask2Former loss matches; "
+                         f"--head {args.head} has no matching (leave --matcher out, or use --head mask2former)")
     if args.checkpoint is not None and not Path(args.checkpoint).is_file():
         raise UsageError(f"--checkpoint {args.checkpoint} does not exist (or is not a file)")
     try:

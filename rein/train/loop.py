@@ -31,6 +31,7 @@ from ..checkpoints import CheckpointError, checkpoint_kind, load_tensors
 from ..cli import USER_ERRORS, device_from_flag, report, resolve_precision, use_precision
 from ..data import datasets_from, synthetic_train, synthetic_validation
 from ..errors import UsageError
+from ..heads.mask2former_loss import StaticMask2FormerLoss
 from ..inference import run_test_scale
 from ..metrics import evaluate_targets
 from ..model import backfill, build_model, load_trained
@@ -38,6 +39,32 @@ from .config import PRECISION_MEANS, SYNTHETIC, parse_args, resume_mismatches, v
 from .data import LESS_MEMORY, TrainBatches, train_loader
 from .optim import load_optimizer_state, lr_at, make_optimizer, set_lr
 from .step import Step, autocast_for, captured_step, release_compiled, run_compiled, why_uncaptured
+
+
+def set_matcher(model, matcher: str, device) -> None:
+    """Where the Mask2Former loss matches (``--matcher``); "device" where it cannot run
+    there is a usage error, not a failure at the first step."""
+    criterion = getattr(model.head, "criterion", None)
+    if not isinstance(criterion, StaticMask2FormerLoss):
+        return
+    if matcher == "device":
+        queries = model.backbone.rein.token_length
+        if not rein_kernels.is_available(torch.empty(0, device=device)):
+            raise UsageError(f"--matcher device: the matching kernel needs a CUDA GPU (this run is on "
+                             f"{device.type}); use --matcher host or auto")
+        if criterion.num_classes >= queries:
+            raise UsageError(f"--matcher device needs fewer classes than queries, got {criterion.num_classes} "
+                             f"classes and {queries} queries (Rein's tokens); use --matcher host or auto")
+    criterion.matcher = matcher
+
+
+def matches_on_device(model, device) -> bool:
+    """Whether the run's Mask2Former loss matches on the device (for the first lines)."""
+    criterion = getattr(model.head, "criterion", None)
+    if not isinstance(criterion, StaticMask2FormerLoss):
+        return False
+    queries = model.backbone.rein.token_length
+    return criterion.matches_on_device(torch.empty(0, queries, criterion.num_classes + 1, device=device))
 
 
 def build_data(args):
@@ -281,6 +308,7 @@ def main(argv=None) -> int:
         if bf16:
             model.backbone.backbone.to(torch.bfloat16)
             model.to(device)
+        set_matcher(model, args.matcher, device)
         if ck is not None:
             try:
                 load_trained(model, ck)
@@ -330,10 +358,14 @@ def main(argv=None) -> int:
         steps = captured_step(model, wrapped, opt)
     elif args.compile:
         steps = eager._replace(forward=torch.compile(wrapped))
+    on_device = matches_on_device(model, device)
     if main_proc:
+        if args.head == "mask2former":
+            print("rein-train: Hungarian matching " + ("on the device (scipy's assignment, in one Triton launch)"
+                                                       if on_device else "on the host (scipy)"))
         print("rein-train: training step " + (
             "captured: torch.compile (reduce-overhead) replays the forward and backward and the loss"
-            + (" (all but the matching, on the host)" if args.head == "mask2former" else "")
+            + (" (all but the matching, on the host)" if args.head == "mask2former" and not on_device else "")
             + " as CUDA graphs, the fused AdamW after them; the first iterations compile and record"
             if why_not is None else f"uncaptured: {why_not}"))
 

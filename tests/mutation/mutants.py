@@ -10,10 +10,17 @@ C = "rein_kernels/_common.py"
 R = "rein_kernels/reference.py"
 I = "rein_kernels/__init__.py"
 L = "rein/layer.py"
+A = "rein_kernels/assignment.py"      # the matching kernel (its mutants run tests/test_assignment.py)
+ML = "rein/heads/mask2former_loss.py"
 
 
 def m(id, file, old, new, why):
     return dict(id=id, edits=[(file, old, new)], why=why, kernels="v3" if file == K else "v4")
+
+
+def a(id, old, new, why, file=A, tests=("tests/test_assignment.py",)):
+    """A bug in the matching kernel or its use, run against its own tests."""
+    return dict(id=id, edits=[(file, old, new)], why=why, kernels="v4", group="assign", tests=list(tests))
 
 
 def both(id, edits, why):
@@ -344,4 +351,39 @@ MUTANTS_V4 = [
       "        return A @ B", "LoRA's token product left to autocast"),
 ]
 
-MUTANTS = MUTANTS_V4 + MUTANTS_V3 + MUTANTS
+MUTANTS_ASSIGN = [
+    a("assign-ties-first-always", "at = tl.where(last_free >= 0, last_free, first)", "at = first",
+      "a tie goes to the first column scanned even where a later one is free (scipy prefers a free one)"),
+    a("assign-ties-last", "first = tl.min(tl.where(tie, pos, BLOCK_Q), axis=0)",
+      "first = tl.max(tl.where(tie, pos, -1), axis=0)", "among tied assigned columns, the last scanned"),
+    a("assign-scan-order", "pos = tl.where(col_in, Q - 1 - cols, -1)", "pos = tl.where(col_in, cols, -1)",
+      "the columns scanned in increasing order (scipy fills `remaining` in reverse)"),
+    a("assign-removal-no-move", "                pos = tl.where(pos == n, at, pos)  # the last entry fills the picked one's place\n",
+      "", "a picked column leaves `remaining` without the last entry taking its place"),
+    a("assign-relax-leq", "closer = left & (d < spc)", "closer = left & (d <= spc)",
+      "a path relaxed on an equal distance too (its predecessor changes on ties)"),
+    a("assign-no-row-dual", "            u = tl.where(rows == r, u + m, u)\n", "", "the new row's dual not raised"),
+    a("assign-column-dual-sign", "v = tl.where(seen_col, v - (m - spc), v)", "v = tl.where(seen_col, v + (m - spc), v)",
+      "the visited columns' duals moved the wrong way"),
+    a("assign-row-dual-stale", "                spc_of_row = tl.where((rows == owner) & (owner >= 0), lowest, spc_of_row)\n",
+      "", "the reached rows' duals updated from a stale distance"),
+    a("assign-fp16-costs", ".to(tl.float64)\n                left", ".to(tl.float16).to(tl.float64)\n                left",
+      "the costs rounded to fp16 (scipy reads them as float64)"),
+    a("assign-dense-problems", "cost = COST + p.to(tl.int64) * sp", "cost = COST + p.to(tl.int64) * Q * K",
+      "the problems addressed as if the costs were dense"),
+    a("assign-wrong-image", "if tl.load(PRESENT + (p % B) * K + r) != 0:", "if tl.load(PRESENT + (p // B) * K + r) != 0:",
+      "problem p given image p // B's classes (the loss lays problems out [L, B])"),
+    a("assign-no-augment", "                row4col = tl.where(cols == j, i, row4col)\n", "",
+      "the augmenting path not written into row4col"),
+    a("assign-sink-row0", "sink = tl.where(owner < 0, j, -1)", "sink = tl.where(owner <= 0, j, -1)",
+      "a column of row 0 taken for a free one"),
+    a("assign-absent-query", "tl.where(col4row >= 0, col4row, 0).to(tl.int64)", "col4row.to(tl.int64)",
+      "an absent class's query written as -1, not 0"),
+    a("assign-none-class", "tl.where(row4col >= 0, row4col, K).to(tl.int64)", "tl.where(row4col >= 0, row4col, 0).to(tl.int64)",
+      "an unmatched query given class 0, not 'no class' (K)"),
+    a("assign-loss-count-unclamped", "count = present.sum(1).clamp_min(1).sum().view(1)", "count = present.sum(1).sum().view(1)",
+      "the device matching's mask count lets an empty image count 0 (mmdet counts 1)", file=ML,
+      tests=("tests/test_mask2former_loss.py::test_device_matching_equals_the_hosts",)),
+]
+
+MUTANTS = MUTANTS_V4 + MUTANTS_V3 + MUTANTS + MUTANTS_ASSIGN

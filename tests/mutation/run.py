@@ -3,10 +3,12 @@ revert, and report which bugs the suite caught and how.
 
     python tests/mutation/run.py                 # every mutant (~2.5 h on 2 cores)
     python tests/mutation/run.py --kernels v4    # the default kernels' and the shared code's
+    python tests/mutation/run.py --group assign  # the matching kernel's (~5 min)
     python tests/mutation/run.py --only lse-no-max gemm-no-bias
     python tests/mutation/run.py --list
 
-Mutants of the v3 kernels (kept selectable) run with REIN_KERNELS=v3, the others with v4.
+Mutants of the v3 kernels (kept selectable) run with REIN_KERNELS=v3, the others with v4;
+a mutant that names its own tests (the matching kernel's: group "assign") runs those.
 A mutant counts as caught when a test fails; "assert" when every failure is an
 AssertionError (the goal), "error" when a test raised something else, "crash" when
 pytest itself died (a segfault: a bug caught only by luck). Exits non-zero when the
@@ -68,6 +70,7 @@ def classify(rc: int, junit: Path) -> tuple[str, str]:
 
 
 def run_one(mu, tests, timeout) -> dict:
+    tests = mu.get("tests", tests)
     originals = {file: (ROOT / file).read_text() for file, _, _ in mu["edits"]}
     try:
         for file, old, new in mu["edits"]:
@@ -97,7 +100,8 @@ def run_one(mu, tests, timeout) -> dict:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--only", nargs="+", help="mutant ids to run (default: all)")
-    ap.add_argument("--kernels", choices=["v4", "v3"], help="only the mutants run with these kernels")
+    ap.add_argument("--kernels", choices=["v4", "v3"], help="only the layer's mutants run with these kernels")
+    ap.add_argument("--group", choices=["layer", "assign"], help="only the layer's or the matching kernel's mutants")
     ap.add_argument("--list", action="store_true", help="list the mutants and exit")
     ap.add_argument("--tests", nargs="+", default=TESTS)
     ap.add_argument("--timeout", type=float, default=600)
@@ -106,7 +110,8 @@ def main() -> int:
     args = ap.parse_args()
 
     mutants = [mu for mu in MUTANTS if (not args.only or mu["id"] in args.only)
-               and (not args.kernels or mu["kernels"] == args.kernels)]
+               and (not args.kernels or (mu["kernels"] == args.kernels and "group" not in mu))
+               and (not args.group or mu.get("group", "layer") == args.group)]
     unknown = set(args.only or []) - {mu["id"] for mu in MUTANTS}
     if unknown:
         print(f"unknown mutant id(s): {sorted(unknown)}", file=sys.stderr)
