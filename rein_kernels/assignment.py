@@ -34,13 +34,16 @@ BLOCK_K, and does the scan as vector operations: the distances and the relaxatio
 element-wise, the pick from reductions. Which column a sequential scan picks: the first,
 in scan order, at the lowest distance, unless a free column at that distance comes later,
 then the last such. The scan order is tracked as each column's position in
-``remaining`` (-1 once it left): the removed position takes the last one's column. Every
+``remaining`` (-1 once it left): the removed position takes the last one's column. A
+row reached through column j has spc[col4row[i]] = spc[j], the distance j was picked at,
+kept per row when it is picked (not gathered after: a [rows, columns] gather spills). Every
 float64 operation is scipy's, in scipy's order (no reassociation, no fused multiply-add:
 there are only additions and comparisons), so the assignment is scipy's to the bit.
 
 It needs K < Q (every class present gets a query; scipy solves the untransposed problem
 when K' >= Q, which this kernel does not do) and finite costs (the loss replaces NaN and
-infinities by the largest float first, as the host matching did). Work per problem:
+infinities by the largest float first, as the host matching did); both loops are bounded
+(a search takes a column per step, a path a row per hop), so no input can hang it. Work per problem:
 K' searches of at most K' steps each, every step a few reductions over Q lanes; at the
 published recipe (P = 40, Q = 100, K = 19) 40 programs of up to 190 steps.
 """
@@ -96,7 +99,7 @@ def _lsap_kernel(COST, PRESENT, QUERY_OF, CLASS_OF, B, Q, K, sp, sq, sk,
             i = r
             m = zero
             sink = r - r - 1
-            while sink < 0:
+            while (sink < 0) & (n > 0):  # n: columns left; every step takes one
                 seen_row = seen_row | (rows == i)
                 c = tl.load(cost + cols * sq + i * sk, mask=col_in, other=0.0).to(tl.float64)
                 left = pos >= 0
@@ -129,13 +132,15 @@ def _lsap_kernel(COST, PRESENT, QUERY_OF, CLASS_OF, B, Q, K, sp, sq, sk,
             # augment along the path, from the sink back to row r
             j = sink
             more = sink >= 0
-            while more:
+            hops = 0
+            while more:  # at most one hop per row (bounded, so that no input can hang the kernel)
                 i = _at(path, cols, j)
                 row4col = tl.where(cols == j, i, row4col)
                 j_next = _at(col4row, rows, i)
                 col4row = tl.where(rows == i, j, col4row)
                 j = j_next
-                more = i != r
+                hops += 1
+                more = (i != r) & (hops < K)
     tl.store(QUERY_OF + p * K + rows, tl.where(col4row >= 0, col4row, 0).to(tl.int64), mask=rows < K)
     tl.store(CLASS_OF + p * Q + cols, tl.where(row4col >= 0, row4col, K).to(tl.int64), mask=col_in)
 

@@ -87,6 +87,26 @@ def test_equals_scipy_random(n_per_image, B, Q, data):
     _check(_costs(kind, n_per_image * B, Q, K, seed), _present(B, K, seed))
 
 
+def test_equals_scipy_on_small_integer_matrices():
+    """Every small shape (2 to 6 queries, fewer classes), 12 problems each, costs 0, 1 or 2:
+    where ties decide, each of scipy's tie-breaks shows."""
+    g = torch.Generator().manual_seed(5)
+    for Q in range(2, 7):
+        for K in range(1, Q):
+            cost = torch.randint(0, 3, (12, Q, K), generator=g).float()
+            _check(cost, torch.rand(4, K, generator=g) < 0.8)
+
+
+def test_a_tie_between_assigned_columns():
+    """Column 0 (query 0) and 1 tie at the lowest distance, both assigned: scipy takes the
+    one it scans first (query 1: it scans from the last query down), and the assignment
+    follows from it: queries 0, 3, 2 for the classes."""
+    rows = torch.tensor([[0.0, 0.0, 2.0, 0.0], [2.0, 2.0, 0.0, 0.0], [0.0, 2.0, 0.0, 1.0]])  # classes x queries
+    cost, present = rows.t().contiguous()[None], torch.ones(1, 3, dtype=torch.bool)
+    assert assign_reference(cost, present)[0].tolist() == [[0, 3, 2]]
+    _check(cost, present)
+
+
 def test_equals_scipy_at_the_recipe_shape():
     """10 predictions x batch 4, 100 queries, 19 classes (the published recipe)."""
     _check(_costs("normal", 40, 100, 19, seed=7), _present(4, 19, seed=7))
