@@ -23,10 +23,14 @@ K, POINTS = 19, 97  # the recipe's classes; a prime number of points
 TERMS = 5 * POINTS + K + 1
 
 
-def _predictions(L=4, B=3, Q=7, h=11, w=13, seed=0):
+# where the matching kernel runs: natively on a GPU, else through the interpreter
+KERNELS = "cuda" if torch.cuda.is_available() else "cpu"
+
+
+def _predictions(L=4, B=3, Q=7, h=11, w=13, seed=0, device="cpu"):
     g = torch.Generator().manual_seed(seed)
-    cls = [(2 * torch.randn(B, Q, K + 1, generator=g)).requires_grad_() for _ in range(L)]
-    msk = [(3 * torch.randn(B, Q, h, w, generator=g)).requires_grad_() for _ in range(L)]
+    cls = [(2 * torch.randn(B, Q, K + 1, generator=g)).to(device).requires_grad_() for _ in range(L)]
+    msk = [(3 * torch.randn(B, Q, h, w, generator=g)).to(device).requires_grad_() for _ in range(L)]
     return cls, msk
 
 
@@ -147,9 +151,10 @@ def test_inductor_compiled_stages_equal_eager(same_points, matcher):
     matching op): the same loss and gradients as eager, given the same points (the patched
     torch.rand is traced into the graphs as a constant)."""
     torch._dynamo.reset()
-    loss = StaticMask2FormerLoss(K, POINTS, matcher=matcher)
-    cls, msk = _predictions(L=2, B=2, Q=23)
-    labels = _labels(B=2)
+    device = KERNELS if matcher == "device" else "cpu"
+    loss = StaticMask2FormerLoss(K, POINTS, matcher=matcher).to(device)
+    cls, msk = _predictions(L=2, B=2, Q=23, device=device)
+    labels = _labels(B=2).to(device)
     got = loss.compiled()(cls, msk, labels)
     grads = torch.autograd.grad(got, cls + msk)
     want = loss(cls, msk, labels)
@@ -196,14 +201,16 @@ def _packed(loss, cls, msk, labels, on_device: bool):
 def test_device_matching_equals_the_hosts(same_points, queries):
     """``match_on_device`` (``rein_kernels.assign``) packs what ``match`` (scipy) packs, for
     labels with a few classes, all 19, and none; and the loss and its gradients follow."""
-    loss = StaticMask2FormerLoss(K, POINTS, matcher="device")
-    cls, msk = _predictions(B=3, Q=queries)
+    loss = StaticMask2FormerLoss(K, POINTS, matcher="device").to(KERNELS)
+    cls, msk = _predictions(B=3, Q=queries, device=KERNELS)
     g = torch.Generator().manual_seed(2)
     labels = _labels()
     labels[1] = torch.randint(0, K, labels[1].shape, generator=g)  # every class present
+    labels = labels.to(KERNELS)
     packed = _packed(loss, cls, msk, labels, on_device=True)
     assert torch.equal(packed, _packed(loss, cls, msk, labels, on_device=False))
     assert packed[-1].item() == len(labels[0].unique()) - 1 + K + 1  # the 255s are no class
+    assert packed.device == labels.device
     got = loss(cls, msk, labels)
     loss.matcher = "host"
     want = loss(cls, msk, labels)
@@ -231,9 +238,9 @@ def test_device_matched_loss_is_one_graph_and_compiles_once():
     break, compiled once over steps with 1, 2, 7 and 19 classes present, and none."""
     from torch._dynamo.testing import CompileCounter
 
-    loss = StaticMask2FormerLoss(K, POINTS, matcher="device")
-    cls, msk = _predictions(L=2, B=2, Q=23)
-    labels = _labels(B=2)
+    loss = StaticMask2FormerLoss(K, POINTS, matcher="device").to(KERNELS)
+    cls, msk = _predictions(L=2, B=2, Q=23, device=KERNELS)
+    labels = _labels(B=2).to(KERNELS)
     explained = torch._dynamo.explain(loss._on_device)(cls, msk, labels)
     assert (explained.graph_count, explained.graph_break_count) == (1, 0), explained.break_reasons
 
