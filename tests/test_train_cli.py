@@ -885,3 +885,9 @@ def test_matcher_device_needs_fewer_classes_than_queries():
     model.backbone.rein.token_length = 19
     with pytest.raises(UsageError, match="--matcher device needs fewer classes than queries, got 19 classes and 19"):
         set_matcher(model, "device", kernels)
+    # ConvNeXt: one Rein per stage, their tokens the queries
+    model = build_model(parse_args(["--crop", "64", "--no-fused", "--head", "mask2former", "--backbone",
+                                    "convnext_atto"]), cpu)
+    assert not matches_on_device(model, cpu)
+    set_matcher(model, "device", kernels)
+    assert matches_on_device(model, kernels)

@@ -41,6 +41,12 @@ from .optim import load_optimizer_state, lr_at, make_optimizer, set_lr
 from .step import Step, autocast_for, captured_step, release_compiled, run_compiled, why_uncaptured
 
 
+def _queries(model) -> int:
+    """The Mask2Former head's queries: Rein's tokens (ConvNeXt: one Rein per stage, alike)."""
+    rein = model.backbone.rein
+    return (rein[0] if isinstance(rein, nn.ModuleList) else rein).token_length
+
+
 def set_matcher(model, matcher: str, device) -> None:
     """Where the Mask2Former loss matches (``--matcher``); "device" where it cannot run
     there is a usage error, not a failure at the first step."""
@@ -48,7 +54,7 @@ def set_matcher(model, matcher: str, device) -> None:
     if not isinstance(criterion, StaticMask2FormerLoss):
         return
     if matcher == "device":
-        queries = model.backbone.rein.token_length
+        queries = _queries(model)
         if not rein_kernels.is_available(torch.empty(0, device=device)):
             raise UsageError(f"--matcher device: the matching kernel needs a CUDA GPU (this run is on "
                              f"{device.type}); use --matcher host or auto")
@@ -63,7 +69,7 @@ def matches_on_device(model, device) -> bool:
     criterion = getattr(model.head, "criterion", None)
     if not isinstance(criterion, StaticMask2FormerLoss):
         return False
-    queries = model.backbone.rein.token_length
+    queries = _queries(model)
     return criterion.matches_on_device(torch.empty(0, queries, criterion.num_classes + 1, device=device))
 
 
