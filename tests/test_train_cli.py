@@ -453,7 +453,7 @@ def test_captured_step_compiles_once_whatever_the_classes(matcher):
 
     from rein.model import build_model
     from rein.train.config import parse_args
-    from rein.train.loop import set_matcher
+    from rein.train.matcher import set_matcher
     from rein.train.optim import lr_at, make_optimizer, set_lr
     from rein.train.step import captured_step
 
@@ -874,7 +874,7 @@ def test_matcher_device_needs_fewer_classes_than_queries():
     from rein.errors import UsageError
     from rein.model import build_model
     from rein.train.config import parse_args
-    from rein.train.loop import matches_on_device, set_matcher
+    from rein.train.matcher import matches_on_device, set_matcher
 
     cpu = torch.device("cpu")
     kernels = torch.device("cuda" if torch.cuda.is_available() else "cpu")  # the CPU's: the interpreter
