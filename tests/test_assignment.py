@@ -107,6 +107,16 @@ def test_a_tie_between_assigned_columns():
     _check(cost, present)
 
 
+def test_a_picked_columns_place_goes_to_the_last_one():
+    """Class 1's search first takes query 2 (class 0's); scipy's `remaining` then puts its
+    last entry (query 0) in query 2's place, before query 1, so of the free queries 0 and 1
+    tied at the lowest distance it takes query 1, the later one: class 0 gets query 1."""
+    rows = torch.tensor([[1.0, 1.0, 0.0, 5.0], [5.0, 5.0, 0.0, 5.0]])  # classes x queries
+    cost, present = rows.t().contiguous()[None], torch.ones(1, 2, dtype=torch.bool)
+    assert assign_reference(cost, present)[0].tolist() == [[1, 2]]
+    _check(cost, present)
+
+
 def test_equals_scipy_at_the_recipe_shape():
     """10 predictions x batch 4, 100 queries, 19 classes (the published recipe)."""
     _check(_costs("normal", 40, 100, 19, seed=7), _present(4, 19, seed=7))
