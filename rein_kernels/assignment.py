@@ -49,6 +49,7 @@ published recipe (P = 40, Q = 100, K = 19) 40 programs of up to 190 steps.
 """
 from __future__ import annotations
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -186,16 +187,15 @@ def _(cost, present):
 
 def assign_reference(cost: Tensor, present: Tensor) -> tuple[Tensor, Tensor]:
     """What ``assign`` computes, from scipy itself: for each problem, ``linear_sum_assignment``
-    of the [Q, K'] costs of the classes present, as the host matching calls it."""
+    of the [Q, K'] costs of the classes present (any K', also K' >= Q: then Q classes get a
+    query and the others none). The Mask2Former loss's host matching."""
     from scipy.optimize import linear_sum_assignment
 
     P, Q, K = cost.shape
     c, pres = cost.detach().cpu().double().numpy(), present.cpu().numpy().astype(bool)
-    query_of = torch.zeros(P, K, dtype=torch.int64)
-    class_of = torch.full((P, Q), K, dtype=torch.int64)
+    query_of, class_of = np.zeros((P, K), np.int64), np.full((P, Q), K, np.int64)
     for p in range(P):
-        cols = pres[p % pres.shape[0]].nonzero()[0]
+        cols = np.flatnonzero(pres[p % pres.shape[0]])
         q, j = linear_sum_assignment(c[p][:, cols])
-        query_of[p, cols[j]] = torch.from_numpy(q)
-        class_of[p, q] = torch.from_numpy(cols[j])
-    return query_of.to(cost.device), class_of.to(cost.device)
+        query_of[p, cols[j]], class_of[p, q] = q, cols[j]
+    return torch.from_numpy(query_of).to(cost.device), torch.from_numpy(class_of).to(cost.device)

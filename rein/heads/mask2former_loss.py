@@ -48,15 +48,13 @@ from __future__ import annotations
 
 import functools
 
-import numpy as np
 import torch
 import torch.distributed as dist
 import torch.nn as nn
 import torch.nn.functional as F
-from scipy.optimize import linear_sum_assignment
 from torch import Tensor
 
-from rein_kernels.assignment import assign
+from rein_kernels.assignment import assign, assign_reference
 
 # mmdet's loss weights in the official config (also the matching costs' weights)
 LOSS_WEIGHTS = {"loss_cross_entropy": 2.0, "loss_mask": 5.0, "loss_dice": 5.0}
@@ -105,7 +103,7 @@ class StaticMask2FormerLoss(nn.Module):
         """``class_logits``: L x [B, Q, K + 1]; ``mask_logits``: L x [B, Q, h, w];
         ``labels``: [B, H, W] class ids, 255 ignored. Returns the weighted loss."""
         if self.matches_on_device(class_logits[0]):
-            return self._run(self.costs, self.match_on_device, self.matched_loss, class_logits, mask_logits, labels)
+            return self._on_device(class_logits, mask_logits, labels)
         return self._run(self.costs, self.match, self.matched_loss, class_logits, mask_logits, labels)
 
     def matches_on_device(self, class_logits: Tensor) -> bool:
@@ -164,21 +162,11 @@ class StaticMask2FormerLoss(nn.Module):
 
     def match(self, costs: Tensor, shape: tuple[int, int, int]) -> Tensor:
         """The Hungarian matching on the host, for ``costs`` (from ``costs``) of ``shape``
-        (L, B, Q): one copy out, one copy in: ``query_of`` [L, B, K], ``matched`` [L, B, K],
+        (L, B, Q): one copy out, scipy's ``linear_sum_assignment`` per problem
+        (``assign_reference``), one copy in: ``query_of`` [L, B, K], ``matched`` [L, B, K],
         ``class_of`` [L, B, Q] and the mask count, flat in one int64 tensor on the costs'
         device."""
-        (L, B, Q), K = shape, self.num_classes
-        flat = costs.cpu().numpy()
-        c, pres = flat[:L * B * Q * K].reshape(L, B, Q, K), flat[L * B * Q * K:].reshape(B, K) > 0
-        query_of, matched = np.zeros((L, B, K), np.int64), np.zeros((L, B, K), np.int64)
-        class_of = np.full((L, B, Q), K, np.int64)
-        for b in range(B):
-            cols = np.flatnonzero(pres[b])
-            for i in range(L):
-                q, j = linear_sum_assignment(c[i, b][:, cols])
-                query_of[i, b, cols[j]], matched[i, b, cols[j]], class_of[i, b, q] = q, 1, cols[j]
-        count = np.maximum(pres.sum(1), 1).sum(keepdims=True)
-        packed = torch.from_numpy(np.concatenate([query_of.ravel(), matched.ravel(), class_of.ravel(), count]))
+        packed = self._packed(costs.cpu(), shape, assign_reference)
         if costs.device.type == "cuda":
             packed = packed.pin_memory()
         return packed.to(costs.device, non_blocking=True)
@@ -186,12 +174,18 @@ class StaticMask2FormerLoss(nn.Module):
     def match_on_device(self, costs: Tensor, shape: tuple[int, int, int]) -> Tensor:
         """``match``'s result, computed where the costs are (``rein_kernels.assign``): no
         copy, no wait for the device."""
+        return self._packed(costs, shape, assign)
+
+    def _packed(self, costs: Tensor, shape: tuple[int, int, int], solve) -> Tensor:
+        """``match``'s packing of the assignment ``solve`` (``assign`` or scipy's) finds
+        for the L x B problems in ``costs``; a class is matched where a query has it (all
+        present ones, with fewer classes than queries)."""
         (L, B, Q), K = shape, self.num_classes
         present = costs[L * B * Q * K:].view(B, K) > 0
-        query_of, class_of = assign(costs[:L * B * Q * K].view(L * B, Q, K), present)
-        matched = present.expand(L, B, K).reshape(-1).long()
+        query_of, class_of = solve(costs[:L * B * Q * K].view(L * B, Q, K), present)
+        matched = torch.zeros(L * B, K + 1, dtype=torch.int64, device=costs.device).scatter_(1, class_of, 1)[:, :K]
         count = present.sum(1).clamp_min(1).sum().view(1)
-        return torch.cat([query_of.flatten(), matched, class_of.flatten(), count])
+        return torch.cat([query_of.flatten(), matched.flatten(), class_of.flatten(), count])
 
     def matched_loss(self, class_logits, mask_logits, labels, packed: Tensor, num_masks: Tensor) -> Tensor:
         """The loss given the matching (``packed``, from ``match``) and the mask count."""
