@@ -10,6 +10,7 @@ from pathlib import Path
 from ..cli import PRECISION_MEANS as EVAL_PRECISION_MEANS
 from ..cli import add_mapillary_flag, add_precision_flags, check_out_folder, device_from_flag, parser
 from ..errors import UsageError
+from ..heads.mask2former_loss import MATCHERS
 from ..model import OFFICIAL_PATCH_SIZE, check_backbone
 
 # The published GTAV config: no warm-up (PolyLR from the first iteration).
@@ -76,7 +77,7 @@ def parse_args(argv=None, description: str | None = None) -> argparse.Namespace:
                          "host between two graphs), compiled and replayed as CUDA graphs (torch.compile's "
                          "reduce-overhead mode), and evaluation's sliding window replayed from one graph, so that "
                          "the GPU, not Python, sets the pace")
-    ap.add_argument("--matcher", choices=["auto", "device", "host"], default="auto",
+    ap.add_argument("--matcher", choices=MATCHERS, default="auto",
                     help="where the Mask2Former loss's Hungarian matching runs: device (scipy's algorithm and "
                          "answer, to the bit, in one Triton launch: the loss needs no wait for the GPU and is one "
                          "CUDA graph), host (scipy itself, as the official code) or auto (default: device on CUDA "
